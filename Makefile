@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both build .venv first if needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: demo test env lock clean
+
+env: $(STAMP)
+
+# Exact versions come from constraints.txt, so every machine gets the same environment.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+# The whole pipeline on the built-in demo corpus (DVC skips what is up to date).
+demo: $(STAMP)
+	@test -d .git || { echo "make demo needs a git checkout (DVC runs inside one)"; exit 1; }
+	time dvc repro
+	dvc metrics show
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Re-pin constraints.txt after changing dependencies in pyproject.toml.
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,48 @@
+"""Read one section of params.yaml and validate it up front.
+
+Each stage declares a pydantic schema for its own section; a typo or a bad value
+stops the stage before any work with a message naming the key and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable, or holds a bad value."""
+
+
+class Section(BaseModel):
+    """Base for a params.yaml section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+S = TypeVar("S", bound=Section)
+
+
+def load_section(name: str, schema: type[S], path: str | Path = DEFAULT_PARAMS) -> S:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such params file (run from the project root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    if name not in raw:
+        raise ParamsError(f"{path}: has no '{name}:' section")
+    try:
+        return schema.model_validate(raw[name] or {})
+    except ValidationError as err:
+        lines = [
+            f"  {name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
+        ]
+        raise ParamsError(f"{path}: bad value in section '{name}':\n" + "\n".join(lines)) from err

@@ -1,0 +1,40 @@
+"""The command-line shell every stage module shares: `--params`, validation, clean errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from ctcflow.params import DEFAULT_PARAMS, ParamsError, Section, load_section
+
+S = TypeVar("S", bound=Section)
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message says why and what to do."""
+
+
+def stage_main(
+    section: str,
+    schema: type[S],
+    run: Callable[[S], object],
+    description: str | None,
+    argv: list[str] | None = None,
+) -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"ctcflow {section}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--params",
+        default=str(DEFAULT_PARAMS),
+        help=f"params file; only its '{section}:' section is read (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        run(load_section(section, schema, args.params))
+    except (ParamsError, StageError) as err:
+        sys.exit(f"ctcflow {section}: error: {err}")
