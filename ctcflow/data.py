@@ -1,0 +1,123 @@
+"""The feature store written by featurize, and batching for train and evaluate.
+
+A split is `<split>.npy` (all frames of all utterances, float16, frames × n_mels) and
+`<split>.csv` (id, speaker, duration, text_normalized, offset, num_frames). `features.json`
+holds the log-mel settings and the training split's per-bin mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ctcflow.text import Tokenizer
+
+INDEX_COLUMNS = ["id", "speaker", "duration", "text_normalized", "offset", "num_frames"]
+
+
+def write_split(directory: Path, split: str, index: pd.DataFrame, frames: list[np.ndarray], n_mels: int) -> None:
+    stacked = np.concatenate(frames) if frames else np.zeros((0, n_mels))
+    np.save(directory / f"{split}.npy", stacked.astype(np.float16))
+    index[INDEX_COLUMNS].to_csv(directory / f"{split}.csv", index=False)
+
+
+def read_feature_info(directory: str | Path) -> dict:
+    path = Path(directory) / "features.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (run the featurize stage first)")
+    return json.loads(path.read_text())
+
+
+class FeatureSplit(Dataset):
+    """Normalized features and token ids of one split, held in memory as float16."""
+
+    def __init__(self, directory: str | Path, split: str, tokenizer: Tokenizer):
+        directory = Path(directory)
+        info = read_feature_info(directory)
+        self.mean = np.asarray(info["mean"], dtype=np.float32)
+        self.std = np.asarray(info["std"], dtype=np.float32)
+        self.index = pd.read_csv(directory / f"{split}.csv", dtype={"id": str, "speaker": str},
+                                 keep_default_na=False)
+        self.frames = np.load(directory / f"{split}.npy")
+        self.tokens = [torch.tensor(tokenizer.encode(t), dtype=torch.long) for t in self.index["text_normalized"]]
+        self.num_frames = self.index["num_frames"].to_numpy()
+        self.offsets = self.index["offset"].to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        start = self.offsets[i]
+        feats = (self.frames[start : start + self.num_frames[i]].astype(np.float32) - self.mean) / self.std
+        return torch.from_numpy(feats), self.tokens[i], i
+
+
+@dataclass
+class Batch:
+    feats: torch.Tensor  # (batch, frames, n_mels), zero-padded
+    lengths: torch.Tensor  # (batch,)
+    targets: torch.Tensor  # all targets concatenated, as CTCLoss accepts
+    target_lengths: torch.Tensor  # (batch,)
+    indices: list[int]  # rows of the split's index
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.feats.to(device), self.lengths.to(device), self.targets.to(device),
+                     self.target_lengths.to(device), self.indices)
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Batch:
+    feats, tokens, indices = zip(*items)
+    return Batch(
+        feats=torch.nn.utils.rnn.pad_sequence(feats, batch_first=True),
+        lengths=torch.tensor([len(f) for f in feats]),
+        targets=torch.cat(tokens),
+        target_lengths=torch.tensor([len(t) for t in tokens]),
+        indices=list(indices),
+    )
+
+
+class LengthBatchSampler(Sampler[list[int]]):
+    """Batches of utterances of similar length, each within a budget of padded frames.
+
+    Written here because torch has no length-bucketing sampler and lhotse's is a large
+    dependency for one class. Lengths get a little seeded noise each epoch so batch
+    membership varies, and batch order is shuffled.
+    """
+
+    def __init__(self, lengths: np.ndarray, max_frames: int, shuffle: bool, seed: int = 0):
+        if len(lengths) and lengths.max() > max_frames:
+            raise ValueError(f"an utterance of {lengths.max()} frames exceeds the batch budget of {max_frames} frames")
+        self.lengths = np.asarray(lengths)
+        self.max_frames = max_frames
+        self.shuffle = shuffle
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch])
+        keys = self.lengths * (1 + 0.1 * rng.random(len(self.lengths))) if self.shuffle else self.lengths
+        batches, current, longest = [], [], 0
+        for i in np.argsort(keys, kind="stable"):
+            longest_with_i = max(longest, self.lengths[i])
+            if current and longest_with_i * (len(current) + 1) > self.max_frames:
+                batches.append(current)
+                current, longest_with_i = [], self.lengths[i]
+            current.append(int(i))
+            longest = longest_with_i
+        if current:
+            batches.append(current)
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

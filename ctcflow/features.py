@@ -1,0 +1,77 @@
+"""Log-mel features, global normalization statistics and SpecAugment, all from torchaudio."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torchaudio.transforms as T
+
+
+@dataclass(frozen=True)
+class LogMelConfig:
+    sample_rate: int = 16000
+    n_fft: int = 400
+    win_length: int = 400
+    hop_length: int = 160
+    n_mels: int = 80
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LogMel(torch.nn.Module):
+    """Waveform (samples,) → log-mel frames (frames, n_mels)."""
+
+    def __init__(self, config: LogMelConfig):
+        super().__init__()
+        self.mel = T.MelSpectrogram(
+            sample_rate=config.sample_rate,
+            n_fft=config.n_fft,
+            win_length=config.win_length,
+            hop_length=config.hop_length,
+            n_mels=config.n_mels,
+        )
+
+    @torch.no_grad()
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        # The floor keeps digital silence finite instead of log(0) = -inf.
+        return self.mel(waveform).clamp_min(1e-10).log().T
+
+
+class RunningStats:
+    """Per-bin mean and standard deviation over all frames of a split, in float64."""
+
+    def __init__(self, n_bins: int):
+        self.count = 0
+        self.sum = np.zeros(n_bins)
+        self.sum_sq = np.zeros(n_bins)
+
+    def update(self, frames: np.ndarray) -> None:
+        frames = frames.astype(np.float64)
+        self.count += len(frames)
+        self.sum += frames.sum(axis=0)
+        self.sum_sq += (frames**2).sum(axis=0)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.count == 0:
+            raise ValueError("no frames to compute statistics from")
+        mean = self.sum / self.count
+        var = np.maximum(self.sum_sq / self.count - mean**2, 1e-8)
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+def spec_augment(
+    n_freq_masks: int, freq_mask: int, n_time_masks: int, time_mask: int, max_time_fraction: float
+) -> T.SpecAugment:
+    """Masks on normalized features, so the fill value 0 is the corpus mean."""
+    return T.SpecAugment(
+        n_time_masks=n_time_masks,
+        time_mask_param=time_mask,
+        n_freq_masks=n_freq_masks,
+        freq_mask_param=freq_mask,
+        iid_masks=True,
+        p=max_time_fraction,
+        zero_masking=True,
+    )

@@ -1,0 +1,82 @@
+"""CTC loss plus the blank penalties of the original recipe and its fix note.
+
+All penalties see log-probabilities shaped (batch, frames, classes) and only the
+frames below each utterance's output length: padding never counts.
+
+- none:          0.
+- mean_logprob:  weight × mean log p(blank). The original formula. It is unbounded
+                 below (log p → −∞), so a large weight can outweigh CTC itself.
+- ratio:         weight × share of frames whose argmax is blank. The fix note's
+                 formula. An argmax count is constant in the weights: it changes the
+                 reported loss but adds no gradient, so it cannot change training.
+- soft_ratio:    weight × mean p(blank): the expected share of blank frames, a
+                 differentiable version of `ratio` bounded in [0, weight].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLANK_PENALTY_MODES = ("none", "mean_logprob", "ratio", "soft_ratio")
+
+
+def frame_mask(lengths: torch.Tensor, max_frames: int) -> torch.Tensor:
+    """(batch, frames) True where a frame lies inside its utterance."""
+    return torch.arange(max_frames, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def hard_blank_ratio(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> torch.Tensor:
+    """Share of real frames whose most likely class is blank (no gradient)."""
+    mask = frame_mask(lengths, log_probs.shape[1])
+    is_blank = log_probs.detach().argmax(dim=-1) == blank
+    return (is_blank & mask).sum() / mask.sum().clamp_min(1)
+
+
+def blank_penalty(
+    log_probs: torch.Tensor, lengths: torch.Tensor, blank: int, mode: str, weight: float
+) -> torch.Tensor:
+    if mode not in BLANK_PENALTY_MODES:
+        raise ValueError(f"unknown blank penalty mode {mode!r}; choose one of {BLANK_PENALTY_MODES}")
+    if mode == "none":
+        return log_probs.new_zeros(())
+    if mode == "ratio":
+        return weight * hard_blank_ratio(log_probs, lengths, blank)
+    mask = frame_mask(lengths, log_probs.shape[1])
+    blank_log_probs = log_probs[..., blank][mask]
+    if mode == "mean_logprob":
+        return weight * blank_log_probs.mean()
+    return weight * blank_log_probs.exp().mean()  # soft_ratio
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    ctc: torch.Tensor
+    penalty: torch.Tensor
+
+
+class CTCObjective(torch.nn.Module):
+    """torch.nn.CTCLoss (mean over the batch, per target length) + a blank penalty."""
+
+    def __init__(self, blank: int, zero_infinity: bool, penalty_mode: str, penalty_weight: float):
+        super().__init__()
+        if penalty_mode not in BLANK_PENALTY_MODES:
+            raise ValueError(f"unknown blank penalty mode {penalty_mode!r}; choose one of {BLANK_PENALTY_MODES}")
+        self.blank = blank
+        self.ctc = torch.nn.CTCLoss(blank=blank, zero_infinity=zero_infinity)
+        self.penalty_mode = penalty_mode
+        self.penalty_weight = penalty_weight
+
+    def forward(
+        self,
+        log_probs: torch.Tensor,
+        lengths: torch.Tensor,
+        targets: torch.Tensor,
+        target_lengths: torch.Tensor,
+    ) -> LossParts:
+        # CTCLoss wants (frames, batch, classes).
+        ctc = self.ctc(log_probs.transpose(0, 1), targets, lengths, target_lengths)
+        penalty = blank_penalty(log_probs, lengths, self.blank, self.penalty_mode, self.penalty_weight)
+        return LossParts(total=ctc + penalty, ctc=ctc, penalty=penalty)

@@ -1,0 +1,78 @@
+"""The manifest: one typed row per utterance, one JSON-lines file per split.
+
+Columns (see README "Data formats"):
+  id               unique utterance id
+  audio_path       path to the audio, relative to the project root
+  duration         seconds (from the header)
+  sample_rate      Hz (from the header)
+  num_channels     channels (from the header)
+  text             transcript as the corpus gives it
+  text_normalized  what the model learns: lower case, a–z, apostrophe, single spaces
+  speaker          speaker id ('' when the corpus has none)
+  split            train | valid | test
+Rejected utterances go to rejects.jsonl with columns id, split, audio_path, text, reason, detail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    id: str
+    audio_path: str
+    duration: float
+    sample_rate: int
+    num_channels: int
+    text: str
+    text_normalized: str
+    speaker: str
+    split: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    id: str
+    split: str
+    audio_path: str
+    text: str
+    reason: str
+    detail: str
+
+
+class Rejected(ValueError):
+    """An utterance that cannot be used; `reason` is a short stable code counted in the metrics."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+COLUMNS = [f.name for f in fields(Utterance)]
+REJECT_COLUMNS = [f.name for f in fields(Reject)]
+
+
+def write_jsonl(rows: list, columns: list[str], path: Path) -> None:
+    frame = pd.DataFrame([asdict(r) for r in rows], columns=columns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_json(path, orient="records", lines=True, force_ascii=False)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} not found (run the manifest stage first)")
+    if path.stat().st_size == 0:
+        return pd.DataFrame(columns=COLUMNS)
+    frame = pd.read_json(path, lines=True, dtype={"id": str, "speaker": str, "text": str, "text_normalized": str})
+    missing = set(COLUMNS) - set(frame.columns)
+    if missing:
+        raise ValueError(f"manifest {path} lacks columns {sorted(missing)}")
+    return frame[COLUMNS]

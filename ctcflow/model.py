@@ -1,0 +1,96 @@
+"""Acoustic models: each maps features (batch, frames, n_mels) to CTC log-probabilities.
+
+- recipe:    the original notebook's network — Conv1d (kernel 10, stride 2) → two dense
+             layers of 128 → unidirectional LSTM → LayerNorm/GELU/dropout → linear.
+- bilstm:    a convolutional front end that subsamples time, then a bidirectional LSTM stack.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+ARCHITECTURES = ("recipe", "bilstm")
+
+
+def conv_output_lengths(lengths: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
+    return torch.div(lengths + 2 * padding - kernel, stride, rounding_mode="floor") + 1
+
+
+def run_lstm(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    # Packing keeps padding out of the recurrence (it matters for the backward direction).
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = lstm(packed)
+    return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+
+
+class RecipeModel(nn.Module):
+    def __init__(self, n_mels: int, num_classes: int, hidden_size: int = 1024, num_layers: int = 1, dropout: float = 0.1):
+        super().__init__()
+        self.conv = nn.Conv1d(n_mels, n_mels, kernel_size=10, stride=2, padding=5)
+        self.conv_out = nn.Sequential(nn.LayerNorm(n_mels), nn.GELU(), nn.Dropout(dropout))
+        self.dense = nn.Sequential(
+            nn.Linear(n_mels, 128), nn.LayerNorm(128), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(128, 128), nn.LayerNorm(128), nn.GELU(), nn.Dropout(dropout),
+        )
+        self.lstm = nn.LSTM(128, hidden_size, num_layers=num_layers, batch_first=True)
+        self.head = nn.Sequential(nn.LayerNorm(hidden_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_size, num_classes))
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.conv(feats.transpose(1, 2)).transpose(1, 2)
+        lengths = conv_output_lengths(lengths, 10, 2, 5)
+        x = self.dense(self.conv_out(x))
+        x = run_lstm(self.lstm, x, lengths)
+        return self.head(x).log_softmax(dim=-1), lengths
+
+
+class Subsampler(nn.Module):
+    """Two 1-D convolutions; the first strides by `factor` to shorten the sequence."""
+
+    def __init__(self, n_mels: int, channels: int, factor: int, dropout: float):
+        super().__init__()
+        self.factor = factor
+        self.conv1 = nn.Conv1d(n_mels, channels, kernel_size=5, stride=factor, padding=2)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = conv_output_lengths(lengths, 5, self.factor, 2)
+        x = nn.functional.gelu(self.conv1(feats.transpose(1, 2)))
+        # Zero the frames past each utterance so conv2 sees the same padding batched or alone.
+        x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None]).unsqueeze(1)
+        x = nn.functional.gelu(self.conv2(x))
+        return self.dropout(x.transpose(1, 2)), lengths
+
+
+class BiLSTMModel(nn.Module):
+    def __init__(self, n_mels: int, num_classes: int, hidden_size: int = 256, num_layers: int = 3,
+                 dropout: float = 0.1, subsample: int = 2, conv_channels: int = 256):
+        super().__init__()
+        self.front = Subsampler(n_mels, conv_channels, subsample, dropout)
+        self.lstm = nn.LSTM(conv_channels, hidden_size, num_layers=num_layers, batch_first=True,
+                            bidirectional=True, dropout=dropout if num_layers > 1 else 0.0)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * hidden_size, num_classes))
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lengths = self.front(feats, lengths)
+        x = run_lstm(self.lstm, x, lengths)
+        return self.head(x).log_softmax(dim=-1), lengths
+
+
+def build_model(config: dict, n_mels: int, num_classes: int) -> nn.Module:
+    """`config` is the train.model params section; keys an architecture has no use for are ignored."""
+    config = dict(config)
+    arch = config.pop("arch")
+    common = {k: config[k] for k in ("hidden_size", "num_layers", "dropout") if k in config}
+    if arch == "recipe":
+        return RecipeModel(n_mels, num_classes, **common)
+    if arch == "bilstm":
+        front = {k: config[k] for k in ("subsample", "conv_channels") if k in config}
+        return BiLSTMModel(n_mels, num_classes, **common, **front)
+    raise ValueError(f"unknown model architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
