@@ -1,0 +1,90 @@
+"""Stage plots: PNG figures of the training history and the test result.
+
+Reads the per-epoch series that train logged with dvclive (metrics/train/plots/metrics) and
+metrics/eval.json; writes plots/loss.png (train vs validation loss, with CTC and penalty parts),
+plots/error_rates.png (validation WER and CER per epoch, test WER/CER as dashed lines) and
+plots/blank_ratio.png (share of blank frames per epoch). `dvc plots show` renders the same series
+from the top-level `plots:` of dvc.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from pydantic import Field  # noqa: E402
+
+from ctcflow.params import Section  # noqa: E402
+from ctcflow.stage import StageError, stage_main  # noqa: E402
+
+HISTORY_DIR = Path("metrics/train/plots/metrics")
+EVAL_METRICS = Path("metrics/eval.json")
+OUT_DIR = Path("plots")
+
+
+class PlotsParams(Section):
+    dpi: int = Field(120, ge=50, le=600)
+
+
+def read_history(history_dir: Path) -> pd.DataFrame:
+    """dvclive's one TSV per metric, joined into one frame indexed by epoch ('train/loss', …)."""
+    series = {}
+    for tsv in sorted(history_dir.rglob("*.tsv")):
+        name = tsv.relative_to(history_dir).with_suffix("").as_posix()
+        frame = pd.read_csv(tsv, sep="\t")
+        series[name] = frame.set_index("step")[frame.columns[-1]]
+    if not series:
+        raise StageError(f"no training history under {history_dir}: run the train stage first")
+    return pd.DataFrame(series).rename_axis("epoch")
+
+
+def figure(history: pd.DataFrame, lines: dict[str, str], title: str, ylabel: str):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for column, label in lines.items():
+        ax.plot(history.index, history[column], marker="o", markersize=3, label=label)
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def run(params: PlotsParams, history_dir: Path = HISTORY_DIR, eval_metrics: Path = EVAL_METRICS,
+        out_dir: Path = OUT_DIR) -> list[Path]:
+    history = read_history(history_dir)
+    test = json.loads(eval_metrics.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    fig, ax = figure(history, {"train/loss": "train total", "train/ctc_loss": "train CTC",
+                               "train/blank_penalty": "train blank penalty", "valid/loss": "validation"},
+                     "Loss per epoch", "loss")
+    ax.legend()
+    fig.savefig(out_dir / "loss.png", dpi=params.dpi, bbox_inches="tight")
+
+    fig, ax = figure(history, {"valid/wer": "validation WER", "valid/cer": "validation CER"},
+                     "Error rates per epoch", "error rate")
+    ax.axhline(test["wer"], color="C0", linestyle="--", label=f"test WER {test['wer']:.1%}")
+    ax.axhline(test["cer"], color="C1", linestyle="--", label=f"test CER {test['cer']:.1%}")
+    ax.set_ylim(0, min(1.0, history[["valid/wer", "valid/cer"]].to_numpy().max() * 1.05 + 0.01))
+    ax.legend()
+    fig.savefig(out_dir / "error_rates.png", dpi=params.dpi, bbox_inches="tight")
+
+    fig, ax = figure(history, {"train/blank_ratio": "train", "valid/blank_ratio": "validation"},
+                     "Share of frames whose argmax is blank", "blank ratio")
+    ax.legend()
+    fig.savefig(out_dir / "blank_ratio.png", dpi=params.dpi, bbox_inches="tight")
+    plt.close("all")
+    written = sorted(out_dir.glob("*.png"))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main("plots", PlotsParams, run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
