@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny project (real espeak audio, a few utterances) run through every stage."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The project's own params.yaml, shrunk: a few utterances, one short epoch of a small model.
+TINY_OVERRIDES = {
+    "synth": {"num_workers": 1, "splits": {"train": {"utterances": 30, "speakers": 6},
+                                           "valid": {"utterances": 6, "speakers": 2},
+                                           "test": {"utterances": 6, "speakers": 2}}},
+    "train": {"epochs": 1, "warmup_steps": 0, "batch_frames": 6000,
+              "model": {"hidden_size": 32, "num_layers": 1, "conv_channels": 32}},
+    "evaluate": {"num_examples": 3},
+}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def tiny_params() -> dict:
+    return merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_OVERRIDES)
+
+
+def make_project(root: Path, params: dict | None = None) -> Path:
+    """A directory laid out like the repo: params.yaml and the grammar the synth stage reads."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "data" / "demo_grammar.yaml", root / "data" / "demo_grammar.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """Every stage, in order, on the tiny project; tests read what the stages wrote."""
+    from stages import evaluate, featurize, manifest, plots, synth, train
+
+    root = make_project(tmp_path_factory.mktemp("tiny"))
+    with contextlib.chdir(root):
+        for stage in (synth, manifest, featurize, train, evaluate, plots):
+            stage.main(["--params", "params.yaml"])
+    return root

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+
+from ctcflow.data import LengthBatchSampler, collate
+
+
+def test_batches_respect_the_frame_budget_and_cover_every_utterance_once():
+    lengths = np.random.default_rng(0).integers(50, 400, size=200)
+    sampler = LengthBatchSampler(lengths, max_frames=2000, shuffle=True, seed=3)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(200))
+        assert all(max(lengths[b]) * len(b) <= 2000 for b in batches)
+
+
+def test_batches_group_similar_lengths():
+    lengths = np.array([100] * 10 + [1000] * 10)
+    batches = list(LengthBatchSampler(lengths, max_frames=2000, shuffle=False))
+    assert all(len({lengths[i] for i in b}) == 1 for b in batches)
+
+
+def test_shuffling_is_seeded_and_changes_with_the_epoch():
+    lengths = np.random.default_rng(1).integers(50, 400, size=100)
+    a, b = (LengthBatchSampler(lengths, 1500, shuffle=True, seed=7) for _ in range(2))
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+
+
+def test_an_utterance_longer_than_the_budget_is_an_error():
+    with pytest.raises(ValueError, match="exceeds the batch budget"):
+        LengthBatchSampler(np.array([10, 5000]), max_frames=1000, shuffle=False)
+
+
+def test_collate_pads_and_concatenates_targets():
+    items = [(torch.ones(3, 2), torch.tensor([1, 2]), 0), (torch.ones(5, 2), torch.tensor([3]), 1)]
+    batch = collate(items)
+    assert batch.feats.shape == (2, 5, 2)
+    assert batch.feats[0, 3:].abs().sum() == 0
+    assert batch.lengths.tolist() == [3, 5]
+    assert batch.targets.tolist() == [1, 2, 3] and batch.target_lengths.tolist() == [2, 1]
+    assert batch.indices == [0, 1]

@@ -1,0 +1,97 @@
+"""Each stage on the tiny project: what it writes, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from ctcflow.data import FeatureSplit, read_feature_info
+from ctcflow.manifest import COLUMNS, read_manifest
+from ctcflow.params import ParamsError, load_section
+from ctcflow.text import Tokenizer
+from stages.train import TrainParams
+
+
+def test_manifest_lists_every_synthesized_utterance(tiny_pipeline):
+    corpus = pd.read_csv(tiny_pipeline / "data/corpus/metadata.csv", dtype=str, keep_default_na=False)
+    metrics = json.loads((tiny_pipeline / "metrics/manifest.json").read_text())
+    for split, expected in {"train": 30, "valid": 6, "test": 6}.items():
+        rows = read_manifest(tiny_pipeline / f"data/manifests/{split}.jsonl")
+        assert list(rows.columns) == COLUMNS
+        assert len(rows) == expected == metrics[split]["utterances"]
+        assert set(rows["split"]) == {split}
+        assert (rows["sample_rate"] == 16000).all() and (rows["num_channels"] == 1).all()
+        source = corpus[corpus["split"] == split].set_index("id")
+        for row in rows.itertuples():
+            assert row.text == source.loc[row.id, "text"]
+            assert row.speaker == source.loc[row.id, "speaker"]
+            assert row.duration == pytest.approx(float(source.loc[row.id, "duration"]), abs=2e-3)
+            assert (tiny_pipeline / row.audio_path).is_file()
+    assert metrics["rejected"] == {"total": 0}
+
+
+def test_featurize_stores_every_utterance_with_training_statistics(tiny_pipeline):
+    info = read_feature_info(tiny_pipeline / "data/features")
+    assert info["logmel"]["n_mels"] == 80 and len(info["mean"]) == 80
+    train = FeatureSplit(tiny_pipeline / "data/features", "train", Tokenizer())
+    frames = np.concatenate([train[i][0].numpy() for i in range(len(train))])
+    # Normalized by the training split's own statistics: mean 0, std 1 per bin (float16 storage).
+    assert np.abs(frames.mean(axis=0)).max() < 0.01
+    assert np.abs(frames.std(axis=0) - 1).max() < 0.01
+    manifest = read_manifest(tiny_pipeline / "data/manifests/train.jsonl").set_index("id")
+    for i in range(len(train)):
+        row = train.index.iloc[i]
+        # 10 ms hop: one frame per 160 samples, plus one (centered frames).
+        assert row.num_frames == int(manifest.loc[row.id, "duration"] * 16000) // 160 + 1
+
+
+def test_train_writes_checkpoints_and_per_epoch_metrics(tiny_pipeline):
+    metrics = json.loads((tiny_pipeline / "metrics/train/metrics.json").read_text())
+    for key in ("loss", "ctc_loss", "blank_penalty", "blank_ratio", "grad_norm"):
+        assert np.isfinite(metrics["train"][key])
+    for key in ("loss", "wer", "cer", "sentence_accuracy", "blank_ratio"):
+        assert np.isfinite(metrics["valid"][key])
+    assert metrics["step"] == 1 and metrics["best"]["epoch"] == 1
+    assert (tiny_pipeline / "metrics/train/plots/metrics/train/loss.tsv").is_file()
+    best = load_checkpoint(tiny_pipeline / "models/best.pt")
+    last = load_checkpoint(tiny_pipeline / "models/last.pt")
+    assert best["epoch"] == last["epoch"] == 1
+    assert "optimizer" in last and "scheduler" in last
+    model, tokenizer = model_from_checkpoint(best)
+    assert tokenizer.blank == 28
+    log_probs, lengths = model(torch.zeros(1, 50, 80), torch.tensor([50]))
+    assert log_probs.shape == (1, 25, 29)
+
+
+def test_evaluate_scores_the_test_split(tiny_pipeline):
+    metrics = json.loads((tiny_pipeline / "metrics/eval.json").read_text())
+    assert metrics["utterances"] == 6
+    assert 0 <= metrics["cer"] and 0 <= metrics["wer"] and 0 <= metrics["sentence_accuracy"] <= 1
+    table = pd.read_csv(tiny_pipeline / "reports/eval/utterances.csv", keep_default_na=False)
+    assert len(table) == 6
+    assert {"id", "reference", "hypothesis", "word_errors", "char_errors"} <= set(table.columns)
+    assert table["word_errors"].sum() / table["words"].sum() == pytest.approx(metrics["wer"])
+    examples = (tiny_pipeline / "reports/eval/examples.txt").read_text()
+    assert examples.count("REF:") == 3 and examples.count("HYP:") == 3
+
+
+def test_plots_are_written(tiny_pipeline):
+    for name in ("loss", "error_rates", "blank_ratio"):
+        png = tiny_pipeline / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_train_params_name_the_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  blank_penalty: {mode: argmax}\n  clip_grad_norm: -1\n  epochz: 3\n")
+    with pytest.raises(ParamsError) as err:
+        load_section("train", TrainParams, params)
+    message = str(err.value)
+    assert "train.blank_penalty.mode" in message and "argmax" in message
+    assert "train.clip_grad_norm" in message
+    assert "train.epochz" in message
