@@ -1,0 +1,293 @@
+"""Stage synth: speak the built-in demo corpus with espeak-ng.
+
+Sentences are drawn from a template grammar (synth.grammar, a small-vocabulary
+voice-assistant task) and spoken by synthetic speakers, each an espeak English voice
+and variant at its own rate and pitch. Train, valid and test use disjoint
+(voice, variant) pairs, and no valid or test sentence occurs in train. Writes
+data/corpus/wav/<split>/<id>.wav (16-bit PCM mono) and data/corpus/metadata.csv;
+the same params always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+import yaml
+from pydantic import Field, field_validator, model_validator
+from tqdm import tqdm
+
+from ctcflow import espeak
+from ctcflow.params import Section
+from ctcflow.stage import StageError, stage_main
+
+CORPUS_DIR = Path("data/corpus")
+SPLITS = ("train", "valid", "test")
+COLUMNS = (
+    "id", "split", "path", "text", "speaker", "voice", "variant", "rate", "pitch", "duration",
+)
+
+_PHRASE = re.compile(r"[a-z']+( [a-z']+)*")
+_SLOT = re.compile(r"\{(\w+)\}")
+
+
+class SplitSize(Section):
+    utterances: int = Field(gt=0)
+    speakers: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _every_speaker_speaks(self):
+        if self.speakers > self.utterances:
+            raise ValueError(f"{self.speakers} speakers but only {self.utterances} utterances")
+        return self
+
+
+class Splits(Section):
+    train: SplitSize = SplitSize(utterances=4000, speakers=400)
+    valid: SplitSize = SplitSize(utterances=200, speakers=30)
+    test: SplitSize = SplitSize(utterances=400, speakers=60)
+
+
+class SynthParams(Section):
+    seed: int = 1234
+    grammar: Path = Path("data/demo_grammar.yaml")
+    max_words_per_slot: int = Field(0, ge=0)  # keep the first N entries of each slot; 0 = all
+    sample_rate: int = Field(16000, ge=8000, le=48000)
+    rate_wpm: tuple[int, int] = (140, 210)
+    pitch: tuple[int, int] = (25, 75)
+    exclude_variants: list[str] = ["whisper", "whisperf"]
+    num_workers: int = Field(2, ge=1, le=64)
+    splits: Splits = Splits()
+
+    @field_validator("rate_wpm")
+    @classmethod
+    def _rate_range(cls, v):
+        # espeak clamps rates outside 80–450 words per minute.
+        if not 80 <= v[0] <= v[1] <= 450:
+            raise ValueError("need 80 <= low <= high <= 450 (words per minute)")
+        return v
+
+    @field_validator("pitch")
+    @classmethod
+    def _pitch_range(cls, v):
+        if not 0 <= v[0] <= v[1] <= 100:
+            raise ValueError("need 0 <= low <= high <= 100 (espeak pitch)")
+        return v
+
+    @field_validator("exclude_variants")
+    @classmethod
+    def _known_variants(cls, v):
+        # A misspelt name would silently exclude nothing.
+        unknown = sorted(set(v) - set(espeak.list_variants()))
+        if unknown:
+            raise ValueError(f"unknown espeak variants {unknown}")
+        return v
+
+
+@dataclass(frozen=True)
+class Grammar:
+    templates: list[str]
+    slots: dict[str, list[str]]
+
+    def sample(self, rng: random.Random) -> str:
+        template = rng.choice(self.templates)
+        return _SLOT.sub(lambda m: rng.choice(self.slots[m.group(1)]), template)
+
+    def vocabulary(self) -> set[str]:
+        words = {w for t in self.templates for w in _SLOT.sub(" ", t).split()}
+        return words | {w for entries in self.slots.values() for e in entries for w in e.split()}
+
+
+def load_grammar(path: Path, max_words_per_slot: int = 0) -> Grammar:
+    if not path.is_file():
+        raise StageError(f"grammar file {path} not found (synth.grammar)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    templates, slots = raw.get("templates"), raw.get("slots")
+    if not templates or not isinstance(slots, dict):
+        raise StageError(f"{path}: needs a 'templates' list and a 'slots' mapping")
+    for name, entries in slots.items():
+        bad = [e for e in entries or [None] if not isinstance(e, str) or not _PHRASE.fullmatch(e)]
+        if bad:
+            raise StageError(
+                f"{path}: slot '{name}' is empty or has entries that are not lowercase a-z, ' and"
+                f" single spaces: {bad} (YAML reads bare on/off/yes/no as booleans: quote them)"
+            )
+    cut = max_words_per_slot or None
+    slots = {name: entries[:cut] for name, entries in slots.items()}
+    used = set()
+    for template in templates:
+        refs = _SLOT.findall(template)
+        if unknown := set(refs) - set(slots):
+            raise StageError(
+                f"{path}: template {template!r} uses undefined slots {sorted(unknown)}"
+            )
+        used.update(refs)
+        # Literal text must already be a clean transcript: lowercase letters, ', single spaces.
+        if not _PHRASE.fullmatch(_SLOT.sub("x", template)):
+            raise StageError(f"{path}: template {template!r} may hold only a-z ' and space")
+    if unused := set(slots) - used:
+        raise StageError(f"{path}: slots {sorted(unused)} are used by no template")
+    return Grammar(list(templates), slots)
+
+
+def draw_sentences(grammar: Grammar, splits: Splits, seed: int) -> dict[str, list[str]]:
+    """Held-out splits first, each with distinct sentences; train then avoids all of them.
+
+    Each split has its own random stream, so resizing train leaves valid and test unchanged.
+    """
+    held_out: set[str] = set()
+    out = {}
+    for split in ("test", "valid", "train"):
+        rng = random.Random(f"{seed}:sentences:{split}")
+        n = getattr(splits, split).utterances
+        chosen: list[str] = []
+        seen: set[str] = set()
+        attempts = 0
+        while len(chosen) < n:
+            attempts += 1
+            if attempts > 100 * n + 1000:  # rejection sampling: the grammar is too small
+                raise StageError(
+                    f"the grammar gives too few distinct sentences for {split}"
+                    f" ({len(chosen)} of {n}); use fewer utterances or a larger max_words_per_slot"
+                )
+            s = grammar.sample(rng)
+            if s in held_out or (split != "train" and s in seen):
+                continue
+            chosen.append(s)
+            seen.add(s)
+        held_out |= seen
+        out[split] = chosen
+    return out
+
+
+@dataclass(frozen=True)
+class Speaker:
+    split: str
+    name: str
+    voice: str
+    variant: str
+    rate: int
+    pitch: int
+
+
+def draw_speakers(params: SynthParams) -> dict[str, list[Speaker]]:
+    """Give each split its own espeak variants, then draw its speakers from them.
+
+    Variants (m1, f3, klatt, ...) set most of a voice's timbre, so splitting variants, not
+    just (accent, variant) pairs, keeps valid and test voices truly unheard in training.
+    Variants are shared out in proportion to each split's speakers; held-out splits are
+    dealt first, so resizing train leaves valid and test unchanged.
+    """
+    rng = random.Random(f"{params.seed}:speakers")
+    variants = [v for v in espeak.list_variants() if v not in params.exclude_variants]
+    rng.shuffle(variants)
+    wanted = {s: getattr(params.splits, s).speakers for s in SPLITS}
+    total = sum(wanted.values())
+    out = {}
+    for split in ("test", "valid", "train"):
+        share = len(variants) if split == "train" else max(1, round(len(variants) * wanted[split] / total))
+        mine, variants = variants[:share], variants[share:]
+        pairs = [(voice, variant) for variant in mine for voice in espeak.ENGLISH_VOICES]
+        if wanted[split] > len(pairs):
+            raise StageError(f"{split}: {wanted[split]} speakers wanted but its {len(mine)} variants "
+                             f"give only {len(pairs)} (accent, variant) pairs; ask for fewer speakers")
+        rng.shuffle(pairs)
+        out[split] = [
+            Speaker(split, f"{split}-spk{i:04d}", voice, variant,
+                    rng.randint(*params.rate_wpm), rng.randint(*params.pitch))
+            for i, (voice, variant) in enumerate(pairs[: wanted[split]])
+        ]
+    return out
+
+
+def _speak(job: tuple[Speaker, list[tuple[str, str]], Path, int]) -> list[dict]:
+    """Synthesize one speaker's utterances (runs in a freshly forked child, see run())."""
+    spk, utterances, out_dir, sample_rate = job
+    torch.set_num_threads(1)  # one process per core already; more threads only contend
+    # The transform computes its sinc kernel once; functional.resample redoes it on every call.
+    resample = torchaudio.transforms.Resample(espeak.initialize(), sample_rate)
+    rows = []
+    for utt_id, text in utterances:
+        audio, _ = espeak.synthesize(text, spk.voice, spk.variant, spk.rate, spk.pitch)
+        audio = resample(torch.from_numpy(audio)).numpy()
+        seconds = len(audio) / sample_rate
+        words = len(text.split())
+        if np.abs(audio).max() < 0.01 or not 0.1 * words < seconds < 1.5 * words + 2:
+            raise StageError(
+                f"{spk.voice}+{spk.variant} gave {seconds:.2f} s of near-silence or of odd length"
+                f" for {text!r}; add the variant to synth.exclude_variants"
+            )
+        pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
+        path = f"wav/{spk.split}/{utt_id}.wav"
+        sf.write(out_dir / path, pcm, sample_rate, subtype="PCM_16")
+        rows.append({
+            "id": utt_id, "split": spk.split, "path": path, "text": text, "speaker": spk.name,
+            "voice": spk.voice, "variant": spk.variant, "rate": spk.rate, "pitch": spk.pitch,
+            "duration": f"{seconds:.3f}",
+        })
+    return rows
+
+
+def run(params: SynthParams, out_dir: Path = CORPUS_DIR) -> None:
+    """Write the corpus to out_dir (wiped first).
+
+    Call it from a process that has not spoken through ctcflow.espeak yet, as
+    `python -m stages.synth` has not; otherwise the audio differs from the CLI's.
+    """
+    grammar = load_grammar(params.grammar, params.max_words_per_slot)
+    sentences = draw_sentences(grammar, params.splits, params.seed)
+    speakers = draw_speakers(params)
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    jobs = []
+    for split in SPLITS:
+        (out_dir / "wav" / split).mkdir(parents=True)
+        texts, n = sentences[split], len(speakers[split])
+        for k, spk in enumerate(speakers[split]):
+            # Utterance i goes to speaker i mod n, so every speaker gets an even share.
+            utts = [(f"{spk.name}-{i:05d}", texts[i]) for i in range(k, len(texts), n)]
+            jobs.append((spk, utts, out_dir, params.sample_rate))
+
+    # espeak carries state (its pitch-flutter phase) from one sentence into the next, so a
+    # sentence's samples depend on what the process spoke before. For byte-identical output
+    # every speaker gets a fresh child forked from this process, whose espeak is initialised
+    # but has never spoken; the result then does not depend on num_workers or scheduling.
+    espeak.initialize()
+    rows = []
+    pool = multiprocessing.get_context("fork").Pool(params.num_workers, maxtasksperchild=1)
+    with pool, tqdm(total=sum(len(j[1]) for j in jobs), desc="synth", unit="utt") as bar:
+        for done in pool.imap_unordered(_speak, jobs):
+            rows += done
+            bar.update(len(done))
+
+    rows.sort(key=lambda r: (SPLITS.index(r["split"]), r["id"]))
+    with open(out_dir / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    for split in SPLITS:
+        part = [r for r in rows if r["split"] == split]
+        hours = sum(float(r["duration"]) for r in part) / 3600
+        print(
+            f"{split}: {len(part)} utterances, {len({r['speaker'] for r in part})} speakers, "
+            f"{hours:.2f} h, {len({r['text'] for r in part})} distinct sentences"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main("synth", SynthParams, run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
