@@ -43,7 +43,7 @@ class ManifestParams(Section):
     valid_fraction: float = Field(0.05, gt=0, lt=1)
     min_duration: float = Field(0.2, ge=0)
     max_duration: float = Field(30.0, gt=0)
-    ctc_frame_rate: float = Field(50.0, gt=0)
+    ctc_frame_rate: float = Field(33.0, gt=0)
     seed: int = 0
 
 

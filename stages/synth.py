@@ -2,8 +2,8 @@
 
 Sentences are drawn from a template grammar (synth.grammar, a small-vocabulary
 voice-assistant task) and spoken by synthetic speakers, each an espeak English voice
-and variant at its own rate and pitch. Train, valid and test use disjoint
-(voice, variant) pairs, and no valid or test sentence occurs in train. Writes
+and variant at its own rate and pitch. Train, valid and test use disjoint sets of
+espeak variants, and no valid or test sentence occurs in train. Writes
 data/corpus/wav/<split>/<id>.wav (16-bit PCM mono) and data/corpus/metadata.csv;
 the same params always give byte-identical files.
 """

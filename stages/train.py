@@ -39,11 +39,11 @@ LIVE_DIR = Path("metrics/train")
 
 class ModelParams(Section):
     arch: Literal[ARCHITECTURES] = "bilstm"
-    hidden_size: int = Field(256, gt=0)
+    hidden_size: int = Field(192, gt=0)
     num_layers: int = Field(3, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
-    subsample: int = Field(2, ge=1, le=8)  # bilstm only; recipe always strides by 2
-    conv_channels: int = Field(256, gt=0)  # bilstm only
+    subsample: int = Field(3, ge=1, le=8)  # bilstm only; recipe always strides by 2
+    conv_channels: int = Field(192, gt=0)  # bilstm only
 
 
 class CTCParams(Section):
@@ -73,11 +73,11 @@ class SpecAugmentParams(Section):
 
 class TrainParams(Section):
     seed: int = 0
-    epochs: int = Field(20, gt=0)
-    batch_frames: int = Field(20000, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    epochs: int = Field(10, gt=0)
+    batch_frames: int = Field(5000, gt=0)
+    lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
     clip_grad_norm: float = Field(5.0, ge=0)  # 0 turns clipping off
     num_threads: int = Field(2, ge=1)
     init_from: str | None = None
@@ -94,13 +94,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_weights(model: torch.nn.Module, path: str) -> None:
-    """Start from pre-trained weights (the fix note's "Stage 1"); shapes must match."""
+def init_weights(model: torch.nn.Module, model_config: dict, path: str) -> None:
+    """Start from pre-trained weights (the fix note's "Stage 1"): same architecture, any dropout."""
     try:
-        state = load_checkpoint(path)["model"]
-        model.load_state_dict(state)
-    except (FileNotFoundError, KeyError, RuntimeError) as err:
-        raise StageError(f"train.init_from {path}: cannot load weights into this model: {err}") from err
+        checkpoint = load_checkpoint(path)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise StageError(f"train.init_from {path}: cannot read the checkpoint: {err}") from err
+    theirs = checkpoint.get("model_config", {})
+    differ = sorted(k for k in model_config if k != "dropout" and theirs.get(k) != model_config[k])
+    if differ:
+        detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {model_config[k]!r} here" for k in differ)
+        raise StageError(f"train.init_from {path}: cannot load weights into this model ({detail})")
+    model.load_state_dict(checkpoint["model"])
 
 
 def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path = MODEL_DIR,
@@ -116,7 +121,7 @@ def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path 
     model_config = params.model.model_dump()
     model = build_model(model_config, n_mels, tokenizer.num_classes)
     if params.init_from:
-        init_weights(model, params.init_from)
+        init_weights(model, model_config, params.init_from)
     print(f"model {params.model.arch}: {count_parameters(model) / 1e6:.2f} M parameters; "
           f"{len(train_set)} training and {len(valid_set)} validation utterances")
 
@@ -193,7 +198,7 @@ def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path 
             print(f"epoch {epoch}: loss {epoch_metrics['train/loss']:.4f} (CTC {epoch_metrics['train/ctc_loss']:.4f}, "
                   f"penalty {epoch_metrics['train/blank_penalty']:.4f}), blank ratio {epoch_metrics['train/blank_ratio']:.3f}; "
                   f"valid loss {valid.loss:.4f}, WER {rates['wer']:.2%}, CER {rates['cer']:.2%}; "
-                  f"{train_seconds:.0f} s, {epoch_metrics['audio_seconds_per_second']:.0f} audio-s/s")
+                  f"{train_seconds:.0f} s, {epoch_metrics['audio_seconds_per_second']:.0f} audio-s/s", flush=True)
 
             state = {"model": model.state_dict(), "epoch": epoch, "valid_wer": rates["wer"], **checkpoint_meta}
             if rates["wer"] < best_wer:
