@@ -36,5 +36,6 @@ def stage_main(
     args = parser.parse_args(argv)
     try:
         run(load_section(section, schema, args.params))
-    except (ParamsError, StageError) as err:
+    except (ParamsError, StageError, FileNotFoundError) as err:
+        # A missing input is usually an earlier stage not run yet: say so without a traceback.
         sys.exit(f"ctcflow {section}: error: {err}")
