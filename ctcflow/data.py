@@ -87,12 +87,11 @@ class LengthBatchSampler(Sampler[list[int]]):
 
     Written here because torch has no length-bucketing sampler and lhotse's is a large
     dependency for one class. Lengths get a little seeded noise each epoch so batch
-    membership varies, and batch order is shuffled.
+    membership varies, and batch order is shuffled. An utterance longer than the budget
+    gets a batch of its own rather than an error.
     """
 
     def __init__(self, lengths: np.ndarray, max_frames: int, shuffle: bool, seed: int = 0):
-        if len(lengths) and lengths.max() > max_frames:
-            raise ValueError(f"an utterance of {lengths.max()} frames exceeds the batch budget of {max_frames} frames")
         self.lengths = np.asarray(lengths)
         self.max_frames = max_frames
         self.shuffle = shuffle

@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 import torch
 
 from ctcflow.data import LengthBatchSampler, collate
@@ -30,9 +29,9 @@ def test_shuffling_is_seeded_and_changes_with_the_epoch():
     assert list(a) != first
 
 
-def test_an_utterance_longer_than_the_budget_is_an_error():
-    with pytest.raises(ValueError, match="exceeds the batch budget"):
-        LengthBatchSampler(np.array([10, 5000]), max_frames=1000, shuffle=False)
+def test_an_utterance_longer_than_the_budget_gets_a_batch_of_its_own():
+    batches = list(LengthBatchSampler(np.array([10, 5000, 20, 30]), max_frames=1000, shuffle=False))
+    assert sorted(batches) == [[0, 2, 3], [1]]
 
 
 def test_collate_pads_and_concatenates_targets():
