@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from ctcflow.data import FeatureSplit, LengthBatchSampler, collate
 from ctcflow.decoding import greedy_decode
-from ctcflow.losses import CTCObjective, hard_blank_ratio
+from ctcflow.losses import CTCObjective, LossTally
 from ctcflow.text import Tokenizer
 
 
@@ -29,16 +29,11 @@ def decode_split(model: torch.nn.Module, split: FeatureSplit, tokenizer: Tokeniz
     loader = DataLoader(split, batch_sampler=LengthBatchSampler(split.num_frames, batch_frames, shuffle=False),
                         collate_fn=collate)
     hypotheses = [""] * len(split)
-    sums = {"loss": 0.0, "ctc": 0.0, "penalty": 0.0, "blank": 0.0}
+    tally = LossTally()
     for batch in loader:
         log_probs, lengths = model(batch.feats, batch.lengths)
-        parts = objective(log_probs, lengths, batch.targets, batch.target_lengths)
-        n = len(batch.indices)
-        sums["loss"] += parts.total.item() * n
-        sums["ctc"] += parts.ctc.item() * n
-        sums["penalty"] += parts.penalty.item() * n
-        sums["blank"] += hard_blank_ratio(log_probs, lengths, tokenizer.blank).item() * n
+        tally.add(objective(log_probs, lengths, batch.targets, batch.target_lengths), log_probs, lengths,
+                  tokenizer.blank)
         for i, ids in zip(batch.indices, greedy_decode(log_probs, lengths, tokenizer.blank)):
             hypotheses[i] = tokenizer.decode(ids)
-    n = len(split)
-    return SplitResult(hypotheses, sums["loss"] / n, sums["ctc"] / n, sums["penalty"] / n, sums["blank"] / n)
+    return SplitResult(hypotheses, **tally.means())

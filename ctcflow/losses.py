@@ -80,3 +80,22 @@ class CTCObjective(torch.nn.Module):
         ctc = self.ctc(log_probs.transpose(0, 1), targets, lengths, target_lengths)
         penalty = blank_penalty(log_probs, lengths, self.blank, self.penalty_mode, self.penalty_weight)
         return LossParts(total=ctc + penalty, ctc=ctc, penalty=penalty)
+
+
+class LossTally:
+    """Utterance-weighted means over batches of the loss parts and the hard blank ratio."""
+
+    def __init__(self) -> None:
+        self.utterances = 0
+        self.sums = dict.fromkeys(("loss", "ctc_loss", "blank_penalty", "blank_ratio"), 0.0)
+
+    def add(self, parts: LossParts, log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> None:
+        n = len(lengths)
+        self.utterances += n
+        self.sums["loss"] += parts.total.item() * n
+        self.sums["ctc_loss"] += parts.ctc.item() * n
+        self.sums["blank_penalty"] += parts.penalty.item() * n
+        self.sums["blank_ratio"] += hard_blank_ratio(log_probs, lengths, blank).item() * n
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.utterances for name, total in self.sums.items()}

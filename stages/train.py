@@ -25,7 +25,7 @@ from ctcflow.checkpoint import load_checkpoint, save_checkpoint
 from ctcflow.data import FeatureSplit, LengthBatchSampler, collate, read_feature_info
 from ctcflow.features import spec_augment
 from ctcflow.inference import decode_split
-from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, hard_blank_ratio
+from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, LossTally
 from ctcflow.metrics import error_rates
 from ctcflow.model import ARCHITECTURES, build_model, count_parameters
 from ctcflow.params import Section
@@ -144,8 +144,7 @@ def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path 
             live.step = epoch  # plots and metrics count epochs from 1
             model.train()
             sampler.set_epoch(epoch)
-            sums = {"loss": 0.0, "ctc": 0.0, "penalty": 0.0, "blank": 0.0, "grad_norm": 0.0}
-            seen, batches, audio_seconds, started = 0, 0, 0.0, time.perf_counter()
+            tally, grad_norm_sum, audio_seconds, started = LossTally(), 0.0, 0.0, time.perf_counter()
             progress = tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", unit="batch", leave=False)
             for batch in progress:
                 if step < params.warmup_steps:
@@ -162,16 +161,10 @@ def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path 
                 optimizer.step()
                 step += 1
 
-                n = len(batch.indices)
-                seen += n
-                batches += 1
+                tally.add(parts, log_probs, lengths, tokenizer.blank)
+                grad_norm_sum += grad_norm.item()
                 audio_seconds += batch.lengths.sum().item() * frame_seconds
-                sums["loss"] += parts.total.item() * n
-                sums["ctc"] += parts.ctc.item() * n
-                sums["penalty"] += parts.penalty.item() * n
-                sums["blank"] += hard_blank_ratio(log_probs, lengths, tokenizer.blank).item() * n
-                sums["grad_norm"] += grad_norm.item()
-                progress.set_postfix(loss=f"{sums['loss'] / seen:.3f}")
+                progress.set_postfix(loss=f"{tally.means()['loss']:.3f}")
             train_seconds = time.perf_counter() - started
 
             valid = decode_split(model, valid_set, tokenizer, objective, params.batch_frames)
@@ -179,11 +172,8 @@ def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path 
             if params.scheduler.enabled:
                 scheduler.step(valid.ctc_loss)
             epoch_metrics = {
-                "train/loss": sums["loss"] / seen,
-                "train/ctc_loss": sums["ctc"] / seen,
-                "train/blank_penalty": sums["penalty"] / seen,
-                "train/blank_ratio": sums["blank"] / seen,
-                "train/grad_norm": sums["grad_norm"] / batches,
+                **{f"train/{name}": value for name, value in tally.means().items()},
+                "train/grad_norm": grad_norm_sum / len(loader),
                 "valid/loss": valid.loss,
                 "valid/ctc_loss": valid.ctc_loss,
                 "valid/blank_ratio": valid.blank_ratio,
