@@ -10,7 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ARCHITECTURES = ("recipe", "bilstm")
+# The train.model keys each architecture is built from; any other key is ignored by it.
+ARCHITECTURE_KEYS = {
+    "recipe": ("hidden_size", "num_layers", "dropout"),
+    "bilstm": ("hidden_size", "num_layers", "dropout", "subsample", "conv_channels"),
+}
+ARCHITECTURES = tuple(ARCHITECTURE_KEYS)
 
 
 def conv_output_lengths(lengths: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
@@ -101,16 +106,12 @@ class BiLSTMModel(nn.Module):
 
 
 def build_model(config: dict, n_mels: int, num_classes: int) -> nn.Module:
-    """`config` is the train.model params section; keys an architecture has no use for are ignored."""
-    config = dict(config)
-    arch = config.pop("arch")
-    common = {k: config[k] for k in ("hidden_size", "num_layers", "dropout") if k in config}
-    if arch == "recipe":
-        return RecipeModel(n_mels, num_classes, **common)
-    if arch == "bilstm":
-        front = {k: config[k] for k in ("subsample", "conv_channels") if k in config}
-        return BiLSTMModel(n_mels, num_classes, **common, **front)
-    raise ValueError(f"unknown model architecture {arch!r}; choose one of {ARCHITECTURES}")
+    """`config` is the train.model params section."""
+    arch = config["arch"]
+    if arch not in ARCHITECTURE_KEYS:
+        raise ValueError(f"unknown model architecture {arch!r}; choose one of {ARCHITECTURES}")
+    model_class = {"recipe": RecipeModel, "bilstm": BiLSTMModel}[arch]
+    return model_class(n_mels, num_classes, **{k: config[k] for k in ARCHITECTURE_KEYS[arch] if k in config})
 
 
 def count_parameters(model: nn.Module) -> int:

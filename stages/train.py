@@ -27,7 +27,7 @@ from ctcflow.features import spec_augment
 from ctcflow.inference import decode_split
 from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, LossTally
 from ctcflow.metrics import error_rates
-from ctcflow.model import ARCHITECTURES, build_model, count_parameters
+from ctcflow.model import ARCHITECTURE_KEYS, ARCHITECTURES, build_model, count_parameters
 from ctcflow.params import Section
 from ctcflow.stage import StageError, stage_main
 from ctcflow.text import RECIPE_ALPHABET, Tokenizer
@@ -101,7 +101,8 @@ def init_weights(model: torch.nn.Module, model_config: dict, path: str) -> None:
     except (FileNotFoundError, RuntimeError) as err:
         raise StageError(f"train.init_from {path}: cannot read the checkpoint: {err}") from err
     theirs = checkpoint.get("model_config", {})
-    differ = sorted(k for k in model_config if k != "dropout" and theirs.get(k) != model_config[k])
+    shape = ["arch", *(k for k in ARCHITECTURE_KEYS[model_config["arch"]] if k != "dropout")]
+    differ = [k for k in shape if theirs.get(k) != model_config[k]]
     if differ:
         detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {model_config[k]!r} here" for k in differ)
         raise StageError(f"train.init_from {path}: cannot load weights into this model ({detail})")

@@ -61,6 +61,16 @@ def test_init_from_a_different_architecture_is_a_clear_error(tiny_pipeline, tmp_
               init_from=str(tiny_pipeline / "models/best.pt"))
 
 
+def test_init_from_ignores_keys_the_architecture_does_not_use(tiny_pipeline, tmp_path):
+    recipe = {"arch": "recipe", "hidden_size": 32, "num_layers": 1}
+    train(tiny_pipeline, tmp_path / "first", lr=1e-6, model={**recipe, "conv_channels": 32})
+    # conv_channels belongs to bilstm: a recipe checkpoint loads whatever it says.
+    train(tiny_pipeline, tmp_path / "second", lr=1e-6, model={**recipe, "conv_channels": 64, "dropout": 0.3},
+          init_from=str(tmp_path / "first/models/best.pt"))
+    with pytest.raises(StageError, match="arch: 'recipe' there, 'bilstm' here"):
+        train(tiny_pipeline, tmp_path / "third", model=TINY_MODEL, init_from=str(tmp_path / "first/models/best.pt"))
+
+
 def test_same_seed_same_metrics(tiny_pipeline, tmp_path):
     first = train(tiny_pipeline, tmp_path / "a", epochs=2, seed=3)
     second = train(tiny_pipeline, tmp_path / "b", epochs=2, seed=3)
