@@ -1,0 +1,1 @@
+"""Prefect flows that run, schedule and compare the DVC pipeline (see `python -m pipeline --help`)."""

@@ -1,0 +1,88 @@
+"""`python -m pipeline` (or `ctcflow-flow`): start the Prefect server, serve the scheduled
+deployment, run the pipeline flow once, or run a sweep.
+
+The server listens on 127.0.0.1 only. Every other command talks to the server named by
+PREFECT_API_URL (default here: http://127.0.0.1:4200/api); without one, Prefect runs the flow
+against a temporary local server of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+DEFAULT_PORT = 4200
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, object]:
+    """`train.epochs=2` → {"train.epochs": 2}; values are YAML, as in `dvc exp run -S`."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"--set {pair!r}: expected section.param=value, e.g. train.epochs=2")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def start_server(port: int) -> int:
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    print(f"Prefect UI: http://127.0.0.1:{port}  (export PREFECT_API_URL=http://127.0.0.1:{port}/api)")
+    return subprocess.call(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env)
+
+
+def serve(project_dir: str) -> None:
+    from prefect.schedules import Cron
+
+    from pipeline.config import load_flow_params
+    from pipeline.flows import pipeline_flow
+
+    params = load_flow_params(project_dir)
+    pipeline_flow.serve(name=params.deployment, schedules=[Cron(params.cron, timezone=params.timezone)],
+                        parameters={"project_dir": str(Path(project_dir).resolve())})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    server = commands.add_parser("server", help="start a Prefect server and its UI on 127.0.0.1")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT)
+    for name, help_text in [("serve", "serve the pipeline deployment on flow.cron (params.yaml) until stopped"),
+                            ("run", "run the pipeline flow once (with --set: as a DVC experiment)"),
+                            ("sweep", "run flow.sweep's grid as DVC experiments and rank them by test WER")]:
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--project-dir", default=".", help="the DVC project (default: %(default)s)")
+    commands.choices["run"].add_argument("--set", dest="overrides", action="append", default=[],
+                                         metavar="SECTION.PARAM=VALUE", help="override a params.yaml value")
+    commands.choices["run"].add_argument("--name", help="experiment name (with --set)")
+    commands.choices["sweep"].add_argument("--apply-best", action="store_true",
+                                           help="apply the best experiment to the workspace (dvc exp apply)")
+    commands.choices["sweep"].add_argument("--branch", help="keep the best experiment as this git branch")
+    args = parser.parse_args(argv)
+
+    if args.command == "server":
+        sys.exit(start_server(args.port))
+    if args.command == "serve":
+        serve(args.project_dir)
+    elif args.command == "run":
+        from pipeline.flows import pipeline_flow
+
+        result = pipeline_flow(project_dir=args.project_dir, overrides=parse_overrides(args.overrides) or None,
+                               experiment=args.name)
+        print(json.dumps(result, indent=2))
+    elif args.command == "sweep":
+        from pipeline.flows import sweep_flow
+
+        rows = sweep_flow(project_dir=args.project_dir, apply_best=args.apply_best, branch=args.branch)
+        print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The `flow:` section of params.yaml: the deployment's schedule, retries and the sweep grid.
+
+No DVC stage reads this section, so changing it reruns nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from prefect.schedules import validate_cron_string
+
+from ctcflow.params import Section, load_section
+
+
+def default_grid() -> list[dict[str, list]]:
+    return [
+        {"train.blank_penalty.mode": ["none"],
+         "train.clip_grad_norm": [1.0, 5.0], "train.seed": [0, 1]},
+        {"train.blank_penalty.mode": ["soft_ratio", "mean_logprob"], "train.blank_penalty.weight": [0.1],
+         "train.clip_grad_norm": [1.0, 5.0], "train.seed": [0, 1]},
+    ]
+
+
+class SweepParams(Section):
+    # Each block is the product of its lists; the sweep runs the union of the blocks, so
+    # settings that do not apply (a weight with mode none) need not be multiplied in.
+    grid: list[dict[str, list[Any]]] = Field(default_factory=default_grid, min_length=1)
+    fixed: dict[str, Any] = Field(default_factory=lambda: {"train.epochs": 4})
+    rank_by: str = "wer"  # a key of metrics/eval.json; lower is better
+
+    @field_validator("grid")
+    @classmethod
+    def _blocks_have_values(cls, grid: list[dict[str, list]]) -> list[dict[str, list]]:
+        for block in grid:
+            for key, values in block.items():
+                if "." not in key or not values:
+                    raise ValueError(f"{key!r}: a grid key is section.param and needs at least one value")
+        return grid
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination, fixed values included, in grid order, without repeats."""
+        seen, points = set(), []
+        for block in self.grid:
+            for values in itertools.product(*block.values()):
+                point = {**self.fixed, **dict(zip(block, values))}
+                key = tuple(sorted((k, repr(v)) for k, v in point.items()))
+                if key not in seen:
+                    seen.add(key)
+                    points.append(point)
+        return points
+
+
+class FlowParams(Section):
+    deployment: str = "nightly"
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    retries: int = Field(2, ge=0)
+    retry_delay_seconds: float = Field(10.0, ge=0)  # doubles with each retry
+    sweep: SweepParams = SweepParams()
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, cron: str) -> str:
+        return validate_cron_string(cron)
+
+
+def load_flow_params(project_dir: str | Path = ".") -> FlowParams:
+    return load_section("flow", FlowParams, Path(project_dir) / "params.yaml")

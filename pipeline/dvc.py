@@ -1,0 +1,86 @@
+"""The DVC commands the flows run, as subprocesses.
+
+The flows call the `dvc` command line rather than DVC's Python internals: the CLI is DVC's
+stable interface, and a subprocess keeps DVC's locks and state out of the Prefect worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+# A stage that fails on its own terms exits with this prefix (ctcflow.stage.stage_main):
+# bad params or missing inputs, which a retry cannot fix.
+STAGE_ERROR_PREFIX = "ctcflow "
+# DVC's own words for an up-to-date stage.
+UP_TO_DATE = "didn't change, skipping"
+
+
+class DvcFailed(RuntimeError):
+    """A dvc command exited non-zero; the message ends with the command's own last lines."""
+
+    def __init__(self, args: list[str], returncode: int, tail: list[str]):
+        self.args_run, self.returncode, self.tail = args, returncode, tail
+        super().__init__(f"`dvc {' '.join(args)}` exited with {returncode}:\n" + "\n".join(tail))
+
+    @property
+    def transient(self) -> bool:
+        """Worth a retry unless the stage said what is wrong itself (bad params, a missing input):
+        a killed process, a held DVC lock or a crash may pass the next time."""
+        return not any(line.startswith(STAGE_ERROR_PREFIX) and ": error:" in line for line in self.tail)
+
+
+def dvc_env() -> dict[str, str]:
+    # Stage commands call `python`: make it this interpreter, whose environment has the deps.
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TQDM_DISABLE": "1"}
+
+
+def run_dvc(args: list[str], project_dir: str | Path, log: Callable[[str], None] = print,
+            tail_lines: int = 30) -> str:
+    """Run `dvc ARGS` in project_dir, passing each output line to `log` as it comes; return the output."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args], cwd=project_dir, env=dvc_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+    )
+    lines = []
+    for line in process.stdout:
+        line = line.rstrip("\n")
+        lines.append(line)
+        if line.strip():
+            log(line)
+    if process.wait() != 0:
+        raise DvcFailed(args, process.returncode, [ln for ln in lines if ln.strip()][-tail_lines:])
+    return "\n".join(lines)
+
+
+def dvc_json(args: list[str], project_dir: str | Path) -> object:
+    """A dvc command with --json output, parsed; a failure raises DvcFailed with DVC's message."""
+    done = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=project_dir,
+                          env=dvc_env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise DvcFailed(args, done.returncode, (done.stdout + done.stderr).strip().splitlines()[-30:])
+    return json.loads(done.stdout or "null")
+
+
+def pipeline_stages(project_dir: str | Path) -> list[str]:
+    """The stages of dvc.yaml in the order they are declared, which is the pipeline's order."""
+    return list(yaml.safe_load((Path(project_dir) / "dvc.yaml").read_text())["stages"])
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"train": {"wer": 1}} → {"train.wer": 1}: the dotted names `dvc metrics diff` uses."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

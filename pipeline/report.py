@@ -1,0 +1,63 @@
+"""What the flows publish: metrics tables (from `dvc metrics diff`) and the plots, as markdown."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import dvc.api
+
+from pipeline.dvc import dvc_json
+
+PLOTS = ("plots/loss.png", "plots/error_rates.png", "plots/blank_ratio.png")
+
+
+def metrics_diff(project_dir: str, rev: str | None) -> dict[str, dict[str, dict]]:
+    """`dvc metrics diff HEAD [rev] --all`: every metric's old (HEAD) and new value, by file."""
+    return dvc_json(["metrics", "diff", "HEAD", *([rev] if rev else []), "--all"], project_dir) or {}
+
+
+def number(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def metrics_table(project_dir: str, rev: str | None) -> str:
+    lines = ["| file | metric | HEAD | this run | change |", "|---|---|---|---|---|"]
+    for path, metrics in sorted(metrics_diff(project_dir, rev).items()):
+        for name, values in sorted(metrics.items()):
+            lines.append(f"| {path} | {name} | {number(values.get('old'))} | {number(values.get('new'))} "
+                         f"| {number(values.get('diff'))} |")
+    return "\n".join(lines)
+
+
+def plots_markdown(project_dir: str, rev: str | None) -> str:
+    """The stage's PNG plots inlined as data URIs: an artifact cannot point at a local file."""
+    parts = []
+    for path in PLOTS:
+        try:
+            data = (Path(project_dir, path).read_bytes() if rev is None
+                    else dvc.api.read(path, repo=project_dir, rev=rev, mode="rb"))
+        except FileNotFoundError:
+            continue
+        parts.append(f"![{path}](data:image/png;base64,{base64.b64encode(data).decode()})")
+    return "\n\n".join(parts) or "(no plots)"
+
+
+def sweep_row(project_dir: str, name: str, rev: str, point: dict[str, Any]) -> dict[str, Any]:
+    """One ranked-table row: the experiment's settings, test error rates and final losses."""
+    new = {f"{path}:{key}": values.get("new") for path, metrics in metrics_diff(project_dir, rev).items()
+           for key, values in metrics.items()}
+    row: dict[str, Any] = {"experiment": name}
+    row.update({key.rsplit(".", 1)[-1]: value for key, value in point.items()})
+    for column, key in [("test_wer", "metrics/eval.json:wer"), ("test_cer", "metrics/eval.json:cer"),
+                        ("train_loss", "metrics/train/metrics.json:train.loss"),
+                        ("train_ctc_loss", "metrics/train/metrics.json:train.ctc_loss"),
+                        ("train_blank_penalty", "metrics/train/metrics.json:train.blank_penalty"),
+                        ("valid_blank_ratio", "metrics/train/metrics.json:valid.blank_ratio"),
+                        ("test_blank_ratio", "metrics/eval.json:blank_ratio")]:
+        row[column] = new.get(key)
+    row["rev"] = rev[:7]
+    return row
