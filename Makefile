@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test env lock clean
+.PHONY: demo test env lock clean server serve flow sweep bench-orchestration
 
 env: $(STAMP)
 
@@ -25,6 +25,26 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Prefect (see README "Orchestration with Prefect"): `make server` in one terminal, the others
+# in another; they find the server on 127.0.0.1:4200 (or PREFECT_API_URL).
+server: $(STAMP)
+	$(BIN)/python -m pipeline server
+
+# The deployment with flow.cron from params.yaml; runs until stopped.
+serve: $(STAMP)
+	$(BIN)/python -m pipeline serve
+
+# The pipeline flow once; SET="train.epochs=2 train.seed=1" makes it a DVC experiment.
+flow: $(STAMP)
+	$(BIN)/python -m pipeline run $(foreach kv,$(SET),--set $(kv))
+
+# flow.sweep's grid as DVC experiments, ranked by test WER.
+sweep: $(STAMP)
+	$(BIN)/python -m pipeline sweep
+
+bench-orchestration: $(STAMP)
+	$(BIN)/python benchmarks/orchestration.py
 
 # Re-pin constraints.txt after changing dependencies in pyproject.toml.
 lock:

@@ -1,9 +1,9 @@
 """`python -m pipeline` (or `ctcflow-flow`): start the Prefect server, serve the scheduled
 deployment, run the pipeline flow once, or run a sweep.
 
-The server listens on 127.0.0.1 only. Every other command talks to the server named by
-PREFECT_API_URL (default here: http://127.0.0.1:4200/api); without one, Prefect runs the flow
-against a temporary local server of its own.
+The server listens on 127.0.0.1 only. The other commands talk to the server named by
+PREFECT_API_URL or, when that is unset, to one answering on 127.0.0.1:4200; `run` and `sweep`
+without any server use a temporary one of Prefect's own (the run is then gone when they end).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -29,6 +30,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
             raise SystemExit(f"--set {pair!r}: expected section.param=value, e.g. train.epochs=2")
         overrides[key] = yaml.safe_load(value)
     return overrides
+
+
+def find_server(required: bool) -> None:
+    """Point Prefect at the local server unless PREFECT_API_URL already names one."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    url = f"http://127.0.0.1:{DEFAULT_PORT}/api"
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=1)
+        os.environ["PREFECT_API_URL"] = url
+    except OSError:
+        if required:
+            raise SystemExit(f"no Prefect server at {url}: start one with `make server` "
+                             "(or `python -m pipeline server`), or set PREFECT_API_URL") from None
+        print(f"no Prefect server at {url}: running against a temporary one", file=sys.stderr)
 
 
 def start_server(port: int) -> int:
@@ -69,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.command == "server":
         sys.exit(start_server(args.port))
+    find_server(required=args.command == "serve")
     if args.command == "serve":
         serve(args.project_dir)
     elif args.command == "run":

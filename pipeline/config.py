@@ -17,10 +17,9 @@ from ctcflow.params import Section, load_section
 
 def default_grid() -> list[dict[str, list]]:
     return [
-        {"train.blank_penalty.mode": ["none"],
-         "train.clip_grad_norm": [1.0, 5.0], "train.seed": [0, 1]},
+        {"train.blank_penalty.mode": ["none"], "train.clip_grad_norm": [1.0, 5.0]},
         {"train.blank_penalty.mode": ["soft_ratio", "mean_logprob"], "train.blank_penalty.weight": [0.1],
-         "train.clip_grad_norm": [1.0, 5.0], "train.seed": [0, 1]},
+         "train.clip_grad_norm": [1.0, 5.0]},
     ]
 
 
@@ -29,6 +28,9 @@ class SweepParams(Section):
     # settings that do not apply (a weight with mode none) need not be multiplied in.
     grid: list[dict[str, list[Any]]] = Field(default_factory=default_grid, min_length=1)
     fixed: dict[str, Any] = Field(default_factory=lambda: {"train.epochs": 4})
+    # The outer loop: the whole grid with the first seed, then again with the next, so a sweep
+    # stopped early has still tried every setting.
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     rank_by: str = "wer"  # a key of metrics/eval.json; lower is better
 
     @field_validator("grid")
@@ -41,11 +43,11 @@ class SweepParams(Section):
         return grid
 
     def points(self) -> list[dict[str, Any]]:
-        """Every combination, fixed values included, in grid order, without repeats."""
+        """Every combination, fixed values included, seed by seed in grid order, without repeats."""
         seen, points = set(), []
-        for block in self.grid:
+        for seed, block in itertools.product(self.seeds, self.grid):
             for values in itertools.product(*block.values()):
-                point = {**self.fixed, **dict(zip(block, values))}
+                point = {**self.fixed, **dict(zip(block, values)), "train.seed": seed}
                 key = tuple(sorted((k, repr(v)) for k, v in point.items()))
                 if key not in seen:
                     seen.add(key)

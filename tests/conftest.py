@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ TINY_OVERRIDES = {
     "train": {"epochs": 1, "warmup_steps": 0, "batch_frames": 6000,
               "model": {"hidden_size": 32, "num_layers": 1, "conv_channels": 32}},
     "evaluate": {"num_examples": 3},
+    "flow": {"retry_delay_seconds": 1},
 }
 
 
@@ -50,4 +54,36 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     with contextlib.chdir(root):
         for stage in (synth, manifest, featurize, train, evaluate, plots):
             stage.main(["--params", "params.yaml"])
+    return root
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    # Stage commands call `python`: make it this interpreter, whose environment has the deps.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TQDM_DISABLE": "1"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    return run([sys.executable, "-m", "dvc", *args], cwd)
+
+
+def git(*args: str, cwd: Path) -> str:
+    return run(["git", "-c", "user.name=ctcflow-test", "-c", "user.email=test@example.invalid", *args], cwd)
+
+
+def make_dvc_repo(root: Path, params: dict | None = None) -> Path:
+    """The tiny project as a real git + DVC repo with the project's code, committed."""
+    make_project(root, params)
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    for package in ("stages", "ctcflow", "pipeline"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    git("init", "-q", cwd=root)
+    dvc("init", "-q", cwd=root)
+    dvc("config", "core.analytics", "false", cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "tiny project", cwd=root)
     return root

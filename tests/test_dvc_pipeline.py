@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, make_project
+from conftest import dvc, git, make_dvc_repo
 
 STAGES = ["synth", "manifest", "featurize", "train", "evaluate", "plots"]
-
-
-def run(cmd: list[str], cwd: Path) -> str:
-    # Stage commands call `python`: make it this interpreter, whose environment has the deps.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "TQDM_DISABLE": "1"}
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
-def dvc(*args: str, cwd: Path) -> str:
-    return run([sys.executable, "-m", "dvc", *args], cwd)
-
-
-def git(*args: str, cwd: Path) -> str:
-    return run(["git", "-c", "user.name=ctcflow-test", "-c", "user.email=test@example.invalid", *args], cwd)
 
 
 def stages_run(output: str) -> list[str]:
@@ -41,17 +20,7 @@ def stages_run(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("dvcrepo"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    for package in ("stages", "ctcflow"):
-        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    git("init", "-q", cwd=root)
-    dvc("init", "-q", cwd=root)
-    dvc("config", "core.analytics", "false", cwd=root)
-    git("add", "-A", cwd=root)
-    git("commit", "-qm", "tiny project", cwd=root)
-    return root
+    return make_dvc_repo(tmp_path_factory.mktemp("dvcrepo"))
 
 
 def test_repro_runs_every_stage_in_order(repo):
@@ -102,3 +71,56 @@ def test_dvc_plots_show_renders_the_training_series(repo, tmp_path):
     rendered = json.loads(dvc("plots", "show", "--json", cwd=repo))
     for name in ("loss", "error_rates", "blank_ratio", "plots/loss.png"):
         assert name in json.dumps(list(rendered)) or name in json.dumps(rendered), name
+
+
+def set_train_params(repo: Path, **changes) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        *path, key = dotted.split("__")
+        section = params["train"]
+        for part in path:
+            section = section[part]
+        section[key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def committed_metrics(repo: Path, rev: str) -> dict[str, object]:
+    """Every metric at a commit, read with git itself rather than DVC, as dotted names."""
+    from pipeline.dvc import flatten
+
+    flat = {}
+    for path in ("metrics/train/metrics.json", "metrics/eval.json"):
+        flat.update({f"{path}:{k}": v for k, v in flatten(json.loads(git("show", f"{rev}:{path}", cwd=repo))).items()})
+    return flat
+
+
+def test_diffs_between_commits_show_exactly_what_changed(repo, tmp_path):
+    # Commit a run, change the blank penalty and the clipping, run and commit again.
+    dvc("repro", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "baseline", cwd=repo)
+    set_train_params(repo, blank_penalty__mode="soft_ratio", clip_grad_norm=1.0)
+    assert stages_run(dvc("repro", cwd=repo)) == ["train", "evaluate", "plots"]
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "soft_ratio, clip 1.0", cwd=repo)
+
+    params = json.loads(dvc("params", "diff", "HEAD~1", "HEAD", "--json", cwd=repo))
+    assert params == {"params.yaml": {
+        "train.blank_penalty.mode": {"old": "none", "new": "soft_ratio"},
+        "train.clip_grad_norm": {"old": 5.0, "new": 1.0, "diff": -4.0}}}
+
+    old, new = committed_metrics(repo, "HEAD~1"), committed_metrics(repo, "HEAD")
+    changed = {key for key in new if new[key] != old.get(key)}
+    assert {"metrics/train/metrics.json:train.blank_penalty", "metrics/train/metrics.json:train.loss",
+            "metrics/train/metrics.json:train.ctc_loss"} <= changed
+    metrics = json.loads(dvc("metrics", "diff", "HEAD~1", "HEAD", "--json", cwd=repo))
+    shown = {f"{path}:{key}": values for path, entries in metrics.items() for key, values in entries.items()}
+    # DVC lists exactly the metrics that changed (WER included when it moved), with both values.
+    assert set(shown) == changed
+    for key in changed:
+        assert (shown[key]["old"], shown[key]["new"]) == (old.get(key), new[key]), key
+
+    out = tmp_path / "plots"
+    dvc("plots", "diff", "HEAD~1", "HEAD", "-o", str(out), cwd=repo)
+    html = (out / "index.html").read_text()
+    assert "HEAD~1" in html and "loss" in html

@@ -1,0 +1,169 @@
+"""The Prefect flows against a real Prefect server on loopback and a real DVC repo of the tiny project."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import git, make_dvc_repo, tiny_params
+from pipeline.config import FlowParams, SweepParams
+from pipeline.flows import experiment_name
+
+STAGES = ["synth", "manifest", "featurize", "train", "evaluate", "plots"]
+
+
+def test_sweep_points_are_the_union_of_block_products_without_repeats():
+    sweep = SweepParams(grid=[{"train.blank_penalty.mode": ["none"]},
+                              {"train.blank_penalty.mode": ["none", "soft_ratio"], "train.clip_grad_norm": [1.0]}],
+                        fixed={"train.epochs": 2}, seeds=[0, 1])
+    assert sweep.points() == [
+        {"train.epochs": 2, "train.blank_penalty.mode": "none", "train.seed": 0},
+        {"train.epochs": 2, "train.blank_penalty.mode": "none", "train.clip_grad_norm": 1.0, "train.seed": 0},
+        {"train.epochs": 2, "train.blank_penalty.mode": "soft_ratio", "train.clip_grad_norm": 1.0, "train.seed": 0},
+        {"train.epochs": 2, "train.blank_penalty.mode": "none", "train.seed": 1},
+        {"train.epochs": 2, "train.blank_penalty.mode": "none", "train.clip_grad_norm": 1.0, "train.seed": 1},
+        {"train.epochs": 2, "train.blank_penalty.mode": "soft_ratio", "train.clip_grad_norm": 1.0, "train.seed": 1},
+    ]
+    assert experiment_name({"train.blank_penalty.mode": "none", "train.clip_grad_norm": 1.0}) == \
+        "mode-none_clip_grad_norm-1.0"
+
+
+def test_params_yaml_holds_the_flow_defaults():
+    from conftest import REPO
+    from pipeline.config import load_flow_params
+
+    assert load_flow_params(REPO) == FlowParams()
+
+
+def test_a_bad_cron_or_grid_is_refused_up_front():
+    with pytest.raises(ValueError, match="cron"):
+        FlowParams(cron="every day")
+    with pytest.raises(ValueError, match="section.param"):
+        SweepParams(grid=[{"epochs": [1]}])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def api(url: str, path: str, body: dict | None = None) -> object:
+    request = urllib.request.Request(f"{url}{path}", method="POST" if body is not None else "GET",
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or "null")
+
+
+def wait_for(what: str, check, timeout: float, process: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"{what}: process exited with {process.returncode}:\n{process.stdout.read()}")
+        try:
+            result = check()
+            if result:
+                return result
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    """A real Prefect server on a free loopback port, with its own PREFECT_HOME."""
+    home, port = tmp_path_factory.mktemp("prefect_home"), free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "TQDM_DISABLE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for("the Prefect server", lambda: api(env["PREFECT_API_URL"], "/health"), 120, server)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_dvc_repo(tmp_path_factory.mktemp("flowrepo"), tiny_params())
+
+
+def flow_run_state(url: str, run_id: str) -> dict:
+    return api(url, f"/flow_runs/{run_id}")["state"]
+
+
+def test_served_deployment_runs_the_pipeline_one_task_per_stage(prefect_env, project):
+    url = prefect_env["PREFECT_API_URL"]
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--project-dir", str(project)],
+                             env=prefect_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deployments = wait_for("the deployment", lambda: api(url, "/deployments/filter", {}), 120, serve)
+        (deployment,) = deployments
+        assert deployment["name"] == "nightly"
+        assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+
+        run = api(url, f"/deployments/{deployment['id']}/create_flow_run", {})
+        state = wait_for("the flow run to finish",
+                         lambda: (s := flow_run_state(url, run["id"]))["type"] in
+                         ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and s, 600, serve)
+        assert state["type"] == "COMPLETED", state
+
+        tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+        names = sorted(t["name"] for t in tasks if not t["name"].startswith("publish_report"))
+        assert names == sorted(STAGES)
+        assert all(t["state"]["type"] == "COMPLETED" for t in tasks)
+        artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["pipeline-report"]}}})
+        assert any("metrics/eval.json" in a["data"] and "data:image/png;base64," in a["data"] for a in artifacts)
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    assert (project / "metrics/eval.json").is_file()
+
+
+def run_flow(prefect_env, project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "run", "--project-dir", str(project), *args],
+                          env=prefect_env, capture_output=True, text=True)
+
+
+def test_an_up_to_date_pipeline_runs_no_stage(prefect_env, project):
+    done = run_flow(prefect_env, project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1]) == \
+        {stage: "up to date" for stage in STAGES}
+
+
+def test_overrides_run_as_an_experiment_and_leave_the_workspace_clean(prefect_env, project):
+    git("add", "-A", cwd=project)
+    git("commit", "-qm", "pipeline run", cwd=project)
+    done = run_flow(prefect_env, project, "--set", "train.clip_grad_norm=1.0", "--name", "clip1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert git("status", "--porcelain", cwd=project) == ""
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=project,
+                           capture_output=True, text=True, env=prefect_env)
+    experiments = {rev["name"]: rev["data"] for baseline in json.loads(shown.stdout)
+                   for exp in baseline.get("experiments") or [] for rev in exp["revs"]}
+    assert experiments["clip1"]["params"]["params.yaml"]["data"]["train"]["clip_grad_norm"] == 1.0
+    assert "metrics/eval.json" in experiments["clip1"]["metrics"]
+
+
+def test_a_stage_error_fails_the_flow_with_the_stage_message_and_no_retry(prefect_env, project):
+    done = run_flow(prefect_env, project, "--set", "train.epochs=0")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "ctcflow train: error:" in output and "train.epochs" in output
+    assert "AwaitingRetry" not in output  # a bad param is not retried
+    assert git("status", "--porcelain", cwd=project) == ""
