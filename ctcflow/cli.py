@@ -17,8 +17,8 @@ STAGES = {
     "synth": "stages.synth",
     "manifest": "stages.manifest",
     "featurize": "stages.featurize",
-    "lm": "stages.lm",
     "train": "stages.train",
+    "lm": "stages.lm",
     "evaluate": "stages.evaluate",
     "plots": "stages.plots",
 }

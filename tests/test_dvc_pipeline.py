@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO, make_project
 
-STAGES = ["synth", "manifest", "featurize", "train", "evaluate", "plots"]
+STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
 
 
 def run(cmd: list[str], cwd: Path) -> str:
