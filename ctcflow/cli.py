@@ -2,7 +2,7 @@
 
 Each stage command reads only its own section of params.yaml and writes the same files
 `dvc repro` would; `ctcflow repro` runs `dvc repro` itself, which skips stages that are
-up to date.
+up to date. `ctcflow transcribe MODEL AUDIO...` transcribes audio files with a trained model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ STAGES = {
     "manifest": "stages.manifest",
     "featurize": "stages.featurize",
     "train": "stages.train",
+    "lm": "stages.lm",
     "evaluate": "stages.evaluate",
     "plots": "stages.plots",
 }
@@ -38,14 +39,20 @@ def main(argv: list[str] | None = None) -> None:
         commands.add_parser(name, help=first_line(module), add_help=False)
     commands.add_parser("repro", help="run the whole pipeline with `dvc repro` (extra arguments go to dvc)",
                         add_help=False)
+    commands.add_parser("transcribe", help="transcribe audio files with a trained model (MODEL AUDIO...)",
+                        add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return
     command, rest = argv[0], argv[1:]
     if command == "repro":
         sys.exit(subprocess.call(["dvc", "repro", *rest]))
+    if command == "transcribe":
+        from ctcflow.transcribe import main as transcribe
+
+        return transcribe(rest)
     if command not in STAGES:
-        parser.error(f"unknown command {command!r}; choose from {', '.join([*STAGES, 'repro'])}")
+        parser.error(f"unknown command {command!r}; choose from {', '.join([*STAGES, 'repro', 'transcribe'])}")
     importlib.import_module(STAGES[command]).main(rest)
 
 

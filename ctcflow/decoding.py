@@ -1,8 +1,20 @@
-"""Greedy (best-path) CTC decoding."""
+"""CTC decoding: greedy (best path) and flashlight beam search, a decode-time blank penalty,
+and word timings from the CTC alignment of a hypothesis."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+import torchaudio.functional as AF
+from pydantic import Field, model_validator
+
+from ctcflow.params import Section
+from ctcflow.text import Tokenizer
+
+# Names the flashlight decoder knows our blank and space classes by ('|' is its word separator).
+BLANK_TOKEN, SPACE_TOKEN = "<blank>", "|"
 
 
 def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
@@ -16,3 +28,144 @@ def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) ->
         merged = torch.unique_consecutive(path[:length])
         hypotheses.append(merged[merged != blank].tolist())
     return hypotheses
+
+
+def penalize_blank(log_probs: torch.Tensor, blank: int, penalty: float) -> torch.Tensor:
+    """Subtract `penalty` from the blank log-probability of every frame (not renormalized:
+    decoders compare scores, so only the shift between blank and the other classes matters)."""
+    if penalty == 0:
+        return log_probs
+    out = log_probs.clone()
+    out[..., blank] -= penalty
+    return out
+
+
+class GreedyDecoder:
+    """Best-path transcripts; also counts the frames whose (penalized) argmax is blank."""
+
+    def __init__(self, tokenizer: Tokenizer, blank_penalty: float = 0.0):
+        self.tokenizer = tokenizer
+        self.blank_penalty = blank_penalty
+        self.frames = self.blank_frames = 0
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        scores = penalize_blank(log_probs, self.tokenizer.blank, self.blank_penalty)
+        real = torch.arange(scores.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        self.frames += int(real.sum())
+        self.blank_frames += int(((scores.argmax(dim=-1) == self.tokenizer.blank) & real.to(scores.device)).sum())
+        return [self.tokenizer.decode(ids) for ids in greedy_decode(scores, lengths, self.tokenizer.blank)]
+
+    @property
+    def blank_ratio(self) -> float:
+        return self.blank_frames / max(self.frames, 1)
+
+
+class BeamParams(Section):
+    """The beam search settings (evaluate.beam in params.yaml)."""
+
+    beam_size: int = Field(50, ge=1)
+    beam_threshold: float = Field(25.0, gt=0)
+    lexicon: bool = True
+    lm_weight: float = Field(2.0, ge=0)
+    word_score: float = 1.0
+
+    @model_validator(mode="after")
+    def lm_needs_lexicon(self):
+        if self.lm_weight > 0 and not self.lexicon:
+            raise ValueError("lm_weight > 0 needs lexicon: true (the word LM scores lexicon words)")
+        return self
+
+    def decoder(self, tokenizer: Tokenizer, lm_dir: str | Path, blank_penalty: float = 0.0) -> "BeamSearchDecoder":
+        """lm_dir holds lexicon.txt and lm.arpa, as the lm stage writes them."""
+        lm_dir = Path(lm_dir)
+        return BeamSearchDecoder(tokenizer, self.beam_size, self.beam_threshold,
+                                 lexicon=lm_dir / "lexicon.txt" if self.lexicon else None,
+                                 lm=lm_dir / "lm.arpa" if self.lm_weight > 0 else None,
+                                 lm_weight=self.lm_weight, word_score=self.word_score, blank_penalty=blank_penalty)
+
+
+class BeamSearchDecoder:
+    """torchaudio's `ctc_decoder` (flashlight-text): beam search over characters, optionally
+    restricted to the words of a lexicon and scored by a word n-gram LM (ARPA, read by KenLM).
+
+    Without a lexicon the search is lexicon-free and uses no LM (a word LM needs word ends
+    to come from a lexicon).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, beam_size: int = 50, beam_threshold: float = 25.0,
+                 lexicon: str | Path | None = None, lm: str | Path | None = None, lm_weight: float = 0.0,
+                 word_score: float = 0.0, blank_penalty: float = 0.0):
+        from torchaudio.models.decoder import ctc_decoder  # imports flashlight-text, only when needed
+
+        if lm is not None and lexicon is None:
+            raise ValueError("a word language model needs a lexicon")
+        for path in (lexicon, lm):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{path} not found (run the lm stage first)")
+        clash = {BLANK_TOKEN, SPACE_TOKEN} & set(tokenizer.alphabet)
+        if clash:
+            raise ValueError(f"the alphabet must not contain the decoder's reserved tokens {sorted(clash)}")
+        self.tokenizer = tokenizer
+        self.blank_penalty = blank_penalty
+        self.decoder = ctc_decoder(
+            lexicon=None if lexicon is None else str(lexicon),
+            tokens=decoder_tokens(tokenizer),
+            lm=None if lm is None else str(lm),
+            beam_size=beam_size,
+            beam_threshold=beam_threshold,
+            lm_weight=lm_weight,
+            word_score=word_score,
+            blank_token=BLANK_TOKEN,
+            sil_token=SPACE_TOKEN,
+        )
+        self.uses_lexicon = lexicon is not None
+
+    def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        scores = penalize_blank(log_probs, self.tokenizer.blank, self.blank_penalty)
+        scores = scores.detach().to("cpu", torch.float32).contiguous()
+        results = self.decoder(scores, lengths.to("cpu", torch.int32))
+        return [self._text(nbest[0]) if nbest else "" for nbest in results]
+
+    def _text(self, hypothesis) -> str:
+        if self.uses_lexicon:
+            return " ".join(hypothesis.words)
+        chars = self.decoder.idxs_to_tokens(hypothesis.tokens)
+        return " ".join("".join(chars).replace(BLANK_TOKEN, "").replace(SPACE_TOKEN, " ").split())
+
+
+def decoder_tokens(tokenizer: Tokenizer) -> list[str]:
+    """The class ids' names in index order, as flashlight wants them."""
+    names = list(tokenizer.alphabet.replace(" ", SPACE_TOKEN))
+    names.insert(tokenizer.blank, BLANK_TOKEN)
+    return names
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float  # seconds
+    end: float
+
+
+def align_words(log_probs: torch.Tensor, text: str, tokenizer: Tokenizer, frame_seconds: float,
+                blank_penalty: float = 0.0) -> list[Word]:
+    """Start and end of each word of `text` from its Viterbi CTC alignment to `log_probs`
+    (frames, classes): a word runs from the first frame of its first character to the last frame
+    of its last character. For a greedy hypothesis this is the best path itself."""
+    words = text.split()
+    if not words:
+        return []
+    ids = tokenizer.encode(" ".join(words))
+    scores = penalize_blank(log_probs, tokenizer.blank, blank_penalty).detach().to("cpu", torch.float32)
+    path, _ = AF.forced_align(scores[None], torch.tensor([ids], dtype=torch.int32), blank=tokenizer.blank)
+    spans = AF.merge_tokens(path[0], torch.zeros(len(path[0])), blank=tokenizer.blank)
+    space = tokenizer.encode(" ")[0]
+    out, chars = [], []
+    for span in [*spans, None]:
+        if span is None or span.token == space:
+            if chars:
+                out.append(Word(words[len(out)], chars[0].start * frame_seconds, chars[-1].end * frame_seconds))
+            chars = []
+        else:
+            chars.append(span)
+    return out

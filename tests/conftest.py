@@ -48,11 +48,11 @@ def make_project(root: Path, params: dict | None = None) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory) -> Path:
     """Every stage, in order, on the tiny project; tests read what the stages wrote."""
-    from stages import evaluate, featurize, manifest, plots, synth, train
+    from stages import evaluate, featurize, lm, manifest, plots, synth, train
 
     root = make_project(tmp_path_factory.mktemp("tiny"))
     with contextlib.chdir(root):
-        for stage in (synth, manifest, featurize, train, evaluate, plots):
+        for stage in (synth, manifest, featurize, lm, train, evaluate, plots):
             stage.main(["--params", "params.yaml"])
     return root
 

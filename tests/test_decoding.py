@@ -32,3 +32,64 @@ def test_padding_frames_are_ignored():
 def test_blank_at_index_zero():
     log_probs = one_hot_log_probs([[0, 3, 0, 3, 3, 0]])
     assert greedy_decode(log_probs, torch.tensor([6]), blank=0) == [[3, 3]]
+
+
+# ---- decode-time blank penalty and word timing (real decoders, constructed log-probabilities)
+
+from ctcflow.decoding import BeamSearchDecoder, GreedyDecoder, align_words, penalize_blank  # noqa: E402
+from ctcflow.text import Tokenizer  # noqa: E402
+
+TOKENIZER = Tokenizer()  # ' = 0, space = 1, a–z = 2…27, blank = 28
+
+
+def frames(*columns: dict[str, float]) -> torch.Tensor:
+    """One frame per dict {char or 'blank': probability}; the rest of the mass is spread thin."""
+    out = torch.full((1, len(columns), TOKENIZER.num_classes), 1e-4)
+    for t, column in enumerate(columns):
+        for name, p in column.items():
+            out[0, t, TOKENIZER.blank if name == "blank" else TOKENIZER.encode(name)[0]] = p
+    return (out / out.sum(-1, keepdim=True)).log()
+
+
+def test_penalty_subtracts_from_blank_only():
+    log_probs = torch.randn(2, 5, 29).log_softmax(-1)
+    shifted = penalize_blank(log_probs, 28, 1.5)
+    assert torch.allclose(shifted[..., 28], log_probs[..., 28] - 1.5)
+    assert torch.equal(shifted[..., :28], log_probs[..., :28])
+    assert penalize_blank(log_probs, 28, 0.0) is log_probs
+
+
+def test_penalty_turns_a_narrowly_blank_frame_into_a_character():
+    # "a", then a frame where blank beats "b" by 0.2 nats, then "c".
+    log_probs = frames({"a": 0.9}, {"blank": 0.55, "b": 0.45}, {"c": 0.9})
+    length = torch.tensor([3])
+    for decoder in (GreedyDecoder, lambda tok, blank_penalty: BeamSearchDecoder(tok, blank_penalty=blank_penalty)):
+        assert decoder(TOKENIZER, blank_penalty=0.0)(log_probs, length) == ["ac"]
+        assert decoder(TOKENIZER, blank_penalty=0.5)(log_probs, length) == ["abc"]
+        # A negative penalty favours blank: the confident characters stay, nothing is added.
+        assert decoder(TOKENIZER, blank_penalty=-0.5)(log_probs, length) == ["ac"]
+
+
+def test_penalty_moves_the_blank_share_the_expected_way():
+    torch.manual_seed(0)
+    log_probs = (torch.randn(4, 200, 29) * 2).log_softmax(-1)
+    log_probs[..., 28] += 2.0  # blank-heavy, like a trained CTC model
+    lengths = torch.tensor([200, 150, 100, 50])
+    ratios, chars = [], []
+    for penalty in (-2.0, -1.0, 0.0, 1.0, 2.0, 4.0):
+        greedy = GreedyDecoder(TOKENIZER, blank_penalty=penalty)
+        texts = greedy(log_probs, lengths)
+        ratios.append(greedy.blank_ratio)
+        chars.append(sum(len(t.replace(" ", "")) for t in texts))
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > ratios[-1]
+    assert chars[-1] > chars[2] > chars[0]
+
+
+def test_words_are_timed_from_the_ctc_alignment():
+    # "hi yo" at frames: h=0, blank, i=2-3, blank, space=5, y=6, blank, o=8, blank.
+    log_probs = frames({"h": 0.9}, {"blank": 0.9}, {"i": 0.9}, {"i": 0.9}, {"blank": 0.9}, {" ": 0.9},
+                       {"y": 0.9}, {"blank": 0.9}, {"o": 0.9}, {"blank": 0.9})[0]
+    words = align_words(log_probs, "hi yo", TOKENIZER, frame_seconds=0.03)
+    assert [w.word for w in words] == ["hi", "yo"]
+    assert [(round(w.start, 3), round(w.end, 3)) for w in words] == [(0.0, 0.12), (0.18, 0.27)]
+    assert align_words(log_probs, "", TOKENIZER, 0.03) == []

@@ -11,7 +11,7 @@ import yaml
 
 from conftest import dvc, git, make_dvc_repo
 
-STAGES = ["synth", "manifest", "featurize", "train", "evaluate", "plots"]
+STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
 
 
 def stages_run(output: str) -> list[str]:

@@ -99,11 +99,12 @@ def test_bad_train_params_name_the_key(tmp_path):
 
 def test_params_yaml_holds_the_code_defaults():
     """The README's defaults table, params.yaml and the schemas say the same thing."""
-    from stages import evaluate, featurize, manifest, plots, synth, train
+    from stages import evaluate, featurize, lm, manifest, plots, synth, train
 
     from conftest import REPO
 
     for name, module, schema in [("synth", synth, synth.SynthParams), ("manifest", manifest, manifest.ManifestParams),
-                                 ("featurize", featurize, featurize.FeaturizeParams), ("train", train, TrainParams),
+                                 ("featurize", featurize, featurize.FeaturizeParams), ("lm", lm, lm.LmParams),
+                                 ("train", train, TrainParams),
                                  ("evaluate", evaluate, evaluate.EvaluateParams), ("plots", plots, plots.PlotsParams)]:
         assert load_section(name, schema, REPO / "params.yaml") == schema(), name

@@ -1,0 +1,220 @@
+"""Transcribe audio files with a trained checkpoint: `ctcflow transcribe MODEL AUDIO...`.
+
+Files of any length and sample rate are read in fixed windows of `chunk_seconds` (so memory
+does not grow with the file), consecutive windows overlapping by `overlap_seconds`. Features
+are computed exactly as the featurize stage does (the checkpoint's log-mel settings, then the
+training split's mean and std). Windows from all files go through the model in batches.
+
+Words at window borders: each window owns the stretch from the middle of its overlap with the
+previous window to the middle of its overlap with the next, and a word is kept by the window
+that owns the midpoint of its aligned span. A word shorter than the overlap and cut by one
+window's edge has its visible midpoint in that window's overlap, outside what it owns, and lies
+whole in the neighbouring window, which keeps it.
+
+Word times come from the CTC alignment: output frame × model time stride × hop / sample rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio.functional as AF
+
+from ctcflow.audio import AudioError, read_info
+from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from ctcflow.data import read_feature_info
+from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
+from ctcflow.features import LogMel, LogMelConfig
+from ctcflow.params import DEFAULT_PARAMS, ParamsError, load_section
+
+
+@dataclass
+class Transcript:
+    path: str
+    text: str
+    duration: float  # seconds
+    words: list[Word] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"path": self.path, "text": self.text, "duration": round(self.duration, 3),
+                           "words": [{k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(w).items()}
+                                     for w in self.words]})
+
+
+@dataclass
+class _Window:
+    file: int  # position of the file in the call
+    start: float  # seconds into the file
+    own_from: float  # the stretch whose words this window keeps
+    own_to: float
+    waveform: torch.Tensor
+    last: bool  # the file's last window
+
+
+def normalization(checkpoint: dict, features_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The per-bin mean and std the model was trained with: from the checkpoint if it holds them,
+    else from the features.json of the featurize run it was trained on."""
+    if "mean" in checkpoint and "std" in checkpoint:
+        return np.asarray(checkpoint["mean"], np.float32), np.asarray(checkpoint["std"], np.float32)
+    if features_dir is None:
+        raise ValueError("the checkpoint holds no feature mean/std: give the features directory it was trained on")
+    info = read_feature_info(features_dir)
+    if info["logmel"] != checkpoint["logmel"]:
+        raise ValueError(f"{features_dir}/features.json has log-mel settings {info['logmel']}, "
+                         f"but the model was trained on {checkpoint['logmel']}")
+    return np.asarray(info["mean"], np.float32), np.asarray(info["std"], np.float32)
+
+
+class Transcriber:
+    """Load a checkpoint once, then `transcribe(paths)` as often as needed.
+
+    decoder: "greedy" or "beam" (settings in `beam`; lexicon and LM read from `lm_dir`).
+    blank_penalty: subtracted from the blank log-probability before decoding.
+    """
+
+    def __init__(self, checkpoint: str | Path, features_dir: str | Path | None = "data/features",
+                 decoder: str = "greedy", beam: BeamParams | None = None, lm_dir: str | Path = "data/lm",
+                 blank_penalty: float = 0.0, device: str = "cpu", chunk_seconds: float = 30.0,
+                 overlap_seconds: float = 4.0, batch_size: int = 8):
+        if not 0 < 2 * overlap_seconds < chunk_seconds:
+            raise ValueError(f"overlap_seconds ({overlap_seconds}) must be positive and under half of "
+                             f"chunk_seconds ({chunk_seconds})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        state = load_checkpoint(checkpoint)
+        self.device = torch.device(device)
+        model, self.tokenizer = model_from_checkpoint(state)
+        self.model = model.to(self.device)
+        self.config = LogMelConfig(**state["logmel"])
+        self.logmel = LogMel(self.config).to(self.device)
+        mean, std = normalization(state, features_dir)
+        self.mean, self.std = torch.from_numpy(mean).to(self.device), torch.from_numpy(std).to(self.device)
+        if decoder == "greedy":
+            self.decode = GreedyDecoder(self.tokenizer, blank_penalty)
+        elif decoder == "beam":
+            self.decode = (beam or BeamParams()).decoder(self.tokenizer, lm_dir, blank_penalty)
+        else:
+            raise ValueError(f"unknown decoder {decoder!r}; choose greedy or beam")
+        self.blank_penalty = blank_penalty
+        self.chunk_seconds, self.overlap_seconds, self.batch_size = chunk_seconds, overlap_seconds, batch_size
+        # Output frames per input frame, measured rather than read from the architecture's settings.
+        probe = 3000
+        with torch.no_grad():
+            out = self.model(torch.zeros(1, probe, self.config.n_mels, device=self.device),
+                             torch.tensor([probe], device=self.device))[1]
+        self.frame_seconds = round(probe / int(out[0])) * self.config.hop_length / self.config.sample_rate
+
+    def transcribe(self, paths: Iterable[str | Path]) -> Iterator[Transcript]:
+        """One Transcript per path, in order, each as soon as its last window is decoded."""
+        paths = [str(p) for p in paths]
+        for p in paths:
+            read_info(p)  # fail on a missing or unreadable file before any work
+        done: dict[int, list[Word]] = {}
+        words: dict[int, list[Word]] = {i: [] for i in range(len(paths))}
+        next_out = 0
+        batch: list[_Window] = []
+        for window in self._windows(paths):
+            batch.append(window)
+            if len(batch) == self.batch_size or window.file == len(paths) - 1 and window.last:
+                for w, found in zip(batch, self._decode(batch)):
+                    words[w.file] += [x for x in found if w.own_from <= (x.start + x.end) / 2 < w.own_to]
+                    if w.last:
+                        done[w.file] = words.pop(w.file)
+                batch = []
+                while next_out in done:
+                    found = done.pop(next_out)
+                    yield Transcript(paths[next_out], " ".join(x.word for x in found),
+                                     read_info(paths[next_out]).duration, found)
+                    next_out += 1
+
+    def _windows(self, paths: list[str]) -> Iterator[_Window]:
+        for i, path in enumerate(paths):
+            with soundfile.SoundFile(path) as audio:
+                rate, total = audio.samplerate, audio.frames
+                size, hop = round(self.chunk_seconds * rate), round((self.chunk_seconds - self.overlap_seconds) * rate)
+                half = self.overlap_seconds / 2
+                start = 0
+                while True:
+                    audio.seek(start)
+                    samples = audio.read(size, dtype="float32", always_2d=True)
+                    last = start + size >= total
+                    t0 = start / rate
+                    waveform = torch.from_numpy(samples.mean(axis=1))
+                    if rate != self.config.sample_rate:
+                        waveform = AF.resample(waveform, rate, self.config.sample_rate)
+                    yield _Window(i, t0, 0.0 if start == 0 else t0 + half,
+                                  float("inf") if last else t0 + self.chunk_seconds - half, waveform, last)
+                    if last:
+                        break
+                    start += hop
+
+    @torch.no_grad()
+    def features(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Normalized log-mel frames of a waveform at the model's sample rate, as featurize makes them.
+        A waveform shorter than one FFT (a tiny file) is padded with silence so it has a frame."""
+        waveform = torch.nn.functional.pad(waveform, (0, max(0, self.config.n_fft - len(waveform))))
+        return (self.logmel(waveform.to(self.device)) - self.mean) / self.std
+
+    @torch.no_grad()
+    def _decode(self, batch: list[_Window]) -> list[list[Word]]:
+        feats = [self.features(w.waveform) for w in batch]
+        lengths = torch.tensor([len(f) for f in feats], device=self.device)
+        log_probs, out_lengths = self.model(torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), lengths)
+        log_probs, out_lengths = log_probs.cpu(), out_lengths.cpu()
+        texts = self.decode(log_probs, out_lengths)
+        found = []
+        for w, scores, n, text in zip(batch, log_probs, out_lengths.tolist(), texts):
+            aligned = align_words(scores[:n], text, self.tokenizer, self.frame_seconds, self.blank_penalty)
+            found.append([Word(x.word, w.start + x.start, w.start + x.end) for x in aligned])
+        return found
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="ctcflow transcribe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="checkpoint, e.g. models/best.pt")
+    parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; any sample rate)")
+    parser.add_argument("--decoder", choices=["greedy", "beam"], help="default: evaluate.decoder in --params")
+    parser.add_argument("--blank-penalty", type=float, help="default: evaluate.blank_penalty in --params")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS),
+                        help="beam settings and defaults come from its evaluate section, if the file exists "
+                             "(default: %(default)s)")
+    parser.add_argument("--features", default="data/features",
+                        help="features directory the model was trained on, for the feature mean/std "
+                             "(default: %(default)s)")
+    parser.add_argument("--lm-dir", default="data/lm", help="lexicon and LM for beam search (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="JSON lines with per-word start/end times")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="window length (default: %(default)s)")
+    parser.add_argument("--overlap-seconds", type=float, default=4.0,
+                        help="overlap of consecutive windows; longer than any word (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from stages.evaluate import EvaluateParams  # the evaluate section's schema and defaults
+
+    try:
+        evaluate = (load_section("evaluate", EvaluateParams, args.params) if Path(args.params).is_file()
+                    else EvaluateParams())
+        transcriber = Transcriber(
+            args.model, args.features, args.decoder or evaluate.decoder, evaluate.beam, args.lm_dir,
+            evaluate.blank_penalty if args.blank_penalty is None else args.blank_penalty, args.device,
+            args.chunk_seconds, args.overlap_seconds, args.batch_size)
+        for transcript in transcriber.transcribe(args.audio):
+            if args.json:
+                print(transcript.to_json(), flush=True)
+            else:
+                print(transcript.text if len(args.audio) == 1 else f"{transcript.path}\t{transcript.text}", flush=True)
+    except (ParamsError, AudioError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"ctcflow transcribe: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

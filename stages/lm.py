@@ -1,0 +1,61 @@
+"""Stage lm: a lexicon and a word n-gram language model from the training transcripts, for beam search.
+
+Reads the normalized transcripts of data/manifests/train.jsonl; writes data/lm/lexicon.txt
+(every training word with its spelling) and data/lm/lm.arpa (interpolated Kneser-Ney,
+lm.order words of context minus one, ARPA format for KenLM), and metrics/lm.json (vocabulary
+and n-gram counts, and the share of validation and test words outside the lexicon: beam
+search with the lexicon can never output those).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field
+
+from ctcflow.lm import kneser_ney, write_arpa, write_lexicon
+from ctcflow.manifest import read_manifest
+from ctcflow.params import Section
+from ctcflow.stage import StageError, stage_main
+
+MANIFEST_DIR = Path("data/manifests")
+OUT_DIR = Path("data/lm")
+METRICS_FILE = Path("metrics/lm.json")
+
+
+class LmParams(Section):
+    order: int = Field(3, ge=1, le=6)
+
+
+def run(params: LmParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT_DIR,
+        metrics_file: Path = METRICS_FILE) -> dict:
+    sentences = [t.split() for t in read_manifest(manifest_dir / "train.jsonl")["text_normalized"]]
+    sentences = [s for s in sentences if s]
+    if not sentences:
+        raise StageError(f"{manifest_dir / 'train.jsonl'} has no transcripts to build a language model from")
+    vocabulary = {w for s in sentences for w in s}
+    logprob, backoff = kneser_ney(sentences, params.order)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_lexicon(out_dir / "lexicon.txt", sorted(vocabulary))
+    write_arpa(out_dir / "lm.arpa", logprob, backoff)
+
+    metrics = {"sentences": len(sentences), "vocabulary": len(vocabulary),
+               "ngrams": {str(n + 1): len(grams) for n, grams in enumerate(logprob)}}
+    for split in ("valid", "test"):
+        path = manifest_dir / f"{split}.jsonl"
+        words = [w for t in read_manifest(path)["text_normalized"] for w in t.split()] if path.is_file() else []
+        metrics[f"{split}_oov_rate"] = sum(w not in vocabulary for w in words) / len(words) if words else 0.0
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"lexicon of {len(vocabulary)} words, {params.order}-gram LM from {len(sentences)} transcripts; "
+          f"test words outside the lexicon: {metrics['test_oov_rate']:.2%}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_main("lm", LmParams, run, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Transcription of audio files with a model trained in the tests (the tiny pipeline's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile
+import torch
+import torchaudio.functional as AF
+
+from ctcflow.audio import load_audio
+from ctcflow.cli import main
+from ctcflow.data import FeatureSplit
+from ctcflow.transcribe import Transcriber
+
+# One epoch on 30 utterances leaves the tiny model blank-heavy; a decode-time blank penalty
+# makes it emit characters, so there are words to time and to count.
+PENALTY = 4.0
+
+
+def test_utterances(root: Path) -> pd.DataFrame:
+    return pd.read_json(root / "data/manifests/test.jsonl", lines=True)
+
+
+test_utterances.__test__ = False  # a helper, not a test
+
+
+def transcriber(root: Path, **options) -> Transcriber:
+    return Transcriber(root / "models/best.pt", root / "data/features", decoder="greedy", blank_penalty=PENALTY,
+                       **options)
+
+
+def check_words(transcript, duration: float) -> None:
+    assert transcript.text == " ".join(w.word for w in transcript.words)
+    assert transcript.duration == pytest.approx(duration, abs=1e-3)
+    middles = [(w.start + w.end) / 2 for w in transcript.words]
+    assert middles == sorted(middles) and len(set(middles)) == len(middles)  # in order, none twice
+    for w in transcript.words:
+        assert 0 <= w.start < w.end <= duration + 0.1 and " " not in w.word and w.word
+
+
+def test_transcribes_a_synthesized_utterance_with_features_as_featurize_made_them(tiny_pipeline):
+    utt = test_utterances(tiny_pipeline).iloc[0]
+    model = transcriber(tiny_pipeline)
+    [transcript] = model.transcribe([tiny_pipeline / utt.audio_path])
+    assert transcript.words, "the blank penalty should make the tiny model emit something"
+    check_words(transcript, soundfile.info(str(tiny_pipeline / utt.audio_path)).duration)
+    stored = FeatureSplit(tiny_pipeline / "data/features", "test", model.tokenizer)
+    row = stored.index.index[stored.index["id"] == utt.id][0]
+    ours = model.features(load_audio(tiny_pipeline / utt.audio_path, model.config.sample_rate))
+    assert torch.allclose(ours, stored[row][0], atol=0.02)  # the store holds float16
+
+
+def test_any_sample_rate_and_channel_count(tiny_pipeline, tmp_path):
+    utt = test_utterances(tiny_pipeline).iloc[1]
+    samples, rate = soundfile.read(tiny_pipeline / utt.audio_path, dtype="float32")
+    stereo = AF.resample(torch.from_numpy(samples), rate, 44100).numpy()
+    soundfile.write(tmp_path / "stereo.flac", np.stack([stereo, 0.5 * stereo], axis=1), 44100)
+    [transcript] = transcriber(tiny_pipeline).transcribe([tmp_path / "stereo.flac"])
+    check_words(transcript, len(stereo) / 44100)
+
+
+def test_batches_keep_the_order_and_the_results_of_one_file_at_a_time(tiny_pipeline):
+    paths = [tiny_pipeline / p for p in test_utterances(tiny_pipeline)["audio_path"][:5]]
+    batched = list(transcriber(tiny_pipeline, batch_size=2).transcribe(paths))
+    alone = [next(transcriber(tiny_pipeline, batch_size=1).transcribe([p])) for p in paths]
+    assert [t.path for t in batched] == [str(p) for p in paths]
+    assert [t.text for t in batched] == [t.text for t in alone]
+
+
+def test_a_long_file_is_read_in_overlapping_windows(tiny_pipeline, tmp_path):
+    # ~30 s of speech in 5 s windows: words at the window borders must be kept exactly once.
+    pieces = [soundfile.read(tiny_pipeline / p, dtype="float32")[0] for p in test_utterances(tiny_pipeline)["audio_path"]]
+    gap = np.zeros(3200, dtype=np.float32)
+    audio = np.concatenate([x for piece in pieces * 3 for x in (piece, gap)])
+    soundfile.write(tmp_path / "long.wav", audio, 16000)
+    [transcript] = transcriber(tiny_pipeline, chunk_seconds=5.0, overlap_seconds=1.5).transcribe([tmp_path / "long.wav"])
+    check_words(transcript, len(audio) / 16000)
+    assert transcript.words[-1].start > len(audio) / 16000 - 5.0  # the last window was decoded too
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`ctcflow transcribe ARGS` in this process (a subprocess would spend seconds importing torch)."""
+    try:
+        main(["transcribe", *args])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+        print(exit.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_command_prints_text_or_json_lines(tiny_pipeline, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_pipeline)  # the defaults: params.yaml, data/features, data/lm
+    paths = list(test_utterances(tiny_pipeline)["audio_path"][:2])
+    code, out, err = cli(capsys, "models/best.pt", *paths, "--json", "--decoder", "beam",
+                         "--blank-penalty", str(PENALTY))
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["path"] for line in lines] == paths
+    for line in lines:
+        assert set(line) == {"path", "text", "duration", "words"}
+        assert line["text"] == " ".join(w["word"] for w in line["words"])
+        assert all(set(w) == {"word", "start", "end"} for w in line["words"])
+    code, out, err = cli(capsys, "models/best.pt", paths[0], "--decoder", "greedy")
+    assert code == 0 and len(out.splitlines()) == 1, err
+
+
+def test_command_errors_are_one_line(tiny_pipeline, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_pipeline)
+    code, out, err = cli(capsys, "models/best.pt", "no/such.wav")
+    assert code != 0 and err.startswith("ctcflow transcribe: error:") and "no/such.wav" in err
+    code, out, err = cli(capsys, "models/best.pt", *test_utterances(tiny_pipeline)["audio_path"][:1],
+                         "--features", "nowhere")
+    assert code != 0 and err.startswith("ctcflow transcribe: error:") and "nowhere" in err
+
+
+PEAK_RSS = """
+import resource, sys
+from ctcflow.transcribe import Transcriber
+model = Transcriber(sys.argv[1], sys.argv[2], decoder="greedy", blank_penalty={penalty}, chunk_seconds=20.0,
+                    overlap_seconds=2.0, batch_size=2)
+[transcript] = model.transcribe([sys.argv[3]])
+print(transcript.duration, len(transcript.words), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_kib(root: Path, audio: Path) -> tuple[float, int, int]:
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS.format(penalty=PENALTY), str(root / "models/best.pt"),
+                           str(root / "data/features"), str(audio)], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    duration, words, rss = done.stdout.split()
+    return float(duration), int(words), int(rss)
+
+
+def test_ten_minutes_transcribe_in_the_memory_of_one(tiny_pipeline, tmp_path):
+    speech = np.concatenate([soundfile.read(tiny_pipeline / p, dtype="float32")[0]
+                             for p in test_utterances(tiny_pipeline)["audio_path"]])
+    for minutes in (1, 10):
+        samples = minutes * 60 * 16000
+        soundfile.write(tmp_path / f"{minutes}.wav", np.resize(speech, samples), 16000, subtype="PCM_16")
+    one = peak_rss_kib(tiny_pipeline, tmp_path / "1.wav")
+    ten = peak_rss_kib(tiny_pipeline, tmp_path / "10.wav")
+    assert ten[0] == pytest.approx(600, abs=0.01) and ten[1] > one[1] > 0
+    # 20 s windows, two per batch: one minute already fills whole batches, so only what grows
+    # with the input shows (the words). Holding the 10-minute waveform alone would take
+    # 37.5 MiB more (float32), its log-mel frames 18 MiB more; windowed reading stays well under.
+    growth_mib = (ten[2] - one[2]) / 1024
+    assert growth_mib < 12, f"peak RSS grew by {growth_mib:.1f} MiB from 1 to 10 minutes"
