@@ -147,10 +147,11 @@ def read_headers(paths: list[str], frame_rate: float | None, num_workers: int) -
     """
     read = partial(_header, frame_rate=frame_rate)
     progress = dict(total=len(paths), desc="manifest headers", unit="file", mininterval=1.0)
-    if num_workers == 1 or len(paths) < 1000:
+    if num_workers == 1 or len(paths) < 2:
         return [read(p) for p in tqdm(paths, **progress)]
+    chunk = max(1, min(256, len(paths) // (4 * num_workers)))
     with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-        return list(tqdm(pool.imap(read, paths, chunksize=256), **progress))
+        return list(tqdm(pool.imap(read, paths, chunksize=chunk), **progress))
 
 
 def check_text(text: str, params: ManifestParams, tokenizer: Tokenizer) -> str:
