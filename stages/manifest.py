@@ -11,8 +11,8 @@ Sources (manifest.source; see README "Corpora"):
 Splits come from the corpus where it defines them; otherwise they are made speaker-disjoint here.
 With manifest.input: features every path is a precomputed feature array (.npy, frames × dims).
 
-Headers are read in parallel (manifest.num_workers processes); nothing else of the audio is
-read. Each utterance is checked: inside corpus_dir, readable, duration in range, transcript
+Utterances are examined in parallel (manifest.num_workers processes), reading headers only.
+Each one is checked: inside corpus_dir, readable, duration in range, transcript
 non-empty after normalization (manifest.text) and inside the vocabulary, long enough for CTC
 (one output frame per unit plus one between repeats, at ctc_frame_rate frames per second).
 Failures go to data/manifests/rejects.jsonl with their reason and counts by reason to
@@ -131,27 +131,18 @@ def build_tokenizer(params: ManifestParams) -> Tokenizer:
         raise StageError(f"manifest.{'vocabulary' if params.units == 'word' else 'alphabet'}: {err}") from err
 
 
-def _header(path: str, frame_rate: float | None) -> AudioInfo | Rejected:
-    """One header, or the reason it cannot be used (returned, so one bad file never stops a worker)."""
-    try:
-        return read_feature_header(path, frame_rate) if frame_rate else read_info(path)
-    except Rejected as err:
-        return err
+def parallel_map(fn, items: list, num_workers: int, desc: str) -> list:
+    """`fn` over `items` in order, in `num_workers` processes, with a progress bar.
 
-
-def read_headers(paths: list[str], frame_rate: float | None, num_workers: int) -> list[AudioInfo | Rejected]:
-    """Headers of `paths` in order, in `num_workers` processes.
-
-    Processes, not threads: soundfile's header parsing is mostly Python, and threads measured
-    slower than a plain loop (benchmarks/manifest.py). fork keeps start-up to milliseconds.
+    Processes, not threads: soundfile's header parsing is mostly Python, and two threads
+    measured slower than a plain loop (benchmarks/manifest.py). fork starts them in milliseconds.
     """
-    read = partial(_header, frame_rate=frame_rate)
-    progress = dict(total=len(paths), desc="manifest headers", unit="file", mininterval=1.0)
-    if num_workers == 1 or len(paths) < 2:
-        return [read(p) for p in tqdm(paths, **progress)]
-    chunk = max(1, min(256, len(paths) // (4 * num_workers)))
+    progress = dict(total=len(items), desc=desc, unit="file", mininterval=1.0)
+    if num_workers == 1 or len(items) < 2:
+        return [fn(item) for item in tqdm(items, **progress)]
+    chunk = max(1, min(256, len(items) // (4 * num_workers)))
     with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-        return list(tqdm(pool.imap(read, paths, chunksize=chunk), **progress))
+        return list(tqdm(pool.imap(fn, items, chunksize=chunk), **progress))
 
 
 def check_text(text: str, params: ManifestParams, tokenizer: Tokenizer) -> str:
@@ -196,6 +187,21 @@ def inside(root: str, path: str) -> bool:
     return os.path.commonpath([root, path]) == root
 
 
+def examine(entry: dict, params: ManifestParams, tokenizer: Tokenizer) -> Utterance | Rejected:
+    """One utterance: its place, header and transcript. The reject is returned, not raised, so one
+    bad file never stops a worker. Paths outside the corpus are never opened (think /dev/zero)."""
+    try:
+        if not inside(params.corpus_dir, entry["audio_path"]):
+            raise Rejected("path_outside_corpus", f"{entry['audio_path']} is not under corpus_dir {params.corpus_dir}")
+        if params.input == "features":
+            info = read_feature_header(entry["audio_path"], params.feature_frame_rate)
+        else:
+            info = read_info(entry["audio_path"])
+        return check(entry, info, params, tokenizer)
+    except Rejected as err:
+        return err
+
+
 def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = METRICS_FILE) -> dict:
     tokenizer = build_tokenizer(params)
     entries = read_source(params)
@@ -204,29 +210,17 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
         raise StageError(f"unknown split name(s) {sorted(unknown_splits)}; expected {list(SPLITS)}")
     entries, how = sources.assign_splits(entries, params.valid_fraction, params.test_fraction, params.seed)
     records = entries.to_dict("records")
-
-    # Paths outside the corpus are never opened: a manifest must not make the stage read /dev/zero.
-    outside = [not inside(params.corpus_dir, e["audio_path"]) for e in records]
-    frame_rate = params.feature_frame_rate if params.input == "features" else None
-    to_read = [e["audio_path"] for e, out in zip(records, outside) if not out]
-    headers = iter(read_headers(to_read, frame_rate, params.num_workers))
-
+    duplicate = entries["id"].duplicated().tolist()  # every occurrence after the first
+    results = iter(parallel_map(partial(examine, params=params, tokenizer=tokenizer),
+                                [e for e, dup in zip(records, duplicate) if not dup], params.num_workers, "manifest"))
     accepted: list[Utterance] = []
     rejects: list[Reject] = []
-    seen: set[str] = set()
-    for entry, out in zip(records, outside):
-        header = None if out else next(headers)
-        try:
-            if entry["id"] in seen:
-                raise Rejected("duplicate_id", f"id {entry['id']!r} appears more than once")
-            seen.add(entry["id"])
-            if out:
-                raise Rejected("path_outside_corpus", f"{entry['audio_path']} is not under corpus_dir {params.corpus_dir}")
-            if isinstance(header, Rejected):
-                raise header
-            accepted.append(check(entry, header, params, tokenizer))
-        except Rejected as err:
-            rejects.append(Reject(entry["id"], entry["split"], entry["audio_path"], entry["text"], err.reason, err.detail))
+    for entry, dup in zip(records, duplicate):
+        result = Rejected("duplicate_id", f"id {entry['id']!r} appears more than once") if dup else next(results)
+        if isinstance(result, Rejected):
+            rejects.append(Reject(entry["id"], entry["split"], entry["audio_path"], entry["text"], result.reason, result.detail))
+        else:
+            accepted.append(result)
 
     if params.input == "features" and accepted:
         # One model input size: arrays whose width differs from the most common one are rejected.
