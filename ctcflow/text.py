@@ -31,6 +31,19 @@ _DIGIT = re.compile(r"\d")
 _NUMBER = re.compile(r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(st|nd|rd|th)?", re.IGNORECASE)
 
 
+class _PunctuationToSpace(dict):
+    """A str.translate table, filled on first sight of each character: every Unicode punctuation
+    mark except the apostrophe → space (a regex cannot name Unicode categories)."""
+
+    def __missing__(self, code: int) -> int:
+        ch = chr(code)
+        self[code] = ord(" ") if ch != "'" and unicodedata.category(ch).startswith("P") else code
+        return self[code]
+
+
+_PUNCTUATION_TO_SPACE = _PunctuationToSpace()
+
+
 def has_digits(text: str) -> bool:
     return bool(_DIGIT.search(text))
 
@@ -62,8 +75,7 @@ def normalize(text: str, lowercase: bool = True, punctuation: Literal["drop", "k
     if spell_digits:
         text = spell_numbers(text, language)
     if punctuation == "drop":
-        text = text.replace("’", "'")
-        text = "".join(" " if ch != "'" and unicodedata.category(ch).startswith("P") else ch for ch in text)
+        text = text.replace("’", "'").translate(_PUNCTUATION_TO_SPACE)
     return _SPACES.sub(" ", text).strip()
 
 

@@ -183,8 +183,8 @@ def check(entry: dict, info: AudioInfo, params: ManifestParams, tokenizer: Token
 def inside(root: str, path: str) -> bool:
     """Whether `path` lies under `root`, by the path's text: `..` and absolute paths cannot escape,
     while symbolic links inside the corpus (a common way to assemble one) still work."""
-    root, path = os.path.abspath(root), os.path.abspath(path)
-    return os.path.commonpath([root, path]) == root
+    root = os.path.join(os.path.abspath(root), "")  # with a trailing separator: /data/a is not under /data/ab
+    return os.path.abspath(path).startswith(root)
 
 
 def examine(entry: dict, params: ManifestParams, tokenizer: Tokenizer) -> Utterance | Rejected:
