@@ -23,9 +23,9 @@ class AudioError(Rejected):
 
 @dataclass(frozen=True)
 class AudioInfo:
-    sample_rate: int
+    sample_rate: int | float  # Hz; frames per second for a precomputed feature array
     num_frames: int
-    num_channels: int
+    num_channels: int  # dimensions per frame for a precomputed feature array
 
     @property
     def duration(self) -> float:
@@ -33,23 +33,40 @@ class AudioInfo:
 
 
 def read_info(path: str | Path) -> AudioInfo:
-    """Header only: cheap enough to run over a whole corpus."""
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError("missing_file", f"{path} does not exist")
-    if path.stat().st_size == 0:
-        raise AudioError("empty_file", f"{path} has zero bytes")
+    """Header only: cheap enough to run over a whole corpus.
+
+    Opens the file with soundfile.SoundFile (≈1.5× faster than soundfile.info, which also reads
+    the format's extra info); the file system is asked why only when the open fails.
+    """
     try:
-        info = soundfile.info(str(path))
+        with soundfile.SoundFile(str(path)) as f:
+            info = AudioInfo(f.samplerate, f.frames, f.channels)
     except Exception as err:  # libsndfile raises several types for unreadable input
-        raise AudioError("unreadable_audio", f"{path}: {err}") from err
-    if info.frames <= 0:
+        path = Path(path)
+        if not path.is_file():
+            raise AudioError("missing_file", f"{path} does not exist or is not a file") from None
+        if path.stat().st_size == 0:
+            raise AudioError("empty_file", f"{path} has zero bytes") from None
+        raise AudioError("unreadable_audio", f"{path}: {err}") from None
+    if info.num_frames <= 0:
         raise AudioError("no_samples", f"{path} holds no audio samples")
-    return AudioInfo(info.samplerate, info.frames, info.channels)
+    return info
 
 
-def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
-    """Mono float32 waveform at `sample_rate`: channels averaged, resampled if needed."""
+@dataclass(frozen=True)
+class Decoded:
+    waveform: torch.Tensor  # mono float32 at the requested rate
+    clipped_fraction: float  # share of samples at full scale, before down-mixing
+
+
+FULL_SCALE = 0.999  # 16-bit full scale reads as 32767/32768 ≈ 0.99997
+
+
+def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = None) -> Decoded:
+    """Read all samples: reject NaN/inf and (if silence_db is set) audio whose peak stays below it.
+
+    Channels are averaged and the result resampled to `sample_rate` with torchaudio.
+    """
     try:
         samples, source_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:
@@ -58,7 +75,17 @@ def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
         raise AudioError("no_samples", f"{path} holds no audio samples")
     if not np.isfinite(samples).all():
         raise AudioError("non_finite_samples", f"{path} contains NaN or infinite samples")
+    peak = float(np.abs(samples).max())
+    if silence_db is not None and peak <= 10 ** (silence_db / 20):
+        level = f"{20 * np.log10(peak):.1f} dBFS" if peak > 0 else "digital silence"
+        raise AudioError("silent_audio", f"{path}: peak {level} <= silence_db {silence_db}")
+    clipped = float(np.mean(np.abs(samples) >= FULL_SCALE))
     waveform = torch.from_numpy(samples.mean(axis=1))
     if source_rate != sample_rate:
         waveform = AF.resample(waveform, source_rate, sample_rate)
-    return waveform
+    return Decoded(waveform, clipped)
+
+
+def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
+    """Mono float32 waveform at `sample_rate`: channels averaged, resampled if needed."""
+    return decode_audio(path, sample_rate).waveform

@@ -1,8 +1,10 @@
 """The feature store written by featurize, and batching for train and evaluate.
 
-A split is `<split>.npy` (all frames of all utterances, float16, frames × n_mels) and
-`<split>.csv` (id, speaker, duration, text_normalized, offset, num_frames). `features.json`
-holds the log-mel settings and the training split's per-bin mean and std.
+A split is `<split>.npy` (all frames of all utterances, float16, frames × n_mels; float32 for
+precomputed features) and `<split>.csv` (id, speaker, duration, text_normalized, offset,
+num_frames). `features.json` holds the log-mel settings (for precomputed features: `"input":
+"precomputed"` and the frame layout) and the training split's per-bin mean and std;
+`tokens.json` the label unit (see ctcflow.text.Tokenizer.load).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from ctcflow.text import Tokenizer
 INDEX_COLUMNS = ["id", "speaker", "duration", "text_normalized", "offset", "num_frames"]
 
 
-def write_split(directory: Path, split: str, index: pd.DataFrame, frames: list[np.ndarray], n_mels: int) -> None:
+def write_split(directory: Path, split: str, index: pd.DataFrame, frames: list[np.ndarray], n_mels: int,
+                dtype: type = np.float16) -> None:
     stacked = np.concatenate(frames) if frames else np.zeros((0, n_mels))
-    np.save(directory / f"{split}.npy", stacked.astype(np.float16))
+    np.save(directory / f"{split}.npy", stacked.astype(dtype))
     index[INDEX_COLUMNS].to_csv(directory / f"{split}.csv", index=False)
 
 

@@ -1,12 +1,57 @@
-"""Log-mel features, global normalization statistics and SpecAugment, all from torchaudio."""
+"""Log-mel features, precomputed feature arrays, normalization statistics and SpecAugment.
+
+Log-mel and SpecAugment come from torchaudio. A precomputed feature array (for example
+per-frame features of sign-language video) is a `.npy` file of shape frames × dims.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torchaudio.transforms as T
+
+from ctcflow.audio import AudioInfo
+from ctcflow.manifest import Rejected
+
+FEATURE_SUFFIX = ".npy"
+
+
+def is_feature_file(path: str | Path) -> bool:
+    return str(path).lower().endswith(FEATURE_SUFFIX)
+
+
+def _open_array(path: str | Path, mmap: bool) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise Rejected("missing_file", f"{path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise Rejected("empty_file", f"{path} has zero bytes")
+    try:  # allow_pickle stays off: a feature file is data, never code to run
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as err:
+        raise Rejected("unreadable_features", f"{path}: {err}") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number) or array.shape[1] == 0:
+        raise Rejected("bad_feature_shape", f"{path}: need a numeric frames × dims array, got {array.dtype} {array.shape}")
+    if array.shape[0] == 0:
+        raise Rejected("no_samples", f"{path} holds no frames")
+    return array
+
+
+def read_feature_header(path: str | Path, frame_rate: float) -> AudioInfo:
+    """Shape only (the array is memory-mapped, not read): frames and dims, at `frame_rate` frames/s."""
+    array = _open_array(path, mmap=True)
+    return AudioInfo(frame_rate, array.shape[0], array.shape[1])
+
+
+def load_feature_array(path: str | Path) -> np.ndarray:
+    """The whole array as float32; NaN or infinite values are a reject."""
+    array = _open_array(path, mmap=False).astype(np.float32)
+    if not np.isfinite(array).all():
+        raise Rejected("non_finite_values", f"{path} contains NaN or infinite values")
+    return array
 
 
 @dataclass(frozen=True)

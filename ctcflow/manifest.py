@@ -1,13 +1,13 @@
 """The manifest: one typed row per utterance, one JSON-lines file per split.
 
-Columns (see README "Data formats"):
+Columns (see README "Manifests"):
   id               unique utterance id
-  audio_path       path to the audio, relative to the project root
-  duration         seconds (from the header)
-  sample_rate      Hz (from the header)
-  num_channels     channels (from the header)
+  audio_path       path to the audio, or to a precomputed feature array (.npy, frames × dims)
+  duration         seconds (from the header; frames / manifest.feature_frame_rate for .npy)
+  sample_rate      Hz (from the header); frames per second for .npy
+  num_channels     channels (from the header); feature dimensions for .npy
   text             transcript as the corpus gives it
-  text_normalized  what the model learns: lower case, a–z, apostrophe, single spaces
+  text_normalized  what the model learns: units of the vocabulary (tokens.json), single spaces
   speaker          speaker id ('' when the corpus has none)
   split            train | valid | test
 Rejected utterances go to rejects.jsonl with columns id, split, audio_path, text, reason, detail.
@@ -15,7 +15,7 @@ Rejected utterances go to rejects.jsonl with columns id, split, audio_path, text
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -54,13 +54,16 @@ class Rejected(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):  # so a worker process can hand one back
+        return type(self), (self.reason, self.detail)
+
 
 COLUMNS = [f.name for f in fields(Utterance)]
 REJECT_COLUMNS = [f.name for f in fields(Reject)]
 
 
 def write_jsonl(rows: list, columns: list[str], path: Path) -> None:
-    frame = pd.DataFrame([asdict(r) for r in rows], columns=columns)
+    frame = pd.DataFrame([vars(r) for r in rows], columns=columns)  # vars: asdict deep-copies, 5× slower
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_json(path, orient="records", lines=True, force_ascii=False)
 

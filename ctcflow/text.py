@@ -1,69 +1,172 @@
-"""Text ↔ token ids for character-level CTC.
+"""Text normalization and text ↔ token ids for CTC, over characters or over words/glosses.
 
 The default alphabet and blank index follow the original recipe:
 apostrophe = 0, space = 1, a–z = 2…27, blank = 28.
+With word units (e.g. sign-language glosses) each vocabulary entry is one class and a
+transcript is its units separated by spaces.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import string
+import unicodedata
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from num2words import num2words
 
 RECIPE_ALPHABET = "' " + string.ascii_lowercase
 RECIPE_BLANK = len(RECIPE_ALPHABET)  # 28
+TOKENS_FILE = "tokens.json"  # the label unit, written by manifest and copied by featurize
+
+Unit = Literal["char", "word"]
 
 _SPACES = re.compile(r"\s+")
-# Punctuation that carries no sound; the apostrophe stays because it is in the alphabet.
-_SILENT_PUNCTUATION = re.compile(r"[.,!?;:\"()\[\]{}]")
+_DIGIT = re.compile(r"\d")
+# Integers with thousands separators and decimals ("1,200.5"), ordinals ("21st"), other runs of digits.
+_NUMBER = re.compile(r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(st|nd|rd|th)?", re.IGNORECASE)
 
 
-def normalize(text: str) -> str:
-    """Lower-case, drop silent punctuation, turn dashes into spaces, collapse whitespace."""
-    text = text.lower().replace("’", "'").replace("-", " ")
-    text = _SILENT_PUNCTUATION.sub(" ", text)
+class _PunctuationToSpace(dict):
+    """A str.translate table, filled on first sight of each character: every Unicode punctuation
+    mark except the apostrophe → space (a regex cannot name Unicode categories)."""
+
+    def __missing__(self, code: int) -> int:
+        ch = chr(code)
+        self[code] = ord(" ") if ch != "'" and unicodedata.category(ch).startswith("P") else code
+        return self[code]
+
+
+_PUNCTUATION_TO_SPACE = _PunctuationToSpace()
+
+
+def has_digits(text: str) -> bool:
+    return bool(_DIGIT.search(text))
+
+
+def spell_numbers(text: str, language: str = "en") -> str:
+    """Numbers as words with num2words: "21st" → "twenty-first", "3.5" → "three point five"."""
+
+    def spell(match: re.Match) -> str:
+        whole, fraction, ordinal = match.groups()
+        number = whole.replace(",", "")
+        if ordinal and not fraction:
+            return f" {num2words(int(number), lang=language, to='ordinal')} "
+        value = f"{number}.{fraction}" if fraction else int(number)
+        return f" {num2words(value, lang=language)} {ordinal or ''}"
+
+    return _NUMBER.sub(spell, text)
+
+
+def normalize(text: str, lowercase: bool = True, punctuation: Literal["drop", "keep"] = "drop",
+              spell_digits: bool = False, language: str = "en") -> str:
+    """NFC, optional lower case, numbers spelled out if asked, punctuation to spaces, single spaces.
+
+    With punctuation "drop" every Unicode punctuation mark becomes a space except the apostrophe
+    (typographic ’ becomes '), which words like "what's" keep; dashes therefore split words.
+    """
+    text = unicodedata.normalize("NFC", text)
+    if lowercase:
+        text = text.lower()
+    if spell_digits:
+        text = spell_numbers(text, language)
+    if punctuation == "drop":
+        text = text.replace("’", "'").translate(_PUNCTUATION_TO_SPACE)
     return _SPACES.sub(" ", text).strip()
 
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """Maps characters to class ids around a blank whose index is configurable."""
+    """Maps units (characters, or words) to class ids around a blank whose index is configurable.
 
-    alphabet: str = RECIPE_ALPHABET
-    blank: int = RECIPE_BLANK
+    `alphabet` is a string of characters (unit "char") or a sequence of words (unit "word").
+    `blank` is an index, or "first"/"last". Dicts from `to_dict()` rebuild it, as do the
+    `{"alphabet", "blank"}` dicts of checkpoints written before word units existed.
+    """
+
+    alphabet: str | tuple[str, ...] = RECIPE_ALPHABET
+    blank: int | Literal["first", "last"] = RECIPE_BLANK
+    unit: Unit = "char"
 
     def __post_init__(self) -> None:
-        if len(set(self.alphabet)) != len(self.alphabet):
-            raise ValueError(f"alphabet has repeated characters: {self.alphabet!r}")
-        if not 0 <= self.blank <= len(self.alphabet):
-            raise ValueError(f"blank index {self.blank} outside 0…{len(self.alphabet)}")
+        if self.unit not in ("char", "word"):
+            raise ValueError(f"unit must be 'char' or 'word', not {self.unit!r}")
+        if self.unit == "word":
+            object.__setattr__(self, "alphabet", tuple(self.alphabet))
+            bad = [w for w in self.alphabet if not w or _SPACES.search(w)]
+            if bad:
+                raise ValueError(f"vocabulary entries must be non-empty and without spaces: {bad[:5]}")
+        elif not isinstance(self.alphabet, str):
+            raise ValueError("a character alphabet must be a string")
+        if not self.alphabet:
+            raise ValueError("the alphabet/vocabulary is empty")
+        repeated = sorted(u for u, n in Counter(self.alphabet).items() if n > 1)
+        if repeated:
+            raise ValueError(f"alphabet has repeated {'characters' if self.unit == 'char' else 'units'}: {repeated[:10]}")
+        size = len(self.alphabet)
+        if self.blank in ("first", "last"):
+            object.__setattr__(self, "blank", 0 if self.blank == "first" else size)
+        if isinstance(self.blank, bool) or not isinstance(self.blank, int) or not 0 <= self.blank <= size:
+            raise ValueError(f"blank index {self.blank} outside 0…{size} for {size} {self.unit} units "
+                             "(use 'first' or 'last' to place it at either end)")
+        ids = [i for i in range(size + 1) if i != self.blank]
+        object.__setattr__(self, "_index", dict(zip(self.alphabet, ids)))
+        object.__setattr__(self, "_units", dict(zip(ids, self.alphabet)))
+
+    @classmethod
+    def load(cls, directory: str | Path, blank: int | str = RECIPE_BLANK) -> "Tokenizer":
+        """The label unit a manifest or feature directory carries (tokens.json), with `blank`.
+
+        Directories written before tokens.json existed get the recipe's characters.
+        """
+        path = Path(directory) / TOKENS_FILE
+        units = json.loads(path.read_text()) if path.is_file() else {"unit": "char", "alphabet": RECIPE_ALPHABET}
+        return cls(alphabet=units["alphabet"], blank=blank, unit=units["unit"])
 
     @property
     def num_classes(self) -> int:
         return len(self.alphabet) + 1
 
-    def _ids(self) -> list[int]:
-        return [i for i in range(self.num_classes) if i != self.blank]
+    def units(self, text: str) -> list[str]:
+        return text.split() if self.unit == "word" else list(text)
 
-    def unknown_chars(self, text: str) -> set[str]:
-        return set(text) - set(self.alphabet)
+    def unknown(self, text: str) -> set[str]:
+        """Units of `text` that are not in the alphabet/vocabulary."""
+        return {u for u in self.units(text) if u not in self._index}
+
+    unknown_chars = unknown  # the name callers used before word units
+
+    def drop_unknown(self, text: str) -> str:
+        kept = [u for u in self.units(text) if u in self._index]
+        return _SPACES.sub(" ", ("" if self.unit == "char" else " ").join(kept)).strip()
 
     def encode(self, text: str) -> list[int]:
-        ids = self._ids()
         try:
-            return [ids[self.alphabet.index(ch)] for ch in text]
-        except ValueError:
-            raise ValueError(
-                f"characters outside the alphabet in {text!r}: {sorted(self.unknown_chars(text))}"
-            ) from None
+            return [self._index[u] for u in self.units(text)]
+        except KeyError:
+            what = "characters" if self.unit == "char" else "units"
+            raise ValueError(f"{what} outside the alphabet in {text!r}: {sorted(self.unknown(text))}") from None
 
     def decode(self, ids: list[int]) -> str:
-        """Class ids (blank excluded) back to text."""
-        chars = {cls: ch for cls, ch in zip(self._ids(), self.alphabet)}
-        return "".join(chars[i] for i in ids)
+        """Class ids (blank excluded) back to text; word units are joined by spaces."""
+        return ("" if self.unit == "char" else " ").join(self._units[i] for i in ids)
+
+    def units_dict(self) -> dict:
+        """What tokens.json holds: the unit and its alphabet, without the blank (train chooses it)."""
+        return {"unit": self.unit, "alphabet": self.alphabet if self.unit == "char" else list(self.alphabet)}
 
     def to_dict(self) -> dict:
-        return {"alphabet": self.alphabet, "blank": self.blank}
+        return {**self.units_dict(), "blank": self.blank}
+
+
+def read_vocabulary(path: str | Path, lowercase: bool) -> tuple[str, ...]:
+    """One unit per line; blank lines and surrounding spaces ignored; case folded like transcripts."""
+    lines = [unicodedata.normalize("NFC", line.strip()) for line in Path(path).read_text().splitlines()]
+    return tuple(line.lower() if lowercase else line for line in lines if line)
 
 
 def min_ctc_frames(tokens: list[int]) -> int:

@@ -1,10 +1,16 @@
-"""Stage featurize: log-mel features for every accepted utterance, normalized by training statistics.
+"""Stage featurize: features for every accepted utterance, normalized by training statistics.
 
 Audio is down-mixed to mono and resampled to featurize.sample_rate, then turned into
 torchaudio log-mel frames. Each split is stored as one float16 array plus an index (see
 ctcflow/data.py); features.json holds the settings and the training split's per-bin mean and
-std, which train and evaluate apply when they load features. An utterance whose audio cannot be
-decoded is written to data/features/rejects.jsonl and counted in metrics/featurize.json.
+std, which train and evaluate apply when they load features. A manifest of precomputed feature
+arrays (.npy) is only normalized: the arrays are stored as they are, in float32.
+
+This is the first stage that reads the samples, so it rejects audio that cannot be decoded,
+holds NaN or infinite samples, or is silent (peak at or below featurize.silence_db); rejects go
+to data/features/rejects.jsonl and are counted in metrics/featurize.json, so nothing the manifest
+accepted disappears uncounted. Clipped audio is kept and listed in data/features/warnings.jsonl.
+The label unit (data/manifests/tokens.json) is copied to data/features/tokens.json for train.
 """
 
 from __future__ import annotations
@@ -13,17 +19,19 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from ctcflow.audio import load_audio
+from ctcflow.audio import decode_audio
 from ctcflow.data import write_split
-from ctcflow.features import LogMel, LogMelConfig, RunningStats
+from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array
 from ctcflow.manifest import REJECT_COLUMNS, SPLITS, Reject, Rejected, read_manifest, write_jsonl
 from ctcflow.params import Section
 from ctcflow.stage import StageError, stage_main
+from ctcflow.text import TOKENS_FILE, Tokenizer
 
 MANIFEST_DIR = Path("data/manifests")
 OUT_DIR = Path("data/features")
@@ -37,6 +45,9 @@ class FeaturizeParams(Section):
     hop_length: int = Field(160, gt=0)
     n_mels: int = Field(80, gt=0)
     num_threads: int = Field(1, ge=1)
+    silence_db: float | None = Field(-60.0, le=0)  # peak at or below → silent_audio; null = keep all
+    clip_warn_fraction: float = Field(0.001, gt=0, le=1)  # share of full-scale samples → clipped_audio warning
+    strict: bool = False  # true: any reject fails the stage
 
     @model_validator(mode="after")
     def window_fits(self):
@@ -45,21 +56,45 @@ class FeaturizeParams(Section):
         return self
 
 
+def input_kind(manifests: dict[str, pd.DataFrame]) -> str:
+    """"features" when every row points to a .npy array, "audio" when none does."""
+    flags = {is_feature_file(p) for m in manifests.values() for p in m["audio_path"]}
+    if len(flags) > 1:
+        raise StageError("the manifests mix audio files and .npy feature arrays; set manifest.input and rerun manifest")
+    return "features" if flags == {True} else "audio"
+
+
 def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT_DIR,
         metrics_file: Path = METRICS_FILE) -> dict:
     torch.set_num_threads(params.num_threads)
-    config = LogMelConfig(params.sample_rate, params.n_fft, params.win_length, params.hop_length, params.n_mels)
-    logmel = LogMel(config)
+    manifests = {split: read_manifest(manifest_dir / f"{split}.jsonl") for split in SPLITS}
+    precomputed = input_kind(manifests) == "features"
+    if precomputed:
+        dims = int(manifests["train"]["num_channels"].iloc[0]) if len(manifests["train"]) else 0
+        frame_rate = float(manifests["train"]["sample_rate"].iloc[0]) if len(manifests["train"]) else 0.0
+    else:
+        config = LogMelConfig(params.sample_rate, params.n_fft, params.win_length, params.hop_length, params.n_mels)
+        logmel = LogMel(config)
+        dims = params.n_mels
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats = RunningStats(params.n_mels)
+    stats = RunningStats(dims)
     rejects: list[Reject] = []
+    warnings: list[Reject] = []
     metrics: dict = {}
-    for split in SPLITS:
-        manifest = read_manifest(manifest_dir / f"{split}.jsonl")
+    for split, manifest in manifests.items():
         frames, rows, offset = [], [], 0
         for utt in tqdm(manifest.itertuples(), total=len(manifest), desc=f"featurize {split}", unit="utt"):
             try:
-                feats = logmel(load_audio(utt.audio_path, params.sample_rate)).numpy()
+                if precomputed:
+                    feats = load_feature_array(utt.audio_path)
+                    if feats.shape[1] != dims:
+                        raise Rejected("feature_dims_mismatch", f"{feats.shape[1]} dims, the corpus has {dims}")
+                else:
+                    decoded = decode_audio(utt.audio_path, params.sample_rate, params.silence_db)
+                    feats = logmel(decoded.waveform).numpy()
+                    if decoded.clipped_fraction >= params.clip_warn_fraction:
+                        warnings.append(Reject(utt.id, split, utt.audio_path, utt.text, "clipped_audio",
+                                               f"{decoded.clipped_fraction:.2%} of samples at full scale (kept)"))
             except Rejected as err:
                 rejects.append(Reject(utt.id, split, utt.audio_path, utt.text, err.reason, err.detail))
                 continue
@@ -70,20 +105,36 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
                          "text_normalized": utt.text_normalized, "offset": offset, "num_frames": len(feats)})
             offset += len(feats)
         if not rows:
+            write_jsonl(rejects, REJECT_COLUMNS, out_dir / "rejects.jsonl")
             raise StageError(f"no utterance of split '{split}' could be featurized; see {out_dir / 'rejects.jsonl'}")
-        write_split(out_dir, split, pd.DataFrame(rows), frames, params.n_mels)
+        # Precomputed arrays keep float32: their range is unknown, and float16 spacing is 0.5 at 1000.
+        write_split(out_dir, split, pd.DataFrame(rows), frames, dims, np.float32 if precomputed else np.float16)
         metrics[split] = {"utterances": len(rows), "frames": offset,
                           "hours": round(sum(r["duration"] for r in rows) / 3600, 4)}
 
     mean, std = stats.mean_std()
-    info = {"logmel": config.to_dict(), "mean": mean.tolist(), "std": std.tolist()}
+    if precomputed:
+        # train reads the frame layout from "logmel": dims, and one frame per 1/frame_rate seconds.
+        info = {"input": "precomputed", "logmel": {"sample_rate": frame_rate, "hop_length": 1, "n_mels": dims},
+                "mean": mean.tolist(), "std": std.tolist()}
+    else:
+        info = {"logmel": config.to_dict(), "mean": mean.tolist(), "std": std.tolist()}
     (out_dir / "features.json").write_text(json.dumps(info, indent=1) + "\n")
+    tokens = manifest_dir / TOKENS_FILE
+    units = json.loads(tokens.read_text()) if tokens.is_file() else Tokenizer().units_dict()
+    (out_dir / TOKENS_FILE).write_text(json.dumps(units, ensure_ascii=False) + "\n")
     write_jsonl(rejects, REJECT_COLUMNS, out_dir / "rejects.jsonl")
+    write_jsonl(warnings, REJECT_COLUMNS, out_dir / "warnings.jsonl")
     metrics["rejected"] = {"total": len(rejects), **Counter(r.reason for r in rejects)}
+    metrics["warnings"] = {"total": len(warnings), **Counter(r.reason for r in warnings)}
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
     if rejects:
-        print(f"rejected {len(rejects)} utterance(s) — see {out_dir / 'rejects.jsonl'}")
+        print(f"rejected {len(rejects)}: {dict(Counter(r.reason for r in rejects))} — see {out_dir / 'rejects.jsonl'}")
+    if warnings:
+        print(f"kept with a warning {len(warnings)}: {dict(Counter(r.reason for r in warnings))} — see {out_dir / 'warnings.jsonl'}")
+    if params.strict and rejects:
+        raise StageError(f"featurize.strict: {len(rejects)} utterance(s) rejected; see {out_dir / 'rejects.jsonl'}")
     return metrics
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -47,7 +47,8 @@ class ModelParams(Section):
 
 
 class CTCParams(Section):
-    blank: int = Field(len(RECIPE_ALPHABET), ge=0, le=len(RECIPE_ALPHABET))
+    # An index, or first/last; checked against the label unit's size when training starts.
+    blank: Annotated[int, Field(ge=0)] | Literal["first", "last"] = len(RECIPE_ALPHABET)
     zero_infinity: bool = True
 
 
@@ -113,7 +114,10 @@ def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path 
         live_dir: Path = LIVE_DIR) -> dict:
     seed_everything(params.seed)
     torch.set_num_threads(params.num_threads)
-    tokenizer = Tokenizer(blank=params.ctc.blank)
+    try:  # the label unit travels with the features (tokens.json, from the manifest stage)
+        tokenizer = Tokenizer.load(features_dir, blank=params.ctc.blank)
+    except ValueError as err:
+        raise StageError(f"train.ctc.blank {params.ctc.blank!r} with the units of {features_dir}: {err}") from err
     feature_info = read_feature_info(features_dir)
     n_mels = feature_info["logmel"]["n_mels"]
     train_set = FeatureSplit(features_dir, "train", tokenizer)

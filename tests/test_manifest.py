@@ -59,7 +59,7 @@ def recipe_corpus(tiny_pipeline, tmp_path) -> Path:
 
 
 def params_for(corpus: Path, **overrides) -> manifest.ManifestParams:
-    settings = {"source": "recipe_json", "train_json": str(corpus / "train.json"),
+    settings = {"source": "recipe_json", "corpus_dir": str(corpus), "train_json": str(corpus / "train.json"),
                 "test_json": str(corpus / "test.json"), "valid_fraction": 0.2, "min_duration": 0.05}
     return manifest.ManifestParams(**{**settings, **overrides})
 
@@ -81,8 +81,8 @@ def test_bad_input_is_rejected_with_its_reason_and_nothing_else_is_lost(recipe_c
     assert len(rejects) == 7
     for utt_id, reason in EXPECTED_REASONS.items():
         assert reason in set(rejects.loc[rejects["id"] == utt_id, "reason"]), utt_id
-    outside = rejects[rejects["reason"] == "characters_outside_vocabulary"].iloc[0]
-    assert (outside.id, outside.text) == ("digits", "call 911") and "'1'" in outside.detail
+    digits = rejects[rejects["reason"] == "digits_in_transcript"].iloc[0]
+    assert (digits.id, digits.text) == ("digits", "call 911") and "call 911" in digits.detail
     duplicate = rejects[rejects["reason"] == "duplicate_id"].iloc[0]
     assert duplicate.text == "a duplicate id"
 
@@ -97,7 +97,7 @@ def test_bad_input_is_rejected_with_its_reason_and_nothing_else_is_lost(recipe_c
     assert all(t == t.lower() and "." not in t for t in accepted["text_normalized"])
     assert metrics["rejected"] == {"total": 7, "unreadable_audio": 1, "empty_file": 1, "missing_file": 1,
                                    "too_short_for_transcript": 1, "empty_transcript": 1,
-                                   "characters_outside_vocabulary": 1, "duplicate_id": 1}
+                                   "digits_in_transcript": 1, "duplicate_id": 1}
     assert json.loads(metrics_file.read_text()) == metrics
 
 

@@ -1,0 +1,110 @@
+"""Benchmark: the manifest stage on a synthetic LibriSpeech-layout corpus of many tiny FLAC files.
+
+Prints files per second for, in the same run and over the same files:
+  - a plain `soundfile.info` loop (the baseline the issue names),
+  - header reading alone in a thread pool (why the stage uses processes),
+  - the whole manifest stage (listing, headers, checks, writing), with 1 and with N processes,
+and writes the figures to benchmarks/results/manifest.json. Not part of the test suite.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/manifest.py --files 100000 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from ctcflow.audio import read_info
+from stages import manifest
+
+RESULTS = Path(__file__).parent / "results" / "manifest.json"
+
+
+def make_corpus(root: Path, files: int, per_chapter: int = 100, chapters: int = 10) -> list[str]:
+    """<reader>/<chapter>/<id>.flac + .trans.txt; every file holds the same 0.5 s of audio."""
+    buffer = io.BytesIO()
+    t = np.arange(4000) / 8000
+    sf.write(buffer, 0.3 * np.sin(2 * np.pi * 440 * t), 8000, format="FLAC")
+    audio = buffer.getvalue()
+    paths = []
+    for n in range(0, files, per_chapter):
+        reader, chapter = 1000 + n // (per_chapter * chapters), n // per_chapter % chapters
+        folder = root / str(reader) / str(chapter)
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(min(per_chapter, files - n)):
+            utt = f"{reader}-{chapter}-{i:04d}"
+            (folder / f"{utt}.flac").write_bytes(audio)
+            lines.append(f"{utt} HELLO THERE\n")
+            paths.append(str(folder / f"{utt}.flac"))
+        (folder / f"{reader}-{chapter}.trans.txt").write_text("".join(lines))
+    return paths
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_stage(root: Path, out: Path, workers: int) -> None:
+    params = manifest.ManifestParams(source="librispeech", corpus_dir=str(root), num_workers=workers)
+    with contextlib.redirect_stdout(io.StringIO()):
+        manifest.run(params, out_dir=out / "manifests", metrics_file=out / "manifest.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--dir", default=None, help="where to build the corpus (default: a temporary folder)")
+    args = parser.parse_args()
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="ctcflow-bench-"))
+    root = work / "corpus"
+    shutil.rmtree(root, ignore_errors=True)
+    start = time.perf_counter()
+    paths = make_corpus(root, args.files)
+    seconds = {"generate": time.perf_counter() - start}
+    print(f"{len(paths):,} FLAC files generated in {seconds['generate']:.1f} s under {root}")
+
+    seconds["soundfile.info loop"] = timed(lambda: [sf.info(p) for p in paths])
+    with ThreadPoolExecutor(args.workers) as pool:
+        seconds[f"read_info, {args.workers} threads"] = timed(lambda: list(pool.map(read_info, paths)))
+    seconds["manifest stage, 1 process"] = timed(lambda: run_stage(root, work, 1))
+    seconds[f"manifest stage, {args.workers} processes"] = timed(lambda: run_stage(root, work, args.workers))
+
+    baseline = len(paths) / seconds["soundfile.info loop"]
+    results = {"files": len(paths), "cpus": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
+               "python": platform.python_version(), "libsndfile": sf.__libsndfile_version__,
+               "files_per_second": {}, "ratio_to_soundfile_info_loop": {}}
+    print(f"{'':36s} {'s':>7s} {'files/s':>9s} {'× loop':>7s}")
+    for name, s in seconds.items():
+        if name == "generate":
+            continue
+        rate = len(paths) / s
+        results["files_per_second"][name] = round(rate)
+        results["ratio_to_soundfile_info_loop"][name] = round(rate / baseline, 2)
+        print(f"{name:36s} {s:7.1f} {rate:9,.0f} {rate / baseline:7.2f}")
+    print(f"({os.cpu_count()} CPUs, 1-minute load average {results['load_average_1min']})")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {RESULTS}")
+    if not args.dir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""One reader per corpus layout, each giving the same table of utterances to the manifest stage.
+
+Every reader returns a DataFrame with ENTRY_COLUMNS: id, split, audio_path, text, speaker.
+`split` is "train", "valid" or "test" where the corpus defines it, otherwise "" and
+`assign_splits` makes speaker-disjoint splits. Audio paths are relative to the project root
+(or absolute, as the corpus lists them); nothing here opens an audio file.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ctcflow.stage import StageError
+
+ENTRY_COLUMNS = ["id", "split", "audio_path", "text", "speaker"]
+# What corpora call their splits → the pipeline's names.
+SPLIT_NAMES = {"train": "train", "dev": "valid", "valid": "valid", "validation": "valid", "test": "test", "": ""}
+
+
+def _frame(**columns) -> pd.DataFrame:
+    return pd.DataFrame(columns)[ENTRY_COLUMNS]
+
+
+def _resolve(base: Path, paths) -> list[str]:
+    return [p if Path(p).is_absolute() else str(base / p) for p in paths]
+
+
+def _split_names(values, where: str) -> list[str]:
+    names = [SPLIT_NAMES.get(str(v).strip().lower()) for v in values]
+    unknown = sorted({str(v) for v, n in zip(values, names) if n is None})
+    if unknown:
+        raise StageError(f"{where}: unknown split name(s) {unknown}; expected train, dev/valid/validation or test")
+    return names
+
+
+def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
+    """CSV, TSV (by suffix or `sep`) or JSON lines, every value a string ('' where missing)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".json", ".ndjson") and sep is None:
+            frame = pd.read_json(path, lines=True, dtype=False)
+            return frame.astype(object).where(frame.notna(), "").astype(str)
+        sep = sep or ("\t" if suffix in (".tsv", ".tab") else ",")
+        # QUOTE_NONE for tabs: Common Voice sentences contain unbalanced quotes.
+        quoting = csv.QUOTE_NONE if sep in ("\t", "|") else csv.QUOTE_MINIMAL
+        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise StageError(f"{path}: cannot read it as {'JSON lines' if suffix.startswith('.j') else 'a table'}: {err}") from err
+
+
+def demo(corpus_dir: Path) -> pd.DataFrame:
+    """The synth stage's corpus: metadata.csv with id, split, path, text, speaker."""
+    metadata = corpus_dir / "metadata.csv"
+    if not metadata.is_file():
+        raise StageError(f"{metadata} not found: run the synth stage, or set manifest.source")
+    frame = pd.read_csv(metadata, dtype=str, keep_default_na=False)
+    return _frame(id=frame["id"], split=frame["split"], audio_path=[str(corpus_dir / p) for p in frame["path"]],
+                  text=frame["text"], speaker=frame["speaker"])
+
+
+def librispeech(corpus_dir: Path) -> pd.DataFrame:
+    """[<subset>/]<reader>/<chapter>/<reader>-<chapter>.trans.txt lines "<id> <TEXT>", audio <id>.flac.
+
+    A subset folder named train*, dev* or test* (train-clean-100, dev-clean, …) gives the split;
+    the reader folder gives the speaker.
+    """
+    rows = []
+    for trans in sorted(corpus_dir.rglob("*.trans.txt")):
+        parts = trans.relative_to(corpus_dir).parts
+        subset = parts[-4].lower() if len(parts) >= 4 else ""
+        split = next((SPLIT_NAMES[p] for p in ("train", "dev", "test") if subset.startswith(p)), "")
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                utt_id, _, text = line.strip().partition(" ")
+                rows.append((utt_id, split, str(trans.parent / f"{utt_id}.flac"), text, parts[-3]))
+    if not rows:
+        raise StageError(f"no *.trans.txt under {corpus_dir}: expected <reader>/<chapter>/*.trans.txt (LibriSpeech)")
+    return pd.DataFrame(rows, columns=ENTRY_COLUMNS)
+
+
+def common_voice(corpus_dir: Path) -> pd.DataFrame:
+    """train.tsv/dev.tsv/test.tsv (or validated.tsv alone) with client_id, path, sentence; audio clips/<path>."""
+    files = {"train": "train.tsv", "valid": "dev.tsv", "test": "test.tsv"}
+    tables = {split: corpus_dir / name for split, name in files.items() if (corpus_dir / name).is_file()}
+    if not tables:
+        if not (corpus_dir / "validated.tsv").is_file():
+            raise StageError(f"{corpus_dir}: no train.tsv, dev.tsv, test.tsv or validated.tsv (Common Voice)")
+        tables = {"": corpus_dir / "validated.tsv"}
+    frames = []
+    for split, path in tables.items():
+        frame = _read_table(path, sep="\t")
+        missing = {"client_id", "path", "sentence"} - set(frame.columns)
+        if missing:
+            raise StageError(f"{path}: lacks column(s) {sorted(missing)}")
+        frames.append(_frame(id=[Path(p).stem for p in frame["path"]], split=split,
+                             audio_path=[str(corpus_dir / "clips" / p) for p in frame["path"]],
+                             text=frame["sentence"], speaker=frame["client_id"]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def ljspeech(corpus_dir: Path) -> pd.DataFrame:
+    """metadata.csv lines "<id>|<text>|<normalized text>", audio wavs/<id>.wav, one speaker.
+
+    The third column (numbers and abbreviations written out by the corpus) is used where present.
+    """
+    path = corpus_dir / "metadata.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (LJSpeech)")
+    frame = pd.read_csv(path, sep="|", header=None, dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+    if frame.shape[1] < 2:
+        raise StageError(f"{path}: expected lines '<id>|<text>|<normalized text>'")
+    text = frame[2].where(frame[2] != "", frame[1]) if frame.shape[1] > 2 else frame[1]
+    return _frame(id=frame[0], split="", audio_path=[str(corpus_dir / "wavs" / f"{i}.wav") for i in frame[0]],
+                  text=text, speaker="")
+
+
+def table(path: Path, path_column: str = "path", text_column: str = "text", speaker_column: str | None = None,
+          split_column: str | None = None, id_column: str | None = None) -> pd.DataFrame:
+    """A CSV, TSV or JSON-lines file, one utterance per row; relative paths are relative to its folder."""
+    frame = _read_table(path)
+    wanted = [c for c in (path_column, text_column, speaker_column, split_column, id_column) if c]
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        raise StageError(f"{path}: no column(s) {missing}; it has {list(frame.columns)} (set manifest.columns)")
+    paths = frame[path_column].tolist()
+    return _frame(
+        id=frame[id_column] if id_column else [Path(p).stem for p in paths],
+        split=_split_names(frame[split_column].tolist(), str(path)) if split_column else "",
+        audio_path=_resolve(path.parent, paths),
+        text=frame[text_column],
+        speaker=frame[speaker_column] if speaker_column else "",
+    )
+
+
+def recipe_json(train_json: Path, test_json: Path, valid_json: Path | None = None) -> pd.DataFrame:
+    """The original recipe's JSON lines, {"key": "<audio path>", "text": "..."}, one file per split."""
+    files = {"train": train_json, "valid": valid_json, "test": test_json}
+    frames = []
+    for split, path in files.items():
+        if path is None:
+            continue
+        frame = table(path, path_column="key", text_column="text")
+        frame["split"] = split
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def assign_splits(entries: pd.DataFrame, valid_fraction: float, test_fraction: float, seed: int) -> tuple[pd.DataFrame, str]:
+    """Fill in the splits a corpus does not define, keeping speakers disjoint where it can.
+
+    Rows without a split, and the training rows when the corpus has no valid (or no test) rows,
+    form a pool. Its speakers, in a seeded random order, go to test until it holds `test_fraction`
+    of the pool, then to valid until it holds `valid_fraction`, the rest to train. A speaker is
+    only placed in a held-out split if it keeps that split within 1.5 × its target; rows without
+    a speaker count as speakers of their own. If a held-out split still ends up empty (a corpus
+    of one or a few speakers, such as LJSpeech), the pool is split by utterance instead.
+    Returns the entries and a sentence saying what was done.
+    """
+    entries = entries.copy()
+    wanted = [s for s, f in (("test", test_fraction), ("valid", valid_fraction)) if not (entries["split"] == s).any()]
+    pool = entries.index[entries["split"].isin(["", "train"])] if wanted else entries.index[entries["split"] == ""]
+    if not wanted:
+        entries.loc[pool, "split"] = "train"
+        return entries, "splits from the corpus"
+    fractions = {"test": test_fraction, "valid": valid_fraction}
+    targets = {s: max(1, round(fractions[s] * len(pool))) for s in wanted}
+    rng = np.random.default_rng(seed)
+
+    def place(groups: pd.Series) -> dict[str, list]:
+        sizes = groups.value_counts()
+        keys = sorted(sizes.index)
+        placed: dict[str, list] = {s: [] for s in wanted}
+        counts = dict.fromkeys(wanted, 0)
+        for key in (keys[i] for i in rng.permutation(len(keys))):
+            split = next((s for s in wanted if counts[s] < targets[s] and counts[s] + sizes[key] <= 1.5 * targets[s]), None)
+            if split:
+                placed[split].append(key)
+                counts[split] += sizes[key]
+        return placed
+
+    speakers = entries.loc[pool, "speaker"].where(entries.loc[pool, "speaker"] != "", "id:" + entries.loc[pool, "id"])
+    placed, how = place(speakers), "speaker-disjoint"
+    if any(not keys for keys in placed.values()):
+        speakers = pd.Series([f"row:{i}" for i in pool], index=pool)
+        placed, how = place(speakers), "by utterance (too few speakers to keep them disjoint)"
+    entries.loc[pool, "split"] = "train"
+    for split, keys in placed.items():
+        entries.loc[speakers.index[speakers.isin(keys)], "split"] = split
+    return entries, f"{' and '.join(wanted)} held out {how}"

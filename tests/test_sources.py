@@ -1,0 +1,295 @@
+"""The manifest stage on a small corpus in each layout it reads, checked row by row.
+
+The manifest reads headers only, so the audio is a synthetic signal of known length, rate and
+channel count, written here in the format each corpus ships (FLAC, MP3, WAV).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from ctcflow.manifest import COLUMNS, read_manifest
+from ctcflow.params import ParamsError, load_section
+from ctcflow.stage import StageError
+from ctcflow.text import Tokenizer
+from stages import manifest
+
+
+def tone(path: Path, seconds: float, rate: int = 16000, channels: int = 1, **kwargs) -> None:
+    """A quiet chirp of `seconds` at `rate`, in the format the suffix names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * rate)) / rate
+    signal = 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)
+    sf.write(path, np.repeat(signal[:, None], channels, axis=1), rate, **kwargs)
+
+
+def run_manifest(tmp_path: Path, **settings) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """All accepted rows (train, valid, test in order), the metrics, and the rejects."""
+    out = tmp_path / "manifests"
+    metrics = manifest.run(manifest.ManifestParams(**{"num_workers": 1, **settings}), out_dir=out,
+                           metrics_file=tmp_path / "manifest.json")
+    rows = pd.concat([read_manifest(out / f"{s}.jsonl") for s in ("train", "valid", "test")], ignore_index=True)
+    rejects = pd.read_json(out / "rejects.jsonl", lines=True, dtype=str) if (out / "rejects.jsonl").stat().st_size > 1 \
+        else pd.DataFrame(columns=["id", "reason"])
+    return rows, metrics, rejects
+
+
+def expect_rows(rows: pd.DataFrame, expected: list[dict]) -> None:
+    """Every expected row is in the manifest, column by column, and nothing else is."""
+    assert list(rows.columns) == COLUMNS
+    by_id = rows.set_index("id")
+    assert sorted(by_id.index) == sorted(e["id"] for e in expected)
+    for e in expected:
+        row = by_id.loc[e["id"]]
+        for column, value in e.items():
+            if column == "id":
+                continue
+            if column == "duration":
+                assert row.duration == pytest.approx(value, abs=e.get("_tolerance", 1e-4)), e["id"]
+            elif not column.startswith("_"):
+                assert row[column] == value, (e["id"], column, row[column], value)
+
+
+LIBRI = {  # subset → reader → chapter → [(utterance number, transcript, seconds)]
+    "train-clean-5": {"19": {"198": [(0, "NORTHANGER ABBEY", 1.2), (1, "THAT'S THE WAY OF IT", 1.5)]},
+                      "26": {"495": [(0, "CHAPTER ONE", 1.0)]}},
+    "dev-clean-2": {"84": {"121123": [(0, "GO DO YOU HEAR", 1.1)]}},
+    "test-clean": {"61": {"70968": [(12, "HE BEGAN A CONFUSED COMPLAINT", 1.9)]}},
+}
+
+
+def make_librispeech(root: Path, subsets: bool = True) -> list[dict]:
+    expected = []
+    for subset, readers in LIBRI.items():
+        for reader, chapters in readers.items():
+            for chapter, utterances in chapters.items():
+                folder = (root / subset if subsets else root) / reader / chapter
+                lines = []
+                for number, text, seconds in utterances:
+                    utt = f"{reader}-{chapter}-{number:04d}"
+                    tone(folder / f"{utt}.flac", seconds)
+                    lines.append(f"{utt} {text}\n")
+                    expected.append({"id": utt, "audio_path": str(folder / f"{utt}.flac"), "duration": seconds,
+                                     "sample_rate": 16000, "num_channels": 1, "text": text,
+                                     "text_normalized": text.lower(), "speaker": reader,
+                                     "split": {"train": "train", "dev-c": "valid", "test-": "test"}[subset[:5]]})
+                (folder / f"{reader}-{chapter}.trans.txt").write_text("".join(lines))
+    return expected
+
+
+def test_librispeech_subsets_give_the_splits_and_readers_the_speakers(tmp_path):
+    expected = make_librispeech(tmp_path / "LibriSpeech")
+    rows, metrics, rejects = run_manifest(tmp_path, source="librispeech", corpus_dir=str(tmp_path / "LibriSpeech"))
+    expect_rows(rows, expected)
+    assert len(rejects) == 0
+    assert metrics["train"] == {"utterances": 3, "hours": round(3.7 / 3600, 4), "speakers": 2}
+    assert json.loads((tmp_path / "manifests" / "tokens.json").read_text()) == {"unit": "char", "alphabet": "' abcdefghijklmnopqrstuvwxyz"}
+
+
+def test_librispeech_without_subsets_is_split_speaker_disjoint(tmp_path):
+    """One subset folder given as the corpus: the stage makes the splits, never splitting a reader."""
+    root = tmp_path / "train-other"
+    for reader in range(12):
+        folder = root / str(100 + reader) / "7"
+        lines = []
+        for n in range(4):
+            utt = f"{100 + reader}-7-{n:04d}"
+            tone(folder / f"{utt}.flac", 1.0 + 0.1 * n)
+            lines.append(f"{utt} SOME WORDS\n")
+        (folder / f"{100 + reader}-7.trans.txt").write_text("".join(lines))
+    rows, metrics, _ = run_manifest(tmp_path, source="librispeech", corpus_dir=str(root),
+                                    valid_fraction=0.1, test_fraction=0.1, num_workers=2)
+    assert len(rows) == 48
+    speakers = {split: set(rows.loc[rows["split"] == split, "speaker"]) for split in ("train", "valid", "test")}
+    assert all(speakers.values())
+    assert not (speakers["train"] & speakers["valid"] or speakers["train"] & speakers["test"]
+                or speakers["valid"] & speakers["test"])
+    assert metrics["valid"]["speakers"] == metrics["test"]["speakers"] == 1  # 4 of 48 utterances ≈ 10 %
+    # Every row's speaker is its reader folder, and the seed makes the split repeatable.
+    assert all(row.id.startswith(row.speaker + "-") for row in rows.itertuples())
+    again, _, _ = run_manifest(tmp_path / "again", source="librispeech", corpus_dir=str(root),
+                               valid_fraction=0.1, test_fraction=0.1)
+    assert again.equals(rows)
+
+
+CV_CLIPS = {  # split file → [(client_id, clip, sentence, seconds)]
+    "train": [("a1f3", "common_voice_en_1.mp3", "Hello, world!", 1.5),
+              ("a1f3", "common_voice_en_2.mp3", "It’s a \"quoted\" word.", 2.0),
+              ("b7c9", "common_voice_en_3.mp3", "Well-known facts; nothing more.", 2.5)],
+    "dev": [("c2d2", "common_voice_en_4.mp3", "What's up?", 1.2)],
+    "test": [("d4e5", "common_voice_en_5.mp3", "Good night.", 1.4)],
+}
+CV_NORMALIZED = {"Hello, world!": "hello world", "It’s a \"quoted\" word.": "it's a quoted word",
+                 "Well-known facts; nothing more.": "well known facts nothing more", "What's up?": "what's up",
+                 "Good night.": "good night"}
+
+
+def make_common_voice(root: Path, files: dict[str, list]) -> list[dict]:
+    expected = []
+    for name, clips in files.items():
+        lines = ["client_id\tpath\tsentence_id\tsentence\tsentence_domain\tup_votes\tdown_votes\tage\tgender\taccents\tvariant\tlocale\tsegment"]
+        for client, clip, sentence, seconds in clips:
+            tone(root / "clips" / clip, seconds, rate=48000)
+            lines.append(f"{client}\t{clip}\tx\t{sentence}\t\t2\t0\t\t\t\t\ten\t")
+            expected.append({"id": clip[:-4], "audio_path": str(root / "clips" / clip), "duration": seconds,
+                             "_tolerance": 0.08, "sample_rate": 48000, "num_channels": 1, "text": sentence,
+                             "text_normalized": CV_NORMALIZED[sentence], "speaker": client,
+                             "split": {"train": "train", "dev": "valid", "test": "test"}.get(name)})
+        (root / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+    return expected
+
+
+def test_common_voice_tsv_splits_with_mp3_clips(tmp_path):
+    expected = make_common_voice(tmp_path / "cv", CV_CLIPS)
+    rows, metrics, rejects = run_manifest(tmp_path, source="common_voice", corpus_dir=str(tmp_path / "cv"))
+    expect_rows(rows, expected)
+    assert len(rejects) == 0 and metrics["train"]["speakers"] == 2
+
+
+def test_common_voice_validated_only_is_split_by_client(tmp_path):
+    clips = [(f"client{c}", f"cv_{c}_{n}.mp3", "Good night.", 1.4) for c in range(10) for n in range(2)]
+    expected = make_common_voice(tmp_path / "cv", {"validated": clips})
+    rows, metrics, _ = run_manifest(tmp_path, source="common_voice", corpus_dir=str(tmp_path / "cv"),
+                                    valid_fraction=0.1, test_fraction=0.1)
+    expect_rows(rows, [{k: v for k, v in e.items() if k != "split"} for e in expected])
+    assert {s: metrics[s]["utterances"] for s in ("train", "valid", "test")} == {"train": 16, "valid": 2, "test": 2}
+    assert metrics["valid"]["speakers"] == metrics["test"]["speakers"] == 1
+
+
+def test_ljspeech_uses_the_normalized_column_and_splits_by_utterance(tmp_path):
+    root = tmp_path / "LJSpeech-1.1"
+    lines, expected = [], []
+    for n in range(20):
+        utt = f"LJ001-{n + 1:04d}"
+        raw, normalized = (f"Printing, in the {n + 1}th century", f"Printing, in the {n + 1}th century") if n else \
+            ("In 1450 Dr. Gutenberg printed", "In fourteen fifty Doctor Gutenberg printed")
+        tone(root / "wavs" / f"{utt}.wav", 1.6, rate=22050, subtype="PCM_16")
+        lines.append(f"{utt}|{raw}|{normalized}")
+        expected.append({"id": utt, "audio_path": str(root / "wavs" / f"{utt}.wav"), "duration": round(int(1.6 * 22050) / 22050, 4),
+                         "sample_rate": 22050, "num_channels": 1, "text": normalized, "speaker": ""})
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    rows, metrics, rejects = run_manifest(tmp_path, source="ljspeech", corpus_dir=str(root),
+                                          valid_fraction=0.1, test_fraction=0.1, text={"digits": "spell"})
+    expect_rows(rows, expected)
+    by_id = rows.set_index("id")
+    assert by_id.loc["LJ001-0001", "text_normalized"] == "in fourteen fifty doctor gutenberg printed"
+    assert by_id.loc["LJ001-0003", "text_normalized"] == "printing in the third century"
+    assert by_id.loc["LJ001-0020", "text_normalized"] == "printing in the twentieth century"
+    # One speaker: the held-out splits are made by utterance.
+    assert {s: metrics[s]["utterances"] for s in ("train", "valid", "test")} == {"train": 16, "valid": 2, "test": 2}
+
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl"])
+def test_table_with_its_own_column_names(tmp_path, suffix):
+    root = tmp_path / "my corpus"
+    records, expected = [], []
+    for n, (speaker, subset, text) in enumerate([("ann", "train", "Turn on the light"), ("bob", "train", "Open, the door!"),
+                                                 ("cy", "dev", "good morning"), ("dee", "test", "good night")]):
+        relative = f"audio/{speaker}/{n} clip ü.wav"
+        tone(root / relative, 1.0 + n / 10, rate=16000, channels=1 + n % 2)
+        records.append({"file": relative, "transcription": text, "spk": speaker, "subset": subset, "uid": f"u{n}"})
+        expected.append({"id": f"u{n}", "audio_path": str(root / relative), "duration": 1.0 + n / 10, "sample_rate": 16000,
+                         "num_channels": 1 + n % 2, "text": text, "speaker": speaker,
+                         "split": {"dev": "valid"}.get(subset, subset)})
+    table = root / f"list.{suffix}"
+    if suffix == "jsonl":
+        table.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    else:
+        pd.DataFrame(records).to_csv(table, sep="\t" if suffix == "tsv" else ",", index=False)
+    rows, _, rejects = run_manifest(tmp_path, source="table", corpus_dir=str(root), table=str(table),
+                                    columns={"path": "file", "text": "transcription", "speaker": "spk",
+                                             "split": "subset", "id": "uid"})
+    expect_rows(rows, expected)
+    assert rows.set_index("id").loc["u1", "text_normalized"] == "open the door"
+    assert len(rejects) == 0
+
+
+def test_table_names_a_missing_column(tmp_path):
+    table = tmp_path / "list.csv"
+    table.write_text("wav,sentence\na.wav,hello\n")
+    with pytest.raises(StageError, match=r"no column\(s\) \['path', 'text'\]; it has \['wav', 'sentence'\]"):
+        run_manifest(tmp_path, source="table", corpus_dir=str(tmp_path), table=str(table))
+
+
+def test_recipe_json_keys(tmp_path):
+    root = tmp_path / "recipe"
+    expected = []
+    for split, n in (("train", 6), ("test", 2)):
+        lines = []
+        for i in range(n):
+            tone(root / "clips" / f"{split}{i}.wav", 1.0, rate=8000)
+            lines.append(json.dumps({"key": f"clips/{split}{i}.wav", "text": "Hello there."}) + "\n")
+            expected.append({"id": f"{split}{i}", "audio_path": str(root / "clips" / f"{split}{i}.wav"), "duration": 1.0,
+                             "sample_rate": 8000, "num_channels": 1, "text": "Hello there.",
+                             "text_normalized": "hello there", "speaker": ""})
+        (root / f"{split}.json").write_text("".join(lines))
+    rows, metrics, _ = run_manifest(tmp_path, source="recipe_json", corpus_dir=str(root), valid_fraction=0.2,
+                                    train_json=str(root / "train.json"), test_json=str(root / "test.json"))
+    expect_rows(rows, expected)
+    assert set(rows.loc[rows["id"].str.startswith("test"), "split"]) == {"test"}
+    assert metrics["valid"]["utterances"] == 1  # 20 % of the 6 training rows
+
+
+@pytest.mark.parametrize("rules, text, normalized, reason", [
+    ({}, "Call 911 now", None, "digits_in_transcript"),
+    ({"digits": "spell"}, "Call 911 now", "call nine hundred and eleven now", None),
+    ({"digits": "keep"}, "Call 911 now", None, "characters_outside_vocabulary"),
+    ({"punctuation": "keep"}, "Hello, world", None, "characters_outside_vocabulary"),
+    ({"lowercase": False}, "Hello", None, "characters_outside_vocabulary"),
+    ({}, "Привет мир", None, "characters_outside_vocabulary"),
+    ({"unknown": "drop"}, "naïve café", "nave caf", None),
+    ({"unknown": "drop"}, "Привет мир", None, "empty_transcript"),
+])
+def test_normalization_params(tmp_path, rules, text, normalized, reason):
+    root = tmp_path / "c"
+    tone(root / "a.wav", 2.5)
+    for split in ("train", "valid", "test"):
+        tone(root / f"{split}.wav", 1.0)
+    rows = [{"path": "a.wav", "text": text, "split": "train"}] + \
+        [{"path": f"{s}.wav", "text": "ok", "split": s} for s in ("train", "valid", "test")]
+    pd.DataFrame(rows).to_csv(root / "list.csv", index=False)
+    out, _, rejects = run_manifest(tmp_path, source="table", corpus_dir=str(root), table=str(root / "list.csv"),
+                                   columns={"split": "split"}, text=rules)
+    if reason:
+        assert list(rejects["reason"]) == [reason] and list(rejects["id"]) == ["a"]
+    else:
+        assert out.set_index("id").loc["a", "text_normalized"] == normalized and len(rejects) == 0
+
+
+def test_word_units_from_a_vocabulary_file(tmp_path):
+    root = tmp_path / "c"
+    (root).mkdir()
+    (root / "glosses.txt").write_text("MORNING\nRAIN\nTOMORROW\n\nNORTH\n")
+    rows = []
+    for n, (text, split) in enumerate([("TOMORROW RAIN", "train"), ("MORNING  NORTH", "valid"),
+                                       ("TOMORROW SNOW", "train"), ("RAIN", "test")]):
+        np.save(root / f"{n}.npy", np.zeros((30, 8), dtype=np.float32))
+        rows.append({"path": f"{n}.npy", "text": text, "split": split})
+    pd.DataFrame(rows).to_csv(root / "list.csv", index=False)
+    out, _, rejects = run_manifest(tmp_path, source="table", corpus_dir=str(root), table=str(root / "list.csv"),
+                                   columns={"split": "split"}, input="features", feature_frame_rate=25,
+                                   units="word", vocabulary=str(root / "glosses.txt"), ctc_frame_rate=25)
+    by_id = out.set_index("id")
+    assert by_id.loc["1", "text_normalized"] == "morning north"
+    assert (by_id.loc["0", "duration"], by_id.loc["0", "sample_rate"], by_id.loc["0", "num_channels"]) == (1.2, 25, 8)
+    assert list(rejects["reason"]) == ["words_outside_vocabulary"] and "snow" in rejects["detail"][0]
+    units = json.loads((tmp_path / "manifests" / "tokens.json").read_text())
+    assert units == {"unit": "word", "alphabet": ["morning", "rain", "tomorrow", "north"]}
+    assert Tokenizer.load(tmp_path / "manifests", blank="last").encode("north rain") == [3, 1]
+
+
+def test_bad_manifest_params_name_the_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("manifest:\n  source: kaldi\n  text: {digits: roman}\n")
+    with pytest.raises(ParamsError) as err:
+        load_section("manifest", manifest.ManifestParams, params)
+    assert "manifest.source" in str(err.value) and "manifest.text.digits" in str(err.value)
+    params.write_text("manifest:\n  source: table\n")
+    with pytest.raises(ParamsError, match="source table needs manifest.table"):
+        load_section("manifest", manifest.ManifestParams, params)
