@@ -110,7 +110,9 @@ class LengthBatchSampler(Sampler[list[int]]):
                 current, longest_with_i = [], self.lengths[i]
             current.append(int(i))
             longest = longest_with_i
-        if current:
+        if current and len(current) < self.min_batch and batches:
+            batches[-1] += current  # too few for a batch of their own: join the one before
+        elif current:
             batches.append(current)
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
@@ -129,11 +131,14 @@ class DistributedLengthBatchSampler(LengthBatchSampler):
     Every rank builds the same global batches (same lengths, seed and epoch) within the global
     frame budget, then takes every `world_size`-th utterance of each in length order, so the
     shares have nearly equal padded sizes and every rank runs the same number of steps. A
-    global batch holds at least `world_size` utterances, so no share is ever empty.
+    global batch holds at least `world_size` utterances (over the budget if need be), so no
+    share is ever empty.
     `global_sizes[i]` is the number of utterances of the i-th global batch.
     """
 
     def __init__(self, lengths: np.ndarray, max_frames: int, shuffle: bool, seed: int, rank: int, world_size: int):
+        if len(lengths) < world_size:
+            raise ValueError(f"{len(lengths)} utterances cannot be shared out among {world_size} processes")
         self.rank, self.world_size = rank, world_size
         super().__init__(lengths, max_frames, shuffle, seed, min_batch=world_size)
 
