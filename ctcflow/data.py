@@ -94,11 +94,12 @@ class LengthBatchSampler(Sampler[list[int]]):
     gets a batch of its own rather than an error.
     """
 
-    def __init__(self, lengths: np.ndarray, max_frames: int, shuffle: bool, seed: int = 0):
+    def __init__(self, lengths: np.ndarray, max_frames: int, shuffle: bool, seed: int = 0, min_batch: int = 1):
         self.lengths = np.asarray(lengths)
         self.max_frames = max_frames
         self.shuffle = shuffle
         self.seed = seed
+        self.min_batch = min_batch  # a batch closes only once it holds this many utterances
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -107,12 +108,14 @@ class LengthBatchSampler(Sampler[list[int]]):
         batches, current, longest = [], [], 0
         for i in np.argsort(keys, kind="stable"):
             longest_with_i = max(longest, self.lengths[i])
-            if current and longest_with_i * (len(current) + 1) > self.max_frames:
+            if len(current) >= self.min_batch and longest_with_i * (len(current) + 1) > self.max_frames:
                 batches.append(current)
                 current, longest_with_i = [], self.lengths[i]
             current.append(int(i))
             longest = longest_with_i
-        if current:
+        if current and len(current) < self.min_batch and batches:
+            batches[-1] += current  # too few for a batch of their own: join the one before
+        elif current:
             batches.append(current)
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
@@ -123,3 +126,27 @@ class LengthBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class DistributedLengthBatchSampler(LengthBatchSampler):
+    """One process's share of the same length-bucketed batches, for distributed data parallel.
+
+    Every rank builds the same global batches (same lengths, seed and epoch) within the global
+    frame budget, then takes every `world_size`-th utterance of each in length order, so the
+    shares have nearly equal padded sizes and every rank runs the same number of steps. A
+    global batch holds at least `world_size` utterances (over the budget if need be), so no
+    share is ever empty.
+    `global_sizes[i]` is the number of utterances of the i-th global batch.
+    """
+
+    def __init__(self, lengths: np.ndarray, max_frames: int, shuffle: bool, seed: int, rank: int, world_size: int):
+        if len(lengths) < world_size:
+            raise ValueError(f"{len(lengths)} utterances cannot be shared out among {world_size} processes")
+        self.rank, self.world_size = rank, world_size
+        super().__init__(lengths, max_frames, shuffle, seed, min_batch=world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.global_sizes = [len(batch) for batch in self.batches]
+        self.batches = [sorted(batch, key=lambda i: self.lengths[i])[self.rank :: self.world_size]
+                        for batch in self.batches]

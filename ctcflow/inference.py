@@ -37,7 +37,9 @@ def decode_split(model: torch.nn.Module, split: FeatureSplit, tokenizer: Tokeniz
     hypotheses = [""] * len(split)
     tally = LossTally()
     decoded = {name: [""] * len(split) for name in decoders}
+    device = next(model.parameters()).device
     for batch in loader:
+        batch = batch.to(device)
         log_probs, lengths = model(batch.feats, batch.lengths)
         tally.add(objective(log_probs, lengths, batch.targets, batch.target_lengths), log_probs, lengths,
                   tokenizer.blank)
