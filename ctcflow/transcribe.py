@@ -53,6 +53,7 @@ class Transcript:
 class _Window:
     file: int  # position of the file in the call
     start: float  # seconds into the file
+    seconds: float  # its length
     own_from: float  # the stretch whose words this window keeps
     own_to: float
     waveform: torch.Tensor
@@ -150,7 +151,7 @@ class Transcriber:
                     waveform = torch.from_numpy(samples.mean(axis=1))
                     if rate != self.config.sample_rate:
                         waveform = AF.resample(waveform, rate, self.config.sample_rate)
-                    yield _Window(i, t0, 0.0 if start == 0 else t0 + half,
+                    yield _Window(i, t0, len(samples) / rate, 0.0 if start == 0 else t0 + half,
                                   float("inf") if last else t0 + self.chunk_seconds - half, waveform, last)
                     if last:
                         break
@@ -173,7 +174,9 @@ class Transcriber:
         found = []
         for w, scores, n, text in zip(batch, log_probs, out_lengths.tolist(), texts):
             aligned = align_words(scores[:n], text, self.tokenizer, self.frame_seconds, self.blank_penalty)
-            found.append([Word(x.word, w.start + x.start, w.start + x.end) for x in aligned])
+            # The last frame's span can reach past the audio's end by up to one frame.
+            end = w.start + w.seconds
+            found.append([Word(x.word, w.start + x.start, min(w.start + x.end, end)) for x in aligned])
         return found
 
 

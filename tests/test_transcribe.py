@@ -42,7 +42,7 @@ def check_words(transcript, duration: float) -> None:
     middles = [(w.start + w.end) / 2 for w in transcript.words]
     assert middles == sorted(middles) and len(set(middles)) == len(middles)  # in order, none twice
     for w in transcript.words:
-        assert 0 <= w.start < w.end <= duration + 0.1 and " " not in w.word and w.word
+        assert 0 <= w.start < w.end <= duration + 1e-6 and " " not in w.word and w.word
 
 
 def test_transcribes_a_synthesized_utterance_with_features_as_featurize_made_them(tiny_pipeline):
