@@ -48,7 +48,7 @@ FEATURES_DIR = Path("data/features")
 MODEL_DIR = Path("models")
 LIVE_DIR = Path("metrics/train")
 # Not a DVC output: DVC deletes a stage's outputs before it reruns the stage, and the point of
-# this file is to outlive a killed run.
+# this file is to outlive a killed run. Relative to the folder that holds model_dir.
 RESUME_DIR = Path("checkpoints/train")
 # Params that may change between a killed run and its resumption: none changes the epochs done.
 RESUMABLE_CHANGES = {"epochs", "early_stopping_patience", "max_consecutive_nonfinite", "num_threads", "nproc",
@@ -159,7 +159,8 @@ def read_resume(path: Path, fingerprint: dict) -> dict | None:
 
 
 def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path = MODEL_DIR,
-        live_dir: Path = LIVE_DIR, resume_dir: Path = RESUME_DIR) -> dict:
+        live_dir: Path = LIVE_DIR, resume_dir: Path | None = None) -> dict:
+    resume_dir = resume_dir or Path(model_dir).parent / RESUME_DIR  # models/ → checkpoints/train
     if params.nproc > 1 and not launched():
         # The same stage command on several processes: this function again, through torchrun's launcher.
         return launch(params.nproc, run, params, features_dir, model_dir, live_dir, resume_dir)
@@ -264,7 +265,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
                 if i % params.grad_accumulation == 0:
                     group_tally, group_rows = LossTally(), []
                     group_size = min(params.grad_accumulation, len(loader) - i)
-                last_of_group = len(group_rows) + 1 == group_size
+                last_of_group = (i + 1) % params.grad_accumulation == 0 or i + 1 == len(loader)
                 # DDP averages over ranks; weighting each rank's batch mean by its share of the global
                 # batch's utterances makes that the gradient of the global batch's mean loss.
                 share = len(batch.indices) * world.world_size / sampler.global_sizes[i] if world.distributed else 1.0
