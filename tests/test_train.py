@@ -146,5 +146,5 @@ def test_device_cuda_trains_on_a_gpu_or_says_there_is_none(tiny_pipeline, tmp_pa
     if torch.cuda.is_available():
         assert np.isfinite(train(tiny_pipeline, tmp_path, device="cuda", precision="bf16").to_numpy()).all()
     else:
-        with pytest.raises(StageError, match="train.device is cuda, but torch sees no GPU"):
+        with pytest.raises(StageError, match="train.device is cuda, but torch sees 0 GPUs for train.nproc = 1"):
             train(tiny_pipeline, tmp_path, device="cuda")
