@@ -48,7 +48,7 @@ FEATURES_DIR = Path("data/features")
 MODEL_DIR = Path("models")
 LIVE_DIR = Path("metrics/train")
 # Not a DVC output: DVC deletes a stage's outputs before it reruns the stage, and the point of
-# this file is to outlive a killed run.
+# this file is to outlive a killed run. Relative to the folder that holds model_dir.
 RESUME_DIR = Path("checkpoints/train")
 # Params that may change between a killed run and its resumption: none changes the epochs done.
 RESUMABLE_CHANGES = {"epochs", "early_stopping_patience", "max_consecutive_nonfinite", "num_threads", "nproc",
@@ -159,13 +159,31 @@ def read_resume(path: Path, fingerprint: dict) -> dict | None:
     return state
 
 
+def rewrite_outputs(live: Live, resumed: dict, model_dir: Path, checkpoint_meta: dict) -> None:
+    """The outputs of the epochs a resumed run inherits, rewritten from its checkpoint: DVC deletes a
+    stage's outputs before it reruns it, and a kill may leave an epoch that the checkpoint lacks.
+    So the history holds every epoch exactly once."""
+    for record in resumed["history"]:
+        live.step = record["epoch"]
+        for name, value in record["metrics"].items():
+            live.log_metric(name, value)
+    live.summary["best"] = {"epoch": resumed["best_epoch"], "valid_wer": resumed["best_wer"]}
+    save_checkpoint(model_dir / "best.pt", model=resumed["best_model"], epoch=resumed["best_epoch"],
+                    valid_wer=resumed["best_wer"], **checkpoint_meta)
+    save_checkpoint(model_dir / "last.pt", model=resumed["model"], epoch=resumed["epoch"],
+                    valid_wer=resumed["history"][-1]["metrics"]["valid/wer"], **checkpoint_meta,
+                    optimizer=resumed["optimizer"], scheduler=resumed["scheduler"])
+
+
 def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path = MODEL_DIR,
-        live_dir: Path = LIVE_DIR, resume_dir: Path = RESUME_DIR) -> dict:
+        live_dir: Path = LIVE_DIR, resume_dir: Path | None = None) -> dict:
+    resume_dir = resume_dir or Path(model_dir).parent / RESUME_DIR  # models/ → checkpoints/train
+    if params.device == "cuda" and torch.cuda.device_count() < (1 if launched() else params.nproc):
+        raise StageError(f"train.device is cuda, but torch sees {torch.cuda.device_count()} GPUs "
+                         f"for train.nproc = {params.nproc} processes (use cpu, or fewer processes)")
     if params.nproc > 1 and not launched():
         # The same stage command on several processes: this function again, through torchrun's launcher.
         return launch(params.nproc, run, params, features_dir, model_dir, live_dir, resume_dir)
-    if params.device == "cuda" and not torch.cuda.is_available():
-        raise StageError("train.device is cuda, but torch sees no GPU (use cpu)")
     world = join(params.device)
     try:
         return train(params, world, Path(features_dir), Path(model_dir), Path(live_dir), Path(resume_dir))
@@ -229,7 +247,8 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         set_rng_state(resumed["rng"][world.rank])
-        history, best_wer, best_epoch, best_model = (resumed[k] for k in ("history", "best_wer", "best_epoch", "best_model"))
+        history, best_wer, best_epoch, best_model = (resumed[k] for k in ("history", "best_wer", "best_epoch",
+                                                                          "best_model"))
         step, nonfinite_total = resumed["step"], resumed["nonfinite_steps"]
     resumed_from = resumed["epoch"] if resumed else 0
     epoch_metrics = history[-1]["metrics"] if history else {}
@@ -237,18 +256,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
     with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) if world.master else contextlib.nullcontext() as live:
         if resumed and world.master:
             print(f"resuming after epoch {resumed_from} from {resume_path}", flush=True)
-            # DVC has deleted the stage's outputs (and a kill may have left an epoch that the checkpoint
-            # lacks): rewrite them from the checkpoint, so the history has every epoch exactly once.
-            for record in history:
-                live.step = record["epoch"]
-                for name, value in record["metrics"].items():
-                    live.log_metric(name, value)
-            live.summary["best"] = {"epoch": best_epoch, "valid_wer": best_wer}
-            save_checkpoint(model_dir / "best.pt", model=best_model, epoch=best_epoch, valid_wer=best_wer,
-                            **checkpoint_meta)
-            save_checkpoint(model_dir / "last.pt", model=resumed["model"], epoch=resumed_from,
-                            valid_wer=epoch_metrics["valid/wer"], **checkpoint_meta,
-                            optimizer=resumed["optimizer"], scheduler=resumed["scheduler"])
+            rewrite_outputs(live, resumed, model_dir, checkpoint_meta)
 
         early_stopped, nonfinite_in_a_row = 0, 0
         for epoch in range(resumed_from + 1, params.epochs + 1):
@@ -268,7 +276,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
                 if i % params.grad_accumulation == 0:
                     group_tally, group_rows = LossTally(), []
                     group_size = min(params.grad_accumulation, len(loader) - i)
-                last_of_group = len(group_rows) + 1 == group_size
+                last_of_group = (i + 1) % params.grad_accumulation == 0 or i + 1 == len(loader)
                 # DDP averages over ranks; weighting each rank's batch mean by its share of the global
                 # batch's utterances makes that the gradient of the global batch's mean loss.
                 share = len(batch.indices) * world.world_size / sampler.global_sizes[i] if world.distributed else 1.0
@@ -331,9 +339,9 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
             rates = error_rates(valid_set.index["text_normalized"].tolist(), valid.hypotheses)
             if params.scheduler.enabled:
                 scheduler.step(valid.ctc_loss)
+            train_means = tally.means() if tally.utterances else dict.fromkeys(tally.sums, math.nan)  # all skipped
             epoch_metrics = {
-                **{f"train/{name}": value
-                   for name, value in (tally.means() if tally.utterances else dict.fromkeys(tally.sums, math.nan)).items()},
+                **{f"train/{name}": value for name, value in train_means.items()},
                 "train/grad_norm": grad_norm_sum / updates if updates else math.nan,
                 "train/nonfinite_steps": skipped,
                 "valid/loss": valid.loss,

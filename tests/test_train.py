@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+from pydantic import ValidationError
 
+from ctcflow.checkpoint import load_checkpoint
+from ctcflow.data import LengthBatchSampler
 from ctcflow.stage import StageError
 from stages.train import TrainParams, run
 
@@ -18,7 +24,7 @@ def train(tiny_pipeline, tmp_path, **params) -> pd.DataFrame:
     settings = {"epochs": 1, "batch_frames": 6000, "warmup_steps": 0, "model": TINY_MODEL, **params}
     live = tmp_path / "live"
     run(TrainParams.model_validate(settings), features_dir=tiny_pipeline / "data/features",
-        model_dir=tmp_path / "models", live_dir=live)
+        model_dir=tmp_path / "models", live_dir=live, resume_dir=tmp_path / "checkpoints")
     history = {}
     for name in ("lr", "valid/ctc_loss", "train/loss"):
         frame = pd.read_csv(live / "plots/metrics" / f"{name}.tsv", sep="\t")
@@ -71,7 +77,74 @@ def test_init_from_ignores_keys_the_architecture_does_not_use(tiny_pipeline, tmp
         train(tiny_pipeline, tmp_path / "third", model=TINY_MODEL, init_from=str(tmp_path / "first/models/best.pt"))
 
 
+def test_init_from_another_vocabulary_is_a_clear_error(tiny_pipeline, tmp_path):
+    # Another blank index is another output layer meaning: the weights would load but read wrong.
+    with pytest.raises(StageError, match="train.init_from .*cannot load weights.*vocabulary: .*'blank': 28.* there, "
+                                         ".*'blank': 0.* here"):
+        train(tiny_pipeline, tmp_path, ctc={"blank": 0}, init_from=str(tiny_pipeline / "models/best.pt"))
+
+
+def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tiny_pipeline, tmp_path):
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(StageError, match="notes.pt: not a checkpoint that loads with weights_only=True"):
+        train(tiny_pipeline, tmp_path, init_from=str(tmp_path / "notes.pt"))
+
+
+def run_files(root) -> tuple[dict, dict, dict]:
+    """Every per-epoch series, the summary and the final weights, timings left out."""
+    series = {str(f.relative_to(root)): f.read_text() for f in (root / "live/plots").rglob("*.tsv")
+              if "audio_seconds" not in f.name}
+    summary = json.loads((root / "live/metrics.json").read_text())
+    del summary["audio_seconds_per_second"]
+    return series, summary, load_checkpoint(root / "models/last.pt")["model"]
+
+
 def test_same_seed_same_metrics(tiny_pipeline, tmp_path):
     first = train(tiny_pipeline, tmp_path / "a", epochs=2, seed=3)
     second = train(tiny_pipeline, tmp_path / "b", epochs=2, seed=3)
     pd.testing.assert_frame_equal(first, second)
+    (series_a, summary_a, weights_a), (series_b, summary_b, weights_b) = run_files(tmp_path / "a"), run_files(tmp_path / "b")
+    assert len(series_a) == 13 and series_a == series_b and summary_a == summary_b  # bit for bit, as text
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    other = train(tiny_pipeline, tmp_path / "c", epochs=2, seed=4)
+    assert not first.equals(other)  # the seed does reach the training
+
+
+def test_gradient_accumulation_steps_once_per_group_of_batches(tiny_pipeline, tmp_path):
+    # During a long warm-up the learning rate counts optimizer steps: lr × steps / warmup_steps.
+    batches = len(LengthBatchSampler(pd.read_csv(tiny_pipeline / "data/features/train.csv")["num_frames"], 1500,
+                                     shuffle=True))
+    history = train(tiny_pipeline, tmp_path, lr=1.0, warmup_steps=1000, batch_frames=1500, grad_accumulation=2)
+    assert batches >= 5 and history["lr"].iloc[0] == pytest.approx(math.ceil(batches / 2) / 1000)
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_pipeline, tmp_path):
+    fp32 = train(tiny_pipeline, tmp_path / "fp32")
+    bf16 = train(tiny_pipeline, tmp_path / "bf16", precision="bf16")
+    assert np.isfinite(bf16.to_numpy()).all()
+    # bfloat16 keeps 8 bits of mantissa: close to the float32 run, but not equal to it.
+    assert bf16["train/loss"].to_numpy() == pytest.approx(fp32["train/loss"].to_numpy(), rel=0.05)
+    assert not bf16["train/loss"].equals(fp32["train/loss"])
+
+
+def test_early_stopping_on_validation_wer(tiny_pipeline, tmp_path):
+    # lr ~ 0: the validation WER of epoch 1 is never beaten, so patience 2 stops before epoch 4.
+    history = train(tiny_pipeline, tmp_path, epochs=6, lr=1e-9, early_stopping_patience=2)
+    assert history.index.tolist() == [1, 2, 3]
+    summary = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert summary["run"]["early_stopped_epoch"] == 3 and summary["best"]["epoch"] == 1
+
+
+def test_bad_new_params_name_the_key():
+    for bad in ({"precision": "fp16"}, {"grad_accumulation": 0}, {"nproc": 0}, {"device": "tpu"},
+                {"early_stopping_patience": -1}, {"max_consecutive_nonfinite": 0}):
+        with pytest.raises(ValidationError, match=next(iter(bad))):
+            TrainParams.model_validate(bad)
+
+
+def test_device_cuda_trains_on_a_gpu_or_says_there_is_none(tiny_pipeline, tmp_path):
+    if torch.cuda.is_available():
+        assert np.isfinite(train(tiny_pipeline, tmp_path, device="cuda", precision="bf16").to_numpy()).all()
+    else:
+        with pytest.raises(StageError, match="train.device is cuda, but torch sees 0 GPUs for train.nproc = 1"):
+            train(tiny_pipeline, tmp_path, device="cuda")
