@@ -9,6 +9,7 @@ Every reader returns a DataFrame with ENTRY_COLUMNS: id, split, audio_path, text
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,9 @@ def librispeech(corpus_dir: Path) -> pd.DataFrame:
     the reader folder gives the speaker.
     """
     rows = []
-    for trans in sorted(corpus_dir.rglob("*.trans.txt")):
+    # os.walk, not Path.rglob: it follows symbolic links, a common way to assemble subsets.
+    found = (Path(d) / f for d, _, files in os.walk(corpus_dir, followlinks=True) for f in files)
+    for trans in sorted(p for p in found if p.name.endswith(".trans.txt")):
         parts = trans.relative_to(corpus_dir).parts
         subset = parts[-4].lower() if len(parts) >= 4 else ""
         split = next((SPLIT_NAMES[p] for p in ("train", "dev", "test") if subset.startswith(p)), "")

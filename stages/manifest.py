@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from pydantic import Field, model_validator
+from num2words import CONVERTER_CLASSES
+from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from ctcflow import sources
@@ -54,6 +55,13 @@ class TextParams(Section):
     digits: Literal["keep", "spell", "reject"] = "reject"
     language: str = "en"  # num2words language for digits: spell
     unknown: Literal["reject", "drop"] = "reject"  # units outside the vocabulary
+
+    @field_validator("language")
+    @classmethod
+    def _num2words_knows_it(cls, v):
+        if v not in CONVERTER_CLASSES:
+            raise ValueError(f"num2words has no language {v!r}; it has {', '.join(sorted(CONVERTER_CLASSES))}")
+        return v
 
 
 class ColumnsParams(Section):
@@ -127,6 +135,8 @@ def build_tokenizer(params: ManifestParams) -> Tokenizer:
         if params.units == "word":
             return Tokenizer(read_vocabulary(params.vocabulary, params.text.lowercase), "last", "word")
         return Tokenizer(params.alphabet, "last", "char")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"manifest.vocabulary {params.vocabulary} not found") from None
     except ValueError as err:
         raise StageError(f"manifest.{'vocabulary' if params.units == 'word' else 'alphabet'}: {err}") from err
 

@@ -286,10 +286,21 @@ def test_word_units_from_a_vocabulary_file(tmp_path):
 
 def test_bad_manifest_params_name_the_key(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("manifest:\n  source: kaldi\n  text: {digits: roman}\n")
+    params.write_text("manifest:\n  source: kaldi\n  text: {digits: roman, language: klingon}\n")
     with pytest.raises(ParamsError) as err:
         load_section("manifest", manifest.ManifestParams, params)
-    assert "manifest.source" in str(err.value) and "manifest.text.digits" in str(err.value)
+    for key in ("manifest.source", "manifest.text.digits", "manifest.text.language: Value error, num2words has no language 'klingon'"):
+        assert key in str(err.value)
     params.write_text("manifest:\n  source: table\n")
     with pytest.raises(ParamsError, match="source table needs manifest.table"):
         load_section("manifest", manifest.ManifestParams, params)
+
+
+def test_librispeech_follows_symbolic_links(tmp_path):
+    """Subsets linked into one folder, a common way to assemble a corpus, are found."""
+    expected = make_librispeech(tmp_path / "real")
+    (tmp_path / "linked").mkdir()
+    for subset in LIBRI:
+        (tmp_path / "linked" / subset).symlink_to(tmp_path / "real" / subset)
+    rows, _, _ = run_manifest(tmp_path, source="librispeech", corpus_dir=str(tmp_path / "linked"))
+    expect_rows(rows, [{**e, "audio_path": e["audio_path"].replace("/real/", "/linked/")} for e in expected])
