@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import git, make_dvc_repo, tiny_params
+from conftest import REPO, git, make_dvc_repo, tiny_params
 from pipeline.config import FlowParams, SweepParams
+from pipeline.dvc import pipeline_stages
 from pipeline.flows import experiment_name
 
-STAGES = ["synth", "manifest", "featurize", "train", "evaluate", "plots"]
+STAGES = pipeline_stages(REPO)
 
 
 def test_sweep_points_are_the_union_of_block_products_without_repeats():
@@ -37,7 +38,6 @@ def test_sweep_points_are_the_union_of_block_products_without_repeats():
 
 
 def test_params_yaml_holds_the_flow_defaults():
-    from conftest import REPO
     from pipeline.config import load_flow_params
 
     assert load_flow_params(REPO) == FlowParams()
