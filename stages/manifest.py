@@ -144,8 +144,8 @@ def build_tokenizer(params: ManifestParams) -> Tokenizer:
 def parallel_map(fn, items: list, num_workers: int, desc: str) -> list:
     """`fn` over `items` in order, in `num_workers` processes, with a progress bar.
 
-    Processes, not threads: soundfile's header parsing is mostly Python, and two threads
-    measured slower than a plain loop (benchmarks/manifest.py). fork starts them in milliseconds.
+    Processes, not threads: soundfile's header parsing holds the GIL for much of its work, and
+    two threads ran at 0.86× a plain loop (benchmarks/manifest.py). fork starts them in milliseconds.
     """
     progress = dict(total=len(items), desc=desc, unit="file", mininterval=1.0)
     if num_workers == 1 or len(items) < 2:
