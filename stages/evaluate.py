@@ -31,7 +31,7 @@ from ctcflow.inference import decode_split
 from ctcflow.losses import CTCObjective
 from ctcflow.metrics import error_rates, utterance_errors
 from ctcflow.params import Section
-from ctcflow.stage import stage_main
+from ctcflow.stage import StageError, stage_main
 
 FEATURES_DIR = Path("data/features")
 MODEL_DIR = Path("models")
@@ -72,7 +72,12 @@ def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Pa
     model, tokenizer = model_from_checkpoint(checkpoint)
     split = FeatureSplit(features_dir, params.split, tokenizer)
     greedy = GreedyDecoder(tokenizer, params.blank_penalty)
-    decoders = {"greedy": Timed(greedy), "beam": Timed(params.beam.decoder(tokenizer, lm_dir, params.blank_penalty))}
+    decoders = {"greedy": Timed(greedy)}
+    # The beam search's lexicon and LM spell words in characters: word (gloss) units decode greedily.
+    if tokenizer.unit == "char":
+        decoders["beam"] = Timed(params.beam.decoder(tokenizer, lm_dir, params.blank_penalty))
+    elif params.decoder == "beam":
+        raise StageError("evaluate.decoder: beam needs character units; set it to greedy for word units")
     # The penalty is left out: evaluation reports the plain CTC loss of the test data.
     objective = CTCObjective(tokenizer.blank, zero_infinity=True, penalty_mode="none", penalty_weight=0.0)
     result = decode_split(model, split, tokenizer, objective, params.batch_frames, decoders)

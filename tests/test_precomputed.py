@@ -62,6 +62,8 @@ SIGN_PARAMS = {
                  "valid_fraction": 0.1, "test_fraction": 0.1},
     "train": {"epochs": 8, "num_threads": 1, "batch_frames": 400, "lr": 0.005, "ctc": {"blank": "last"},
               "specaugment": {"freq_mask": 2, "time_mask": 3}},
+    # The beam search's lexicon spells words in characters: gloss units are scored greedily.
+    "evaluate": {"decoder": "greedy"},
 }
 
 
