@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="beam settings and defaults come from its evaluate section, if the file exists "
                              "(default: %(default)s)")
     parser.add_argument("--features", default="data/features",
-                        help="features directory the model was trained on, for the feature mean/std "
-                             "(default: %(default)s)")
+                        help="features directory the model was trained on, read for the feature mean/std only "
+                             "if the checkpoint predates storing them (default: %(default)s)")
     parser.add_argument("--lm-dir", default="data/lm", help="lexicon and LM for beam search (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="JSON lines with per-word start/end times")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

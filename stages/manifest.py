@@ -145,13 +145,17 @@ def parallel_map(fn, items: list, num_workers: int, desc: str) -> list:
     """`fn` over `items` in order, in `num_workers` processes, with a progress bar.
 
     Processes, not threads: soundfile's header parsing holds the GIL for much of its work, and
-    two threads ran at 0.86× a plain loop (benchmarks/manifest.py). fork starts them in milliseconds.
+    two threads ran at 0.86× a plain loop (benchmarks/manifest.py). The workers fork from a clean
+    forkserver, not from this process: forking a process that runs threads (torch's, a progress
+    bar's, a test runner's) can deadlock the child on a lock one of them held.
     """
     progress = dict(total=len(items), desc=desc, unit="file", mininterval=1.0)
     if num_workers == 1 or len(items) < 2:
         return [fn(item) for item in tqdm(items, **progress)]
     chunk = max(1, min(256, len(items) // (4 * num_workers)))
-    with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with context.Pool(num_workers) as pool:
         return list(tqdm(pool.imap(fn, items, chunksize=chunk), **progress))
 
 

@@ -235,8 +235,9 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
     autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=params.precision == "bf16")
 
     # Resume from the last completed epoch of a killed run, if there is one and it fits.
+    # The feature mean/std travel with the weights, so a checkpoint transcribes on its own.
     checkpoint_meta = {"model_config": model_config, "tokenizer": tokenizer.to_dict(), "n_mels": n_mels,
-                       "logmel": feature_info["logmel"]}
+                       "logmel": feature_info["logmel"], "mean": feature_info["mean"], "std": feature_info["std"]}
     resume_path = resume_dir / "resume.pt"
     fingerprint = run_fingerprint(params, features_dir, world.world_size)
     resumed = broadcast(world, read_resume(resume_path, fingerprint) if world.master and params.resume else None)

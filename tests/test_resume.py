@@ -28,7 +28,7 @@ ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.envi
 
 
 def sh(*cmd: str, cwd: Path) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 

@@ -15,6 +15,7 @@ import torch
 import torchaudio.functional as AF
 
 from ctcflow.audio import load_audio
+from ctcflow.checkpoint import load_checkpoint
 from ctcflow.cli import main
 from ctcflow.data import FeatureSplit
 from ctcflow.transcribe import Transcriber
@@ -113,12 +114,18 @@ def test_command_prints_text_or_json_lines(tiny_pipeline, capsys, monkeypatch):
     assert code == 0 and len(out.splitlines()) == 1, err
 
 
-def test_command_errors_are_one_line(tiny_pipeline, capsys, monkeypatch):
+def test_command_errors_are_one_line(tiny_pipeline, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tiny_pipeline)
     code, out, err = cli(capsys, "models/best.pt", "no/such.wav")
     assert code != 0 and err.startswith("ctcflow transcribe: error:") and "no/such.wav" in err
-    code, out, err = cli(capsys, "models/best.pt", *test_utterances(tiny_pipeline)["audio_path"][:1],
-                         "--features", "nowhere")
+    audio = test_utterances(tiny_pipeline)["audio_path"][:1]
+    # The checkpoint carries the feature mean/std: no features directory needed.
+    code, out, err = cli(capsys, "models/best.pt", *audio, "--features", "nowhere", "--decoder", "greedy")
+    assert code == 0 and len(out.splitlines()) == 1, err
+    # An older checkpoint without them falls back to the features directory, and says which is missing.
+    old = {k: v for k, v in load_checkpoint("models/best.pt").items() if k not in ("mean", "std")}
+    torch.save(old, tmp_path / "old.pt")
+    code, out, err = cli(capsys, str(tmp_path / "old.pt"), *audio, "--features", "nowhere")
     assert code != 0 and err.startswith("ctcflow transcribe: error:") and "nowhere" in err
 
 
