@@ -6,8 +6,10 @@ stable interface, and a subprocess keeps DVC's locks and state out of the Prefec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -42,20 +44,39 @@ def dvc_env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TQDM_DISABLE": "1"}
 
 
+def stop_process_group(process: subprocess.Popen, grace_seconds: float = 15) -> None:
+    """Interrupt a dvc command and the stage command under it, as Ctrl-C would; kill what is left
+    after the grace period. For a flow that is being stopped (Prefect turns SIGTERM into an
+    exception, Ctrl-C is one): without this, dvc and its stage would run on as orphans."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def run_dvc(args: list[str], project_dir: str | Path, log: Callable[[str], None] = print,
             tail_lines: int = 30) -> str:
     """Run `dvc ARGS` in project_dir, passing each output line to `log` as it comes; return the output."""
     process = subprocess.Popen(
         [sys.executable, "-m", "dvc", *args], cwd=project_dir, env=dvc_env(),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        start_new_session=True,  # a process group of its own, which stop_process_group stops as a whole
     )
     lines = []
-    for line in process.stdout:
-        line = line.rstrip("\n")
-        lines.append(line)
-        if line.strip():
-            log(line)
-    if process.wait() != 0:
+    try:
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            if line.strip():
+                log(line)
+        process.wait()
+    finally:
+        if process.poll() is None:  # interrupted or stopped while dvc runs
+            stop_process_group(process)
+    if process.returncode != 0:
         raise DvcFailed(args, process.returncode, [ln for ln in lines if ln.strip()][-tail_lines:])
     return "\n".join(lines)
 

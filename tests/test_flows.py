@@ -190,3 +190,31 @@ def test_a_stage_error_fails_the_flow_with_the_stage_message_and_no_retry(prefec
     assert "ctcflow train: error:" in output and "train.epochs" in output
     assert "AwaitingRetry" not in output  # a bad param is not retried
     assert git("status", "--porcelain", cwd=project) == ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is done
+    except FileNotFoundError:
+        return False
+
+
+def test_stopping_the_flow_stops_the_stage_under_it(prefect_env, tmp_path):
+    repo = tmp_path / "slow"
+    repo.mkdir()
+    stage = "python -c \"import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(600)\""
+    (repo / "dvc.yaml").write_text(json.dumps({"stages": {"wait": {"cmd": stage}}}))
+    (repo / "params.yaml").write_text("flow: {}\n")
+    git("init", "-q", cwd=repo)
+    dvc("init", "-q", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "a stage that waits", cwd=repo)
+    flow = start([sys.executable, "-m", "pipeline", "run", "--project-dir", str(repo)], prefect_env)
+    try:
+        pid = wait_for("the stage to start", lambda: (repo / "pid").is_file() and (repo / "pid").read_text(),
+                       300, flow)
+        os.kill(flow.pid, signal.SIGTERM)  # the flow process only, as a service manager would
+        flow.wait(60)
+        wait_for("the stage to stop", lambda: not alive(int(pid)), 30)
+    finally:
+        stop(flow)
