@@ -50,7 +50,9 @@ def find_server(required: bool) -> None:
 def start_server(port: int) -> int:
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     print(f"Prefect UI: http://127.0.0.1:{port}  (export PREFECT_API_URL=http://127.0.0.1:{port}/api)")
-    return subprocess.call(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env)
+    # This interpreter's prefect, so the command works without an activated virtualenv.
+    return subprocess.call([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                            "--port", str(port)], env=env)
 
 
 def serve(project_dir: str) -> None:
