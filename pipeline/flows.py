@@ -56,8 +56,11 @@ def run_experiment(overrides: dict[str, Any], name: str, project_dir: str) -> st
     stores the result as an experiment ref; returns the experiment's commit."""
     logger = get_run_logger()
     set_params = [arg for key, value in overrides.items() for arg in ("--set-param", f"{key}={value}")]
-    # --force: re-running a sweep point replaces the experiment of the same name.
-    run_dvc(["exp", "run", "--temp", "--force", "--name", name, *set_params], project_dir, logger.info)
+    # A point run again replaces its earlier experiment. Not with `exp run --force`: that reruns
+    # every stage, upstream ones too, instead of restoring them from DVC's run-cache.
+    if name in run_dvc(["exp", "list", "--name-only"], project_dir, logger.debug).split():
+        run_dvc(["exp", "remove", name], project_dir, logger.info)
+    run_dvc(["exp", "run", "--temp", "--name", name, *set_params], project_dir, logger.info)
     return experiment_rev(name, project_dir)
 
 

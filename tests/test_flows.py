@@ -170,10 +170,17 @@ def test_an_up_to_date_pipeline_runs_no_stage(prefect_env, project):
 
 
 def test_overrides_run_as_an_experiment_and_leave_the_workspace_clean(prefect_env, project):
+    dvc("repro", cwd=project)  # the baseline, and the run-cache the experiments restore from
     git("add", "-A", cwd=project)
-    git("commit", "-qm", "pipeline run", cwd=project)
+    git("commit", "-qm", "pipeline run", "--allow-empty", cwd=project)
+    done = run_flow(prefect_env, project, "--set", "train.clip_grad_norm=0.5", "--name", "clip1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The same name again replaces that experiment; the stages before train come from the run-cache.
     done = run_flow(prefect_env, project, "--set", "train.clip_grad_norm=1.0", "--name", "clip1")
     assert done.returncode == 0, done.stdout + done.stderr
+    log = done.stdout + done.stderr
+    assert "Running stage 'train'" in log
+    assert not any(f"Running stage '{stage}'" in log for stage in ("synth", "manifest", "featurize", "lm")), log
     assert git("status", "--porcelain", cwd=project) == ""
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=project,
                            capture_output=True, text=True, env=prefect_env)
