@@ -48,11 +48,10 @@ def find_server(required: bool) -> None:
 
 
 def start_server(port: int) -> int:
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     print(f"Prefect UI: http://127.0.0.1:{port}  (export PREFECT_API_URL=http://127.0.0.1:{port}/api)")
     # This interpreter's prefect, so the command works without an activated virtualenv.
     return subprocess.call([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                            "--port", str(port)], env=env)
+                            "--port", str(port)])
 
 
 def serve(project_dir: str) -> None:
@@ -84,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
                                            help="apply the best experiment to the workspace (dvc exp apply)")
     commands.choices["sweep"].add_argument("--branch", help="keep the best experiment as this git branch")
     args = parser.parse_args(argv)
+    # Servers started from here (ours, or Prefect's temporary one) send no telemetry: this
+    # machine may have no route out, and nobody asked for it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     if args.command == "server":
         sys.exit(start_server(args.port))
