@@ -18,10 +18,10 @@ from ctcflow.params import Section, load_section
 def default_grid() -> list[dict[str, list]]:
     return [
         {"train.blank_penalty.mode": ["none"], "train.clip_grad_norm": [1.0, 5.0]},
-        {"train.blank_penalty.mode": ["soft_ratio"], "train.blank_penalty.weight": [0.1, 0.5],
+        {"train.blank_penalty.mode": ["soft_ratio"], "train.blank_penalty.weight": [0.5],
          "train.clip_grad_norm": [5.0]},
         {"train.blank_penalty.mode": ["mean_logprob"], "train.blank_penalty.weight": [0.1],
-         "train.clip_grad_norm": [1.0, 5.0]},
+         "train.clip_grad_norm": [1.0]},
     ]
 
 
