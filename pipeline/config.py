@@ -29,7 +29,7 @@ class SweepParams(Section):
     # Each block is the product of its lists; the sweep runs the union of the blocks, so
     # settings that do not apply (a weight with mode none) need not be multiplied in.
     grid: list[dict[str, list[Any]]] = Field(default_factory=default_grid, min_length=1)
-    fixed: dict[str, Any] = Field(default_factory=lambda: {"train.epochs": 4})
+    fixed: dict[str, Any] = Field(default_factory=lambda: {"train.epochs": 4, "train.num_threads": 1})
     # The outer loop: the whole grid with the first seed, then again with the next, so a sweep
     # stopped early has still tried every setting.
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
