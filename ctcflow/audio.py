@@ -75,12 +75,14 @@ def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = 
         raise AudioError("no_samples", f"{path} holds no audio samples")
     if not np.isfinite(samples).all():
         raise AudioError("non_finite_samples", f"{path} contains NaN or infinite samples")
-    peak = float(np.abs(samples).max())
+    magnitude = np.abs(samples)
+    peak = float(magnitude.max())
     if silence_db is not None and peak <= 10 ** (silence_db / 20):
         level = f"{20 * np.log10(peak):.1f} dBFS" if peak > 0 else "digital silence"
         raise AudioError("silent_audio", f"{path}: peak {level} <= silence_db {silence_db}")
-    clipped = float(np.mean(np.abs(samples) >= FULL_SCALE))
-    waveform = torch.from_numpy(samples.mean(axis=1))
+    clipped = float(np.count_nonzero(magnitude >= FULL_SCALE) / magnitude.size)
+    # One channel is used as it is (a view): its mean over channels is the same numbers, copied.
+    waveform = torch.from_numpy(samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1))
     if source_rate != sample_rate:
         waveform = AF.resample(waveform, source_rate, sample_rate)
     return Decoded(waveform, clipped)
