@@ -9,9 +9,6 @@ import resource
 import time
 from pathlib import Path
 
-import torch
-import torchaudio
-
 RESULTS_DIR = Path(__file__).parent / "results"
 # --quick runs are smoke tests: their figures go here, never over the real ones.
 QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
@@ -19,6 +16,9 @@ QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 
 def machine() -> dict:
     """The machine and software the figures were measured with; the load average says how busy it was."""
+    import torch  # here, not above: benchmarks/memory.py must stay small while it starts the stages
+    import torchaudio
+
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor() or platform.machine())
     return {"cpu": model, "cpus": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
