@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import platform
 import resource
 import time
@@ -58,3 +59,24 @@ def write_results(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {path}")
+
+
+def subset_store(source: Path, target: Path, counts: dict[str, int], seed: int) -> None:
+    """A feature store holding a seeded sample of each split (the same statistics and label unit)."""
+    import numpy as np
+    import pandas as pd
+
+    from ctcflow.data import read_feature_info, write_split
+
+    target.mkdir(parents=True, exist_ok=True)
+    info = read_feature_info(source)
+    for split, count in counts.items():
+        index = pd.read_csv(source / f"{split}.csv", dtype={"id": str, "speaker": str}, keep_default_na=False)
+        frames = np.load(source / f"{split}.npy", mmap_mode="r")
+        keep = index.sample(n=count, random_state=seed).sort_index() if count < len(index) else index
+        parts = [np.asarray(frames[o : o + n]) for o, n in zip(keep["offset"], keep["num_frames"])]
+        keep = keep.assign(offset=np.concatenate([[0], np.cumsum(keep["num_frames"])[:-1]]))
+        write_split(target, split, keep, parts, info["logmel"]["n_mels"], frames.dtype)
+    for name in ("features.json", "tokens.json"):
+        if (source / name).is_file():  # older stores have no tokens.json: the recipe's alphabet then
+            shutil.copy(source / name, target / name)

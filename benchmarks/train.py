@@ -37,38 +37,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `stages` and `ctcflow`
-from common import demo_paths, machine, results_path, write_results  # noqa: E402
+from common import demo_paths, machine, results_path, subset_store, write_results  # noqa: E402
 
 from ctcflow.checkpoint import load_checkpoint  # noqa: E402
-from ctcflow.data import FeatureSplit, LengthBatchSampler, collate, read_feature_info, write_split  # noqa: E402
+from ctcflow.data import FeatureSplit, LengthBatchSampler, collate, read_feature_info  # noqa: E402
 from ctcflow.features import spec_augment  # noqa: E402
 from ctcflow.losses import CTCObjective  # noqa: E402
 from ctcflow.model import build_model, count_parameters  # noqa: E402
 from ctcflow.params import load_section  # noqa: E402
 from ctcflow.text import Tokenizer  # noqa: E402
 from stages import train  # noqa: E402
-
-
-def subset_store(source: Path, target: Path, counts: dict[str, int], seed: int) -> None:
-    """A feature store holding a seeded sample of each split (the same statistics and label unit)."""
-    target.mkdir(parents=True, exist_ok=True)
-    info = read_feature_info(source)
-    for split, count in counts.items():
-        index = pd.read_csv(source / f"{split}.csv", dtype={"id": str, "speaker": str}, keep_default_na=False)
-        frames = np.load(source / f"{split}.npy", mmap_mode="r")
-        keep = index.sample(n=count, random_state=seed).sort_index() if count < len(index) else index
-        parts = [np.asarray(frames[o : o + n]) for o, n in zip(keep["offset"], keep["num_frames"])]
-        keep = keep.assign(offset=np.concatenate([[0], np.cumsum(keep["num_frames"])[:-1]]))
-        write_split(target, split, keep, parts, info["logmel"]["n_mels"], frames.dtype)
-    for name in ("features.json", "tokens.json"):
-        if (source / name).is_file():  # older stores have no tokens.json: the recipe's alphabet then
-            shutil.copy(source / name, target / name)
 
 
 def run_stage(params: train.TrainParams, store: Path, work: Path) -> dict:
