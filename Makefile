@@ -43,7 +43,7 @@ flow: $(STAMP)
 sweep: $(STAMP)
 	$(BIN)/python -m pipeline sweep
 
-# Every benchmark on this project's demo outputs (run `make demo` first), ~17 min on an idle
+# Every benchmark on this project's demo outputs (run `make demo` first), ~15 min on an idle
 # 2-core machine; figures in benchmarks/results/ (README "Performance"). QUICK=1: a ~4-minute
 # smoke test whose figures are noise, written to benchmarks/results/quick/.
 bench: $(STAMP)

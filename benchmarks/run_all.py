@@ -9,13 +9,15 @@
   time_to_accuracy   test WER against wall-clock time, default config against the recipe's (--budget each)
 
 They read the project's demo outputs (data/corpus, data/manifests, data/features: run `make demo`
-first) and write nothing into the project except benchmarks/results/. Each runs in its own
-process; one that fails is reported and the others still run. The budget: about 1 min manifest,
-1 featurize, 2–3 train, 3–4 memory, 1 orchestration, 2 × --budget + 1 time to accuracy; with the
-default --budget of 240 s, about 17 minutes on the 2-core machine. Writes each benchmark's
-benchmarks/results/<name>.json and benchmarks/results/bench.json (status, wall time and results
-of each). The figures need an otherwise idle machine: other work on the same cores (above all
-another torch process) makes them meaningless.
+first) and leave them as they are: the work happens in temporary folders, and the figures go to
+benchmarks/results/ of this repository. Each runs in its own
+process; one that fails is reported and the others still run. Roughly: 1 min manifest,
+1 featurize, 2 train, 2–3 memory, 1 orchestration, 2 × --budget + 0.5 time to accuracy; with
+the default --budget of 240 s, about 15 minutes on an idle 2-core machine (an estimate;
+bench.json records the real time). Writes each benchmark's benchmarks/results/<name>.json and
+benchmarks/results/bench.json (status, wall time and results of each). The figures need an
+otherwise idle machine: other work on the same cores (above all another torch process) makes
+them meaningless.
 
     make bench                  # = python benchmarks/run_all.py --project-dir .
     make bench QUICK=1          # = ... --quick: every benchmark in its smoke-test mode, ~3-4 min,
