@@ -57,7 +57,7 @@ def sample_manifests(manifests: Path, project: Path, utterances: int, seed: int,
         keep = keep.assign(audio_path=[str(p if Path(p).is_absolute() else project / p) for p in keep["audio_path"]])
         keep.to_json(out / f"{split}.jsonl", orient="records", lines=True, force_ascii=False)
         chosen.append(keep)
-    if (manifests / "tokens.json").is_file():  # the label unit; older projects have none (the stage then uses the recipe's)
+    if (manifests / "tokens.json").is_file():  # the label unit; older projects have none (the recipe's, then)
         shutil.copy(manifests / "tokens.json", out / "tokens.json")
     return pd.concat(chosen)
 
@@ -134,7 +134,7 @@ def main() -> None:
     rates = {name: audio_seconds / wall for name, (wall, _) in best.items()}
     results = {"files": len(files), "audio_hours": round(audio_seconds / 3600, 3), "rounds": args.rounds,
                "quick": args.quick, **machine(),
-               "settings": {k: getattr(base, k) for k in ("sample_rate", "n_fft", "win_length", "hop_length", "n_mels")},
+               "settings": base.model_dump(include={"sample_rate", "n_fft", "win_length", "hop_length", "n_mels"}),
                "audio_seconds_per_second": {n: round(r) for n, r in rates.items()},
                "ratio_to_bare_loop": {n: round(r / rates[names[0]], 3) for n, r in rates.items()},
                f"speedup_{args.workers}_workers_over_1": round(rates[names[2]] / rates[names[1]], 3),
@@ -144,7 +144,8 @@ def main() -> None:
                "parallel_output_identical": identical}
     print(f"\n{'best of ' + str(args.rounds):50s} {'s':>7s} {'audio-s/s':>10s} {'× bare':>7s} {'CPU s/audio h':>14s}")
     for name, (wall, cpu) in best.items():
-        cpu_text = f"{cpu / audio_seconds * 3600:14.1f}" if name in results["cpu_seconds_per_audio_hour"] else f"{'—':>14s}"
+        measured = name in results["cpu_seconds_per_audio_hour"]
+        cpu_text = f"{cpu / audio_seconds * 3600:14.1f}" if measured else f"{'—':>14s}"
         print(f"{name:50s} {wall:7.2f} {rates[name]:10,.0f} {rates[name] / rates[names[0]]:7.2f} {cpu_text}")
     print(f"{args.workers} workers over 1: {results[f'speedup_{args.workers}_workers_over_1']:.2f}×; "
           f"their features are {'identical' if identical else 'NOT identical'} to 1 worker's")

@@ -181,7 +181,8 @@ def main() -> None:
     for name, points in curves.items():
         print(f"\n{name}: {'seconds':>8s} {'epoch':>6s} {'valid WER':>10s} {'test WER':>9s}")
         for p in points:
-            print(f"{'':{len(name) + 1}s} {p['seconds']:8.0f} {p['epoch']:6d} {p['valid_wer']:10.2%} {p['test_wer']:9.2%}")
+            print(f"{'':{len(name) + 1}s} {p['seconds']:8.0f} {p['epoch']:6d} {p['valid_wer']:10.2%} "
+                  f"{p['test_wer']:9.2%}")
     print(f"\ntest WER at the {args.budget:.0f} s budget (the last epoch finished within it):")
     for name, wer in results["test_wer_at_budget"].items():
         print(f"  {name:8s} {'no epoch finished' if wer is None else f'{wer:.2%}'}")
