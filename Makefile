@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test env lock clean server serve flow sweep bench-orchestration
+.PHONY: demo test env lock clean server serve flow sweep bench bench-orchestration
 
 env: $(STAMP)
 
@@ -42,6 +42,12 @@ flow: $(STAMP)
 # flow.sweep's grid as DVC experiments, ranked by test WER.
 sweep: $(STAMP)
 	$(BIN)/python -m pipeline sweep
+
+# Every benchmark on this project's demo outputs (run `make demo` first), ~15 min on an idle
+# 2-core machine; figures in benchmarks/results/ (README "Performance"). QUICK=1: a ~4-minute
+# smoke test whose figures are noise, written to benchmarks/results/quick/.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --project-dir . $(if $(QUICK),--quick)
 
 bench-orchestration: $(STAMP)
 	$(BIN)/python benchmarks/orchestration.py

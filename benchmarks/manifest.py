@@ -9,6 +9,7 @@ machine), with the CPU time per file, which other work does not change. Writes t
 benchmarks/results/manifest.json. Not part of the test suite.
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/manifest.py --files 100000 --workers 2
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/manifest.py --quick   # 2,000 files, 1 round: a smoke test
 """
 
 from __future__ import annotations
@@ -78,7 +79,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dir", default=None, help="where to build the corpus (default: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="2,000 files, 1 round: a smoke test, figures are noise")
+    parser.add_argument("--out", default=None, help="results file (default benchmarks/results/manifest.json; "
+                                                    "--quick: benchmarks/results/quick/manifest.json)")
     args = parser.parse_args()
+    if args.quick:
+        args.files, args.rounds = min(args.files, 2000), 1
+    out = Path(args.out) if args.out else RESULTS.parent / "quick" / RESULTS.name if args.quick else RESULTS
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="ctcflow-bench-"))
     root = work / "corpus"
@@ -116,9 +123,9 @@ def main() -> None:
         results["cpu_microseconds_per_file"][name] = round(cpu / len(paths) * 1e6)
         print(f"{name:36s} {wall:7.1f} {rate:9,.0f} {rate / baseline:7.2f} {cpu / len(paths) * 1e6:12.0f}")
     print(f"({os.cpu_count()} CPUs, 1-minute load average {results['load_average_1min_at_end']} at the end)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {RESULTS}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {out}")
     if not args.dir:
         shutil.rmtree(work)
 

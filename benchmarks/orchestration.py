@@ -6,7 +6,7 @@ Runs, in the same session and alternating so machine noise hits both alike:
     (the served-deployment case; the server is started once, before timing).
 Prints medians, the ratio and the difference, and writes them to benchmarks/results/orchestration.json.
 
-Usage: python benchmarks/orchestration.py [--project-dir .] [--repeats 5]
+Usage: python benchmarks/orchestration.py [--project-dir .] [--repeats 5] [--quick]
 The project must be up to date first (`make demo`, or any project after `dvc repro`).
 """
 
@@ -60,7 +60,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project-dir", type=Path, default=Path("."))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="1 repeat: a smoke test, figures are noise")
+    parser.add_argument("--out", default=None, help="results file (default benchmarks/results/orchestration.json; "
+                                                    "--quick: benchmarks/results/quick/orchestration.json)")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
+    out = Path(args.out) if args.out else RESULTS.parent / "quick" / RESULTS.name if args.quick else RESULTS
     project = args.project_dir.resolve()
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "TQDM_DISABLE": "1",
@@ -91,8 +97,8 @@ def main() -> None:
     }
     result["flow_over_repro_ratio"] = round(result["flow_noop_s"] / result["dvc_repro_noop_s"], 2)
     result["flow_extra_s"] = round(result["flow_noop_s"] - result["dvc_repro_noop_s"], 2)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():
         print(f"{key:>24}: {value}")
 

@@ -73,14 +73,18 @@ def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = 
         raise AudioError("unreadable_audio", f"{path}: {err}") from err
     if samples.size == 0:
         raise AudioError("no_samples", f"{path} holds no audio samples")
-    if not np.isfinite(samples).all():
+    # Two reductions and no temporary arrays: a NaN makes both NaN, and an infinity one of them.
+    low, high = float(samples.min()), float(samples.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise AudioError("non_finite_samples", f"{path} contains NaN or infinite samples")
-    peak = float(np.abs(samples).max())
+    peak = max(high, -low)
     if silence_db is not None and peak <= 10 ** (silence_db / 20):
         level = f"{20 * np.log10(peak):.1f} dBFS" if peak > 0 else "digital silence"
         raise AudioError("silent_audio", f"{path}: peak {level} <= silence_db {silence_db}")
-    clipped = float(np.mean(np.abs(samples) >= FULL_SCALE))
-    waveform = torch.from_numpy(samples.mean(axis=1))
+    # Counted only when some sample reaches full scale.
+    clipped = float(np.count_nonzero(np.abs(samples) >= FULL_SCALE) / samples.size) if peak >= FULL_SCALE else 0.0
+    # One channel is used as it is (a view): its mean over channels is the same numbers, copied.
+    waveform = torch.from_numpy(samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1))
     if source_rate != sample_rate:
         waveform = AF.resample(waveform, source_rate, sample_rate)
     return Decoded(waveform, clipped)

@@ -11,12 +11,21 @@ holds NaN or infinite samples, or is silent (peak at or below featurize.silence_
 to data/features/rejects.jsonl and are counted in metrics/featurize.json, so nothing the manifest
 accepted disappears uncounted. Clipped audio is kept and listed in data/features/warnings.jsonl.
 The label unit (data/manifests/tokens.json) is copied to data/features/tokens.json for train.
+
+Files are read and turned into features in featurize.num_workers processes (default 1). The
+statistics, rejects and warnings are gathered here in manifest order, so any number of workers
+writes the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +53,8 @@ class FeaturizeParams(Section):
     win_length: int = Field(400, gt=0)
     hop_length: int = Field(160, gt=0)
     n_mels: int = Field(80, gt=0)
-    num_threads: int = Field(1, ge=1)
+    num_threads: int = Field(1, ge=1)  # torch threads per worker
+    num_workers: int = Field(1, ge=1, le=64)  # processes reading audio and computing features
     silence_db: float | None = Field(-60.0, le=0)  # peak at or below → silent_audio; null = keep all
     clip_warn_fraction: float = Field(0.001, gt=0, le=1)  # share of full-scale samples → clipped_audio warning
     strict: bool = False  # true: any reject fails the stage
@@ -64,6 +74,59 @@ def input_kind(manifests: dict[str, pd.DataFrame]) -> str:
     return "features" if flags == {True} else "audio"
 
 
+_LOGMEL: dict[LogMelConfig, LogMel] = {}  # one transform per process, built on first use
+
+
+def extract(path: str, params: FeaturizeParams, precomputed: bool) -> tuple[np.ndarray, float] | Rejected:
+    """One file's float32 frames and its share of clipped samples, or the reject: returned, not
+    raised, so one bad file never stops a worker."""
+    try:
+        if precomputed:
+            return load_feature_array(path), 0.0
+        config = LogMelConfig(params.sample_rate, params.n_fft, params.win_length, params.hop_length, params.n_mels)
+        if config not in _LOGMEL:
+            _LOGMEL[config] = LogMel(config)
+        logmel = _LOGMEL[config]
+        decoded = decode_audio(path, params.sample_rate, params.silence_db)
+        return logmel(decoded.waveform).numpy(), decoded.clipped_fraction
+    except Rejected as err:
+        return err
+
+
+def start_worker(num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
+
+
+@contextlib.contextmanager
+def mapper(num_workers: int, num_threads: int):
+    """A map over files that keeps their order: a plain loop for 1 worker, else a process pool.
+
+    Processes, so the Python around each file (decoding, checks) runs in parallel too. Like the
+    manifest stage's workers, they fork from a clean forkserver, never from this process, whose
+    threads (torch's, a progress bar's) could leave a lock held in the child. A
+    ProcessPoolExecutor, not a multiprocessing.Pool: when a worker dies (killed for memory, or
+    failing to start), it raises instead of waiting forever for the lost files.
+    """
+    if num_workers == 1:
+        yield map
+        return
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=start_worker, initargs=(num_threads,))
+
+    def ordered(fn, items: list):
+        try:
+            yield from pool.map(fn, items, chunksize=max(1, min(32, len(items) // (4 * num_workers))))
+        except BrokenProcessPool as err:
+            raise StageError(f"a featurize worker process died ({err}); featurize.num_workers: 1 runs every file "
+                             "in the stage's own process and shows the error") from err
+
+    try:
+        yield ordered
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT_DIR,
         metrics_file: Path = METRICS_FILE) -> dict:
     torch.set_num_threads(params.num_threads)
@@ -74,43 +137,49 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
         frame_rate = float(manifests["train"]["sample_rate"].iloc[0]) if len(manifests["train"]) else 0.0
     else:
         config = LogMelConfig(params.sample_rate, params.n_fft, params.win_length, params.hop_length, params.n_mels)
-        logmel = LogMel(config)
         dims = params.n_mels
+    # Precomputed arrays keep float32: their range is unknown, and float16 spacing is 0.5 at 1000.
+    store_dtype = np.float32 if precomputed else np.float16
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = RunningStats(dims)
     rejects: list[Reject] = []
     warnings: list[Reject] = []
     metrics: dict = {}
-    for split, manifest in manifests.items():
-        frames, rows, offset = [], [], 0
-        for utt in tqdm(manifest.itertuples(), total=len(manifest), desc=f"featurize {split}", unit="utt"):
-            try:
-                if precomputed:
-                    feats = load_feature_array(utt.audio_path)
-                    if feats.shape[1] != dims:
+    with mapper(params.num_workers, params.num_threads) as map_files:
+        for split, manifest in manifests.items():
+            frames, rows, offset = [], [], 0
+            # Results come back in manifest order, so the float64 sums of the statistics add up
+            # in the same order, and to the same bits, whatever the number of workers.
+            results = map_files(partial(extract, params=params, precomputed=precomputed),
+                                manifest["audio_path"].tolist())
+            for utt, result in tqdm(zip(manifest.itertuples(), results), total=len(manifest),
+                                    desc=f"featurize {split}", unit="utt"):
+                try:
+                    if isinstance(result, Rejected):
+                        raise result
+                    feats, clipped_fraction = result
+                    if precomputed and feats.shape[1] != dims:
                         raise Rejected("feature_dims_mismatch", f"{feats.shape[1]} dims, the corpus has {dims}")
-                else:
-                    decoded = decode_audio(utt.audio_path, params.sample_rate, params.silence_db)
-                    feats = logmel(decoded.waveform).numpy()
-                    if decoded.clipped_fraction >= params.clip_warn_fraction:
+                    if clipped_fraction >= params.clip_warn_fraction:
                         warnings.append(Reject(utt.id, split, utt.audio_path, utt.text, "clipped_audio",
-                                               f"{decoded.clipped_fraction:.2%} of samples at full scale (kept)"))
-            except Rejected as err:
-                rejects.append(Reject(utt.id, split, utt.audio_path, utt.text, err.reason, err.detail))
-                continue
-            if split == "train":
-                stats.update(feats)
-            frames.append(feats)
-            rows.append({"id": utt.id, "speaker": utt.speaker, "duration": utt.duration,
-                         "text_normalized": utt.text_normalized, "offset": offset, "num_frames": len(feats)})
-            offset += len(feats)
-        if not rows:
-            write_jsonl(rejects, REJECT_COLUMNS, out_dir / "rejects.jsonl")
-            raise StageError(f"no utterance of split '{split}' could be featurized; see {out_dir / 'rejects.jsonl'}")
-        # Precomputed arrays keep float32: their range is unknown, and float16 spacing is 0.5 at 1000.
-        write_split(out_dir, split, pd.DataFrame(rows), frames, dims, np.float32 if precomputed else np.float16)
-        metrics[split] = {"utterances": len(rows), "frames": offset,
-                          "hours": round(sum(r["duration"] for r in rows) / 3600, 4)}
+                                               f"{clipped_fraction:.2%} of samples at full scale (kept)"))
+                except Rejected as err:
+                    rejects.append(Reject(utt.id, split, utt.audio_path, utt.text, err.reason, err.detail))
+                    continue
+                if split == "train":
+                    stats.update(feats)
+                # Stored at once, so the split is never held twice in float32. The cast goes through torch:
+                # the same bits as numpy's (round to nearest even), several times faster.
+                frames.append(feats if precomputed else torch.from_numpy(feats).to(torch.float16).numpy())
+                rows.append({"id": utt.id, "speaker": utt.speaker, "duration": utt.duration,
+                             "text_normalized": utt.text_normalized, "offset": offset, "num_frames": len(feats)})
+                offset += len(feats)
+            if not rows:
+                write_jsonl(rejects, REJECT_COLUMNS, out_dir / "rejects.jsonl")
+                raise StageError(f"no utterance of split '{split}' could be featurized; see {out_dir / 'rejects.jsonl'}")
+            write_split(out_dir, split, pd.DataFrame(rows), frames, dims, store_dtype)
+            metrics[split] = {"utterances": len(rows), "frames": offset,
+                              "hours": round(sum(r["duration"] for r in rows) / 3600, 4)}
 
     mean, std = stats.mean_std()
     if precomputed:

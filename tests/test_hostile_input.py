@@ -164,3 +164,20 @@ def test_nothing_usable_left_is_a_clear_error(tmp_path):
     with pytest.raises(StageError, match=r"no usable utterances left in split\(s\) \['train', 'valid', 'test'\]"):
         manifest.run(params, out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text())["rejected"] == {"total": 2, "empty_file": 1, "missing_file": 1}
+
+
+def test_two_featurize_workers_write_the_same_bytes_as_one(tmp_path):
+    """Workers return results in manifest order: features, statistics, rejects and warnings match."""
+    root = tmp_path / "corpus"
+    build_corpus(root)
+    manifest.run(manifest_params(root), out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"f{workers}"
+        featurize.run(featurize.FeaturizeParams(num_workers=workers), manifest_dir=tmp_path / "m",
+                      out_dir=out / "features", metrics_file=out / "featurize.json")
+        outputs[workers] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert len(outputs[1]) == 11  # 3 splits × (.npy, .csv), features.json, tokens.json, rejects, warnings, metrics
+    assert outputs[2] == outputs[1]
+    assert b"silent_audio" in outputs[2][Path("features/rejects.jsonl")]
+    assert b"clipped_audio" in outputs[2][Path("features/warnings.jsonl")]
