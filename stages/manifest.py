@@ -27,6 +27,8 @@ import json
 import multiprocessing
 import os
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -155,8 +157,14 @@ def parallel_map(fn, items: list, num_workers: int, desc: str) -> list:
     chunk = max(1, min(256, len(items) // (4 * num_workers)))
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    with context.Pool(num_workers) as pool:
-        return list(tqdm(pool.imap(fn, items, chunksize=chunk), **progress))
+    # An executor, not a Pool: a worker that dies (killed for memory) breaks it with an error,
+    # where a Pool would wait forever for the files that worker held.
+    try:
+        with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+            return list(tqdm(pool.map(fn, items, chunksize=chunk), **progress))
+    except BrokenProcessPool as err:
+        raise StageError(f"a worker process of manifest.num_workers = {num_workers} died ({err}); "
+                         "with less memory to spare, try fewer") from err
 
 
 def check_text(text: str, params: ManifestParams, tokenizer: Tokenizer) -> str:

@@ -121,3 +121,13 @@ def test_a_split_left_empty_fails_the_stage_with_a_clear_message(recipe_corpus, 
                      out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
     # The rejects file is still written, so the user can see why.
     assert len(pd.read_json(tmp_path / "m" / "rejects.jsonl", lines=True)) == 50
+
+
+def test_a_worker_that_dies_is_a_clear_error_not_a_hang():
+    import os
+
+    from ctcflow.stage import StageError
+    from stages.manifest import parallel_map
+
+    with pytest.raises(StageError, match="a worker process of manifest.num_workers = 2 died"):
+        parallel_map(os._exit, [1, 1, 1, 1], num_workers=2, desc="dying")  # each call ends its process
