@@ -53,6 +53,7 @@ def sweep_row(project_dir: str, name: str, rev: str, point: dict[str, Any]) -> d
     row: dict[str, Any] = {"experiment": name}
     row.update({key.rsplit(".", 1)[-1]: value for key, value in point.items()})
     for column, key in [("test_wer", "metrics/eval.json:wer"), ("test_cer", "metrics/eval.json:cer"),
+                        ("test_greedy_wer", "metrics/eval.json:greedy.wer"),
                         ("train_loss", "metrics/train/metrics.json:train.loss"),
                         ("train_ctc_loss", "metrics/train/metrics.json:train.ctc_loss"),
                         ("train_blank_penalty", "metrics/train/metrics.json:train.blank_penalty"),

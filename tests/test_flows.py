@@ -225,3 +225,27 @@ def test_stopping_the_flow_stops_the_stage_under_it(prefect_env, tmp_path):
         wait_for("the stage to stop", lambda: not alive(int(pid)), 30)
     finally:
         stop(flow)
+
+
+def test_sweep_ranks_its_experiments_and_keeps_the_best_as_a_branch(prefect_env, tmp_path):
+    params = tiny_params()
+    params["flow"]["sweep"] = {"grid": [{"train.clip_grad_norm": [0.5, 2.0]}], "fixed": {"train.epochs": 1},
+                               "seeds": [0], "rank_by": "wer"}
+    repo = make_dvc_repo(tmp_path / "sweep", params)
+    dvc("repro", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "baseline", cwd=repo)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--project-dir", str(repo), "--branch", "best"],
+                          env=prefect_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(done.stdout[done.stdout.index("[\n"):])
+    assert sorted(row["clip_grad_norm"] for row in rows) == [0.5, 2.0]
+    assert [row["test_wer"] for row in rows] == sorted(row["test_wer"] for row in rows)
+    for row in rows:
+        assert all(isinstance(row[k], float) for k in ("test_wer", "test_cer", "test_greedy_wer", "train_loss",
+                                                        "train_ctc_loss", "valid_blank_ratio", "test_blank_ratio"))
+    artifacts = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["sweep-ranking"]}}})
+    assert artifacts and artifacts[0]["type"] == "table"
+    best = git("show", "best:params.yaml", cwd=repo)
+    assert f"clip_grad_norm: {rows[0]['clip_grad_norm']}" in best
+    assert git("status", "--porcelain", cwd=repo) == ""
