@@ -15,8 +15,9 @@ import yaml
 
 from ctcflow.params import ParamsError, load_section
 from ctcflow.stage import StageError
+from conftest import synth_in_fresh_process
 from ctcflow.text import RECIPE_ALPHABET
-from stages.synth import COLUMNS, SPLITS, SynthParams, _SLOT, draw_sentences, load_grammar, run
+from stages.synth import COLUMNS, SPLITS, SynthParams, _SLOT, draw_sentences, load_grammar
 
 GRAMMAR = Path(__file__).resolve().parents[1] / "data" / "demo_grammar.yaml"
 TINY = {
@@ -34,11 +35,16 @@ def read_metadata(out_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def synth(params: dict, root: Path) -> Path:
+    """The stage on `params` in `root`; returns the corpus it wrote."""
+    (root / "params.yaml").write_text(yaml.safe_dump({"synth": params}))
+    synth_in_fresh_process(["--params", "params.yaml"], root)
+    return root / "data" / "corpus"
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus")
-    run(SynthParams.model_validate(TINY), out)
-    return out
+    return synth(TINY, tmp_path_factory.mktemp("corpus"))
 
 
 def test_wavs_match_metadata(corpus):
@@ -79,10 +85,10 @@ def test_transcripts_use_only_the_alphabet(corpus):
 
 def test_same_params_give_identical_files(corpus, tmp_path):
     # One worker instead of two: the output must not depend on scheduling either.
-    run(SynthParams.model_validate({**TINY, "num_workers": 1}), tmp_path)
-    assert (tmp_path / "metadata.csv").read_bytes() == (corpus / "metadata.csv").read_bytes()
+    again = synth({**TINY, "num_workers": 1}, tmp_path)
+    assert (again / "metadata.csv").read_bytes() == (corpus / "metadata.csv").read_bytes()
     for r in read_metadata(corpus):
-        assert (tmp_path / r["path"]).read_bytes() == (corpus / r["path"]).read_bytes(), r["id"]
+        assert (again / r["path"]).read_bytes() == (corpus / r["path"]).read_bytes(), r["id"]
 
 
 def test_demo_grammar_covers_the_alphabet_in_short_sentences():
