@@ -26,7 +26,7 @@ INDEX_COLUMNS = ["id", "speaker", "duration", "text_normalized", "offset", "num_
 def write_split(directory: Path, split: str, index: pd.DataFrame, frames: list[np.ndarray], n_mels: int,
                 dtype: type = np.float16) -> None:
     stacked = np.concatenate(frames) if frames else np.zeros((0, n_mels))
-    np.save(directory / f"{split}.npy", stacked.astype(dtype))
+    np.save(directory / f"{split}.npy", stacked.astype(dtype, copy=False))
     index[INDEX_COLUMNS].to_csv(directory / f"{split}.csv", index=False)
 
 
