@@ -88,7 +88,7 @@ def main() -> None:
                         help="a project after `make demo`: its data/manifests, data/corpus and params.yaml are read")
     parser.add_argument("--utterances", type=int, default=0, help="how many files (0 = every file of the manifests)")
     parser.add_argument("--workers", type=int, default=2, help="featurize.num_workers of the parallel run")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each figure is the best")
     parser.add_argument("--seed", type=int, default=0, help="for the sample of files")
     parser.add_argument("--quick", action="store_true", help="1,000 files, 2 rounds: a smoke test, figures are noise")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/featurize.json; "

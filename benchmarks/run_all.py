@@ -12,7 +12,7 @@ They read the project's demo outputs (data/corpus, data/manifests, data/features
 first) and leave them as they are: the work happens in temporary folders, and the figures go to
 benchmarks/results/ of this repository. Each runs in its own
 process; one that fails is reported and the others still run. Roughly: 1 min manifest,
-1 featurize, 2 train, 2–3 memory, 1 orchestration, 2 × --budget + 0.5 time to accuracy; with
+1.5 featurize, 2 train, 2–3 memory, 1 orchestration, 2 × --budget + 0.5 time to accuracy; with
 the default --budget of 240 s, about 15 minutes on an idle 2-core machine (an estimate;
 bench.json records the real time). Writes each benchmark's benchmarks/results/<name>.json and
 benchmarks/results/bench.json (status, wall time and results of each). The figures need an
