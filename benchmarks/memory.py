@@ -161,7 +161,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    results.update({"corpus": "synth --quick corpus" if args.quick else str(demo_corpus), "overrides": overrides,
+    results.update({"corpus": "synth --quick corpus" if args.quick else "data/corpus of the project", "overrides": overrides,
                     "quick": args.quick, **machine()})
     print(f"({results['cpus']} CPUs, {results['memory_gib']} GiB, 1-minute load average "
           f"{results['load_average_1min_at_end']} at the end"

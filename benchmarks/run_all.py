@@ -110,7 +110,7 @@ def main() -> None:
         print(f"{name:18s} {entry['status']:10s} {entry.get('seconds', 0):7.1f} s  {entry.get('reason', '')}")
     out = results_dir / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"quick": args.quick, "total_seconds": total, "project": str(args.project_dir),
+    out.write_text(json.dumps({"quick": args.quick, "total_seconds": total, "project": os.path.relpath(args.project_dir, REPO),  # no machine paths in results
                                **machine(), "benchmarks": summary}, indent=2) + "\n")
     print(f"written to {out}")
     sys.exit(0 if all(e["status"] in ("ok", "skipped") for e in summary.values()) else 1)

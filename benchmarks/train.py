@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--utterances", type=int, default=1200, help="training utterances in the epoch")
     parser.add_argument("--valid-utterances", type=int, default=40, help="validation utterances (the stage's "
                                                                          "per-epoch pass, outside the figure)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds; each figure is the best")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads (default: train.num_threads of the project); on a machine shared with "
                              "other work, fewer threads than cores avoids the collapse that oversubscription causes")
