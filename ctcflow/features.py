@@ -102,11 +102,20 @@ class RunningStats:
         self.sum = np.zeros(n_bins)
         self.sum_sq = np.zeros(n_bins)
 
-    def update(self, frames: np.ndarray) -> None:
+    @staticmethod
+    def frame_sums(frames: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """One utterance's share: frames, per-bin sum and sum of squares in float64."""
         frames = frames.astype(np.float64)
-        self.count += len(frames)
-        self.sum += frames.sum(axis=0)
-        self.sum_sq += (frames**2).sum(axis=0)
+        return len(frames), frames.sum(axis=0), (frames**2).sum(axis=0)
+
+    def add(self, sums: tuple[int, np.ndarray, np.ndarray]) -> None:
+        count, total, total_sq = sums
+        self.count += count
+        self.sum += total
+        self.sum_sq += total_sq
+
+    def update(self, frames: np.ndarray) -> None:
+        self.add(self.frame_sums(frames))
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         if self.count == 0:

@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -77,20 +78,33 @@ def input_kind(manifests: dict[str, pd.DataFrame]) -> str:
 _LOGMEL: dict[LogMelConfig, LogMel] = {}  # one transform per process, built on first use
 
 
-def extract(path: str, params: FeaturizeParams, precomputed: bool) -> tuple[np.ndarray, float] | Rejected:
-    """One file's float32 frames and its share of clipped samples, or the reject: returned, not
-    raised, so one bad file never stops a worker."""
+class Extracted(NamedTuple):
+    frames: np.ndarray  # as stored: float16 log-mel, or a precomputed array in float32
+    clipped_fraction: float
+    sums: tuple | None  # RunningStats.frame_sums of the float32 frames (training split only)
+
+
+def extract(path: str, params: FeaturizeParams, precomputed: bool, with_stats: bool) -> Extracted | Rejected:
+    """One file's frames as stored, its share of clipped samples and its share of the statistics,
+    or the reject: returned, not raised, so one bad file never stops a worker. The statistics and
+    the float16 cast are done here, so with several workers they run in the workers too."""
     try:
         if precomputed:
-            return load_feature_array(path), 0.0
-        config = LogMelConfig(params.sample_rate, params.n_fft, params.win_length, params.hop_length, params.n_mels)
-        if config not in _LOGMEL:
-            _LOGMEL[config] = LogMel(config)
-        logmel = _LOGMEL[config]
-        decoded = decode_audio(path, params.sample_rate, params.silence_db)
-        return logmel(decoded.waveform).numpy(), decoded.clipped_fraction
+            feats, clipped_fraction = load_feature_array(path), 0.0
+        else:
+            config = LogMelConfig(params.sample_rate, params.n_fft, params.win_length, params.hop_length,
+                                  params.n_mels)
+            if config not in _LOGMEL:
+                _LOGMEL[config] = LogMel(config)
+            decoded = decode_audio(path, params.sample_rate, params.silence_db)
+            feats, clipped_fraction = _LOGMEL[config](decoded.waveform).numpy(), decoded.clipped_fraction
     except Rejected as err:
         return err
+    sums = RunningStats.frame_sums(feats) if with_stats else None
+    # Precomputed arrays keep float32: their range is unknown, and float16 spacing is 0.5 at 1000.
+    # The cast goes through torch: the same bits as numpy's (round to nearest even), several times faster.
+    stored = feats if precomputed else torch.from_numpy(feats).to(torch.float16).numpy()
+    return Extracted(stored, clipped_fraction, sums)
 
 
 def start_worker(num_threads: int) -> None:
@@ -138,7 +152,6 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
     else:
         config = LogMelConfig(params.sample_rate, params.n_fft, params.win_length, params.hop_length, params.n_mels)
         dims = params.n_mels
-    # Precomputed arrays keep float32: their range is unknown, and float16 spacing is 0.5 at 1000.
     store_dtype = np.float32 if precomputed else np.float16
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = RunningStats(dims)
@@ -150,27 +163,25 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
             frames, rows, offset = [], [], 0
             # Results come back in manifest order, so the float64 sums of the statistics add up
             # in the same order, and to the same bits, whatever the number of workers.
-            results = map_files(partial(extract, params=params, precomputed=precomputed),
+            results = map_files(partial(extract, params=params, precomputed=precomputed, with_stats=split == "train"),
                                 manifest["audio_path"].tolist())
             for utt, result in tqdm(zip(manifest.itertuples(), results), total=len(manifest),
                                     desc=f"featurize {split}", unit="utt"):
                 try:
                     if isinstance(result, Rejected):
                         raise result
-                    feats, clipped_fraction = result
+                    feats = result.frames
                     if precomputed and feats.shape[1] != dims:
                         raise Rejected("feature_dims_mismatch", f"{feats.shape[1]} dims, the corpus has {dims}")
-                    if clipped_fraction >= params.clip_warn_fraction:
+                    if result.clipped_fraction >= params.clip_warn_fraction:
                         warnings.append(Reject(utt.id, split, utt.audio_path, utt.text, "clipped_audio",
-                                               f"{clipped_fraction:.2%} of samples at full scale (kept)"))
+                                               f"{result.clipped_fraction:.2%} of samples at full scale (kept)"))
                 except Rejected as err:
                     rejects.append(Reject(utt.id, split, utt.audio_path, utt.text, err.reason, err.detail))
                     continue
                 if split == "train":
-                    stats.update(feats)
-                # Stored at once, so the split is never held twice in float32. The cast goes through torch:
-                # the same bits as numpy's (round to nearest even), several times faster.
-                frames.append(feats if precomputed else torch.from_numpy(feats).to(torch.float16).numpy())
+                    stats.add(result.sums)
+                frames.append(feats)  # already in the store's dtype, so the split is never held in float32
                 rows.append({"id": utt.id, "speaker": utt.speaker, "duration": utt.duration,
                              "text_normalized": utt.text_normalized, "offset": offset, "num_frames": len(feats)})
                 offset += len(feats)
