@@ -114,9 +114,6 @@ class RunningStats:
         self.sum += total
         self.sum_sq += total_sq
 
-    def update(self, frames: np.ndarray) -> None:
-        self.add(self.frame_sums(frames))
-
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         if self.count == 0:
             raise ValueError("no frames to compute statistics from")

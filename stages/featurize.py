@@ -60,6 +60,10 @@ class FeaturizeParams(Section):
     clip_warn_fraction: float = Field(0.001, gt=0, le=1)  # share of full-scale samples → clipped_audio warning
     strict: bool = False  # true: any reject fails the stage
 
+    @property
+    def logmel(self) -> LogMelConfig:
+        return LogMelConfig(self.sample_rate, self.n_fft, self.win_length, self.hop_length, self.n_mels)
+
     @model_validator(mode="after")
     def window_fits(self):
         if self.win_length > self.n_fft:
@@ -92,8 +96,7 @@ def extract(path: str, params: FeaturizeParams, precomputed: bool, with_stats: b
         if precomputed:
             feats, clipped_fraction = load_feature_array(path), 0.0
         else:
-            config = LogMelConfig(params.sample_rate, params.n_fft, params.win_length, params.hop_length,
-                                  params.n_mels)
+            config = params.logmel
             if config not in _LOGMEL:
                 _LOGMEL[config] = LogMel(config)
             decoded = decode_audio(path, params.sample_rate, params.silence_db)
@@ -150,7 +153,7 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
         dims = int(manifests["train"]["num_channels"].iloc[0]) if len(manifests["train"]) else 0
         frame_rate = float(manifests["train"]["sample_rate"].iloc[0]) if len(manifests["train"]) else 0.0
     else:
-        config = LogMelConfig(params.sample_rate, params.n_fft, params.win_length, params.hop_length, params.n_mels)
+        config = params.logmel
         dims = params.n_mels
     store_dtype = np.float32 if precomputed else np.float16
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -58,14 +58,19 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     return root
 
 
+def run_python(args: list[str], cwd: Path) -> str:
+    """This interpreter, with the repository importable, in a process of its own; its output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def synth_in_fresh_process(args: list[str], cwd: Path) -> None:
     """The synth stage in a process of its own, as DVC runs it. Its pool forks the calling process
     (espeak's state must be inherited unspoken), and a fork of the test runner, which by then runs
     threads of its own, can leave a child deadlocked on a lock one of them held."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
-    done = subprocess.run([sys.executable, "-m", "stages.synth", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_python(["-m", "stages.synth", *args], cwd)
 
 
 def run(cmd: list[str], cwd: Path) -> str:

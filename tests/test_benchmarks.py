@@ -6,20 +6,14 @@ writes, and the bare training loop ends with the stage's weights, bit for bit.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
-from conftest import REPO
+from conftest import REPO, run_python
 
 
 def run_benchmark(name: str, *args: str, out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args, "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_python([str(REPO / "benchmarks" / f"{name}.py"), *args, "--out", str(out)], REPO)
     return json.loads(out.read_text())
 
 
