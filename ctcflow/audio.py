@@ -14,7 +14,7 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
-from ctcflow.manifest import Rejected
+from ctcflow.errors import Rejected
 
 
 class AudioError(Rejected):

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctcflow.errors import CtcflowError
 from ctcflow.model import ARCHITECTURE_KEYS, build_model
-from ctcflow.stage import StageError
 from ctcflow.text import Tokenizer
 
 
-class CheckpointError(StageError):
+class CheckpointError(CtcflowError):
     """A checkpoint cannot be read, or does not fit the model it is meant for."""
 
 

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ctcflow.stage import StageError
+from ctcflow.errors import CtcflowError
+
+
+class DistributedError(CtcflowError):
+    """A rank of a distributed run failed; the message is that rank's own error."""
 
 
 def launched() -> bool:
@@ -37,7 +41,9 @@ def launch(nproc: int, entrypoint: Callable, *args):
         # Every rank raises the same error; report the first one's message, without torch's wrapping.
         rank, failure = min(err.failures.items())
         message = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message)
-        raise StageError(message.removeprefix("StageError: ") or f"rank {rank} failed (exit code {failure.exitcode})") from err
+        name, _, text = message.partition(": ")  # torch records "ErrorClass: message"
+        raise DistributedError((text if name.endswith("Error") else message)
+                               or f"rank {rank} failed (exit code {failure.exitcode})") from err
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torchaudio.functional as AF
 import torchaudio.transforms as T
 
 from ctcflow.audio import AudioInfo
-from ctcflow.manifest import Rejected
+from ctcflow.errors import Rejected
 
 FEATURE_SUFFIX = ".npy"
 

@@ -46,18 +46,6 @@ class Reject:
     detail: str
 
 
-class Rejected(ValueError):
-    """An utterance that cannot be used; `reason` is a short stable code counted in the metrics."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-    def __reduce__(self):  # so a worker process can hand one back
-        return type(self), (self.reason, self.detail)
-
-
 COLUMNS = [f.name for f in fields(Utterance)]
 REJECT_COLUMNS = [f.name for f in fields(Reject)]
 

@@ -46,3 +46,15 @@ def load_section(name: str, schema: type[S], path: str | Path = DEFAULT_PARAMS) 
             for e in err.errors()
         ]
         raise ParamsError(f"{path}: bad value in section '{name}':\n" + "\n".join(lines)) from err
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"train": {"wer": 1}} → {"train.wer": 1}: the dotted names DVC and `dvc exp run -S` use."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -15,11 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ctcflow.stage import StageError
+from ctcflow.errors import CtcflowError
 
 ENTRY_COLUMNS = ["id", "split", "audio_path", "text", "speaker"]
 # What corpora call their splits → the pipeline's names.
 SPLIT_NAMES = {"train": "train", "dev": "valid", "valid": "valid", "validation": "valid", "test": "test", "": ""}
+
+
+class SourceError(CtcflowError):
+    """A corpus or table that the manifest stage cannot read as the chosen source."""
 
 
 def _frame(**columns) -> pd.DataFrame:
@@ -34,7 +38,7 @@ def _split_names(values, where: str) -> list[str]:
     names = [SPLIT_NAMES.get(str(v).strip().lower()) for v in values]
     unknown = sorted({str(v) for v, n in zip(values, names) if n is None})
     if unknown:
-        raise StageError(f"{where}: unknown split name(s) {unknown}; expected train, dev/valid/validation or test")
+        raise SourceError(f"{where}: unknown split name(s) {unknown}; expected train, dev/valid/validation or test")
     return names
 
 
@@ -52,14 +56,14 @@ def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
         quoting = csv.QUOTE_NONE if sep in ("\t", "|") else csv.QUOTE_MINIMAL
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting)
     except (ValueError, pd.errors.ParserError) as err:
-        raise StageError(f"{path}: cannot read it as {'JSON lines' if suffix.startswith('.j') else 'a table'}: {err}") from err
+        raise SourceError(f"{path}: cannot read it as {'JSON lines' if suffix.startswith('.j') else 'a table'}: {err}") from err
 
 
 def demo(corpus_dir: Path) -> pd.DataFrame:
     """The synth stage's corpus: metadata.csv with id, split, path, text, speaker."""
     metadata = corpus_dir / "metadata.csv"
     if not metadata.is_file():
-        raise StageError(f"{metadata} not found: run the synth stage, or set manifest.source")
+        raise SourceError(f"{metadata} not found: run the synth stage, or set manifest.source")
     frame = pd.read_csv(metadata, dtype=str, keep_default_na=False)
     return _frame(id=frame["id"], split=frame["split"], audio_path=[str(corpus_dir / p) for p in frame["path"]],
                   text=frame["text"], speaker=frame["speaker"])
@@ -83,7 +87,7 @@ def librispeech(corpus_dir: Path) -> pd.DataFrame:
                 utt_id, _, text = line.strip().partition(" ")
                 rows.append((utt_id, split, str(trans.parent / f"{utt_id}.flac"), text, parts[-3]))
     if not rows:
-        raise StageError(f"no *.trans.txt under {corpus_dir}: expected <reader>/<chapter>/*.trans.txt (LibriSpeech)")
+        raise SourceError(f"no *.trans.txt under {corpus_dir}: expected <reader>/<chapter>/*.trans.txt (LibriSpeech)")
     return pd.DataFrame(rows, columns=ENTRY_COLUMNS)
 
 
@@ -93,14 +97,14 @@ def common_voice(corpus_dir: Path) -> pd.DataFrame:
     tables = {split: corpus_dir / name for split, name in files.items() if (corpus_dir / name).is_file()}
     if not tables:
         if not (corpus_dir / "validated.tsv").is_file():
-            raise StageError(f"{corpus_dir}: no train.tsv, dev.tsv, test.tsv or validated.tsv (Common Voice)")
+            raise SourceError(f"{corpus_dir}: no train.tsv, dev.tsv, test.tsv or validated.tsv (Common Voice)")
         tables = {"": corpus_dir / "validated.tsv"}
     frames = []
     for split, path in tables.items():
         frame = _read_table(path, sep="\t")
         missing = {"client_id", "path", "sentence"} - set(frame.columns)
         if missing:
-            raise StageError(f"{path}: lacks column(s) {sorted(missing)}")
+            raise SourceError(f"{path}: lacks column(s) {sorted(missing)}")
         frames.append(_frame(id=[Path(p).stem for p in frame["path"]], split=split,
                              audio_path=[str(corpus_dir / "clips" / p) for p in frame["path"]],
                              text=frame["sentence"], speaker=frame["client_id"]))
@@ -117,7 +121,7 @@ def ljspeech(corpus_dir: Path) -> pd.DataFrame:
         raise FileNotFoundError(f"{path} not found (LJSpeech)")
     frame = pd.read_csv(path, sep="|", header=None, dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
     if frame.shape[1] < 2:
-        raise StageError(f"{path}: expected lines '<id>|<text>|<normalized text>'")
+        raise SourceError(f"{path}: expected lines '<id>|<text>|<normalized text>'")
     text = frame[2].where(frame[2] != "", frame[1]) if frame.shape[1] > 2 else frame[1]
     return _frame(id=frame[0], split="", audio_path=[str(corpus_dir / "wavs" / f"{i}.wav") for i in frame[0]],
                   text=text, speaker="")
@@ -130,7 +134,7 @@ def table(path: Path, path_column: str = "path", text_column: str = "text", spea
     wanted = [c for c in (path_column, text_column, speaker_column, split_column, id_column) if c]
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
-        raise StageError(f"{path}: no column(s) {missing}; it has {list(frame.columns)} (set manifest.columns)")
+        raise SourceError(f"{path}: no column(s) {missing}; it has {list(frame.columns)} (set manifest.columns)")
     paths = frame[path_column].tolist()
     return _frame(
         id=frame[id_column] if id_column else [Path(p).stem for p in paths],

@@ -1,4 +1,4 @@
-"""Transcribe audio files with a trained checkpoint: `ctcflow transcribe MODEL AUDIO...`.
+"""Transcribe audio files with a trained checkpoint (the `ctcflow transcribe MODEL AUDIO...` command).
 
 Files of any length and sample rate are read in fixed windows of `chunk_seconds` (so memory
 does not grow with the file), consecutive windows overlapping by `overlap_seconds`. Features
@@ -16,9 +16,7 @@ Word times come from the CTC alignment: output frame × model time stride × hop
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +31,6 @@ from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
 from ctcflow.data import read_feature_info
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
 from ctcflow.features import LogMel, LogMelConfig
-from ctcflow.params import DEFAULT_PARAMS, ParamsError, load_section
 
 
 @dataclass
@@ -178,46 +175,3 @@ class Transcriber:
             end = w.start + w.seconds
             found.append([Word(x.word, w.start + x.start, min(w.start + x.end, end)) for x in aligned])
         return found
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="ctcflow transcribe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="checkpoint, e.g. models/best.pt")
-    parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; any sample rate)")
-    parser.add_argument("--decoder", choices=["greedy", "beam"], help="default: evaluate.decoder in --params")
-    parser.add_argument("--blank-penalty", type=float, help="default: evaluate.blank_penalty in --params")
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS),
-                        help="beam settings and defaults come from its evaluate section, if the file exists "
-                             "(default: %(default)s)")
-    parser.add_argument("--features", default="data/features",
-                        help="features directory the model was trained on, read for the feature mean/std only "
-                             "if the checkpoint predates storing them (default: %(default)s)")
-    parser.add_argument("--lm-dir", default="data/lm", help="lexicon and LM for beam search (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="JSON lines with per-word start/end times")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="window length (default: %(default)s)")
-    parser.add_argument("--overlap-seconds", type=float, default=4.0,
-                        help="overlap of consecutive windows; longer than any word (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: %(default)s)")
-    args = parser.parse_args(argv)
-    from stages.evaluate import EvaluateParams  # the evaluate section's schema and defaults
-
-    try:
-        evaluate = (load_section("evaluate", EvaluateParams, args.params) if Path(args.params).is_file()
-                    else EvaluateParams())
-        transcriber = Transcriber(
-            args.model, args.features, args.decoder or evaluate.decoder, evaluate.beam, args.lm_dir,
-            evaluate.blank_penalty if args.blank_penalty is None else args.blank_penalty, args.device,
-            args.chunk_seconds, args.overlap_seconds, args.batch_size)
-        for transcript in transcriber.transcribe(args.audio):
-            if args.json:
-                print(transcript.to_json(), flush=True)
-            else:
-                print(transcript.text if len(args.audio) == 1 else f"{transcript.path}\t{transcript.text}", flush=True)
-    except (ParamsError, AudioError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"ctcflow transcribe: error: {err}")
-
-
-if __name__ == "__main__":
-    main()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-# A stage that fails on its own terms exits with this prefix (ctcflow.stage.stage_main):
+# A stage that fails on its own terms exits with this prefix (stages.runner.stage_main):
 # bad params or missing inputs, which a retry cannot fix.
 STAGE_ERROR_PREFIX = "ctcflow "
 # DVC's own words for an up-to-date stage.
@@ -93,15 +93,3 @@ def dvc_json(args: list[str], project_dir: str | Path) -> object:
 def pipeline_stages(project_dir: str | Path) -> list[str]:
     """The stages of dvc.yaml in the order they are declared, which is the pipeline's order."""
     return list(yaml.safe_load((Path(project_dir) / "dvc.yaml").read_text())["stages"])
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"train": {"wer": 1}} → {"train.wer": 1}: the dotted names `dvc metrics diff` uses."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat

@@ -31,7 +31,7 @@ from ctcflow.inference import decode_split
 from ctcflow.losses import CTCObjective
 from ctcflow.metrics import error_rates, utterance_errors
 from ctcflow.params import Section
-from ctcflow.stage import StageError, stage_main
+from stages.runner import StageError, stage_main
 
 FEATURES_DIR = Path("data/features")
 MODEL_DIR = Path("models")

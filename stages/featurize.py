@@ -38,9 +38,10 @@ from tqdm import tqdm
 from ctcflow.audio import decode_audio
 from ctcflow.data import write_split
 from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array
-from ctcflow.manifest import REJECT_COLUMNS, SPLITS, Reject, Rejected, read_manifest, write_jsonl
+from ctcflow.errors import Rejected
+from ctcflow.manifest import REJECT_COLUMNS, SPLITS, Reject, read_manifest, write_jsonl
 from ctcflow.params import Section
-from ctcflow.stage import StageError, stage_main
+from stages.runner import StageError, stage_main
 from ctcflow.text import TOKENS_FILE, Tokenizer
 
 MANIFEST_DIR = Path("data/manifests")

@@ -17,7 +17,7 @@ from pydantic import Field
 from ctcflow.lm import kneser_ney, write_arpa, write_lexicon
 from ctcflow.manifest import read_manifest
 from ctcflow.params import Section
-from ctcflow.stage import StageError, stage_main
+from stages.runner import StageError, stage_main
 
 MANIFEST_DIR = Path("data/manifests")
 OUT_DIR = Path("data/lm")

@@ -41,9 +41,10 @@ from tqdm import tqdm
 from ctcflow import sources
 from ctcflow.audio import AudioInfo, read_info
 from ctcflow.features import read_feature_header
-from ctcflow.manifest import COLUMNS, REJECT_COLUMNS, SPLITS, Reject, Rejected, Utterance, write_jsonl
+from ctcflow.errors import Rejected
+from ctcflow.manifest import COLUMNS, REJECT_COLUMNS, SPLITS, Reject, Utterance, write_jsonl
 from ctcflow.params import Section
-from ctcflow.stage import StageError, stage_main
+from stages.runner import StageError, stage_main
 from ctcflow.text import RECIPE_ALPHABET, TOKENS_FILE, Tokenizer, has_digits, min_ctc_frames, normalize, read_vocabulary
 
 OUT_DIR = Path("data/manifests")

@@ -20,7 +20,7 @@ import pandas as pd  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from ctcflow.params import Section  # noqa: E402
-from ctcflow.stage import StageError, stage_main  # noqa: E402
+from stages.runner import StageError, stage_main  # noqa: E402
 
 HISTORY_DIR = Path("metrics/train/plots/metrics")
 EVAL_METRICS = Path("metrics/eval.json")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ctcflow import espeak
 from ctcflow.params import Section
-from ctcflow.stage import StageError, stage_main
+from stages.runner import StageError, stage_main
 
 CORPUS_DIR = Path("data/corpus")
 SPLITS = ("train", "valid", "test")

@@ -40,8 +40,8 @@ from ctcflow.inference import decode_split
 from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, LossTally
 from ctcflow.metrics import error_rates
 from ctcflow.model import ARCHITECTURES, build_model, count_parameters
-from ctcflow.params import Section
-from ctcflow.stage import StageError, stage_main
+from ctcflow.params import Section, flatten
+from stages.runner import StageError, stage_main
 from ctcflow.text import RECIPE_ALPHABET, Tokenizer
 
 FEATURES_DIR = Path("data/features")
@@ -128,13 +128,6 @@ def init_weights(model: torch.nn.Module, model_config: dict, tokenizer: Tokenize
         raise StageError(f"train.init_from {path}: cannot read the checkpoint: {err}") from err
     check_compatible(checkpoint, model_config, tokenizer, n_mels, f"train.init_from {path}")
     model.load_state_dict(checkpoint["model"])
-
-
-def flatten(params: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in params.items():
-        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 def run_fingerprint(params: TrainParams, features_dir: Path, world_size: int) -> dict:

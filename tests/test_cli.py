@@ -1,11 +1,11 @@
 import subprocess
 import sys
 
-from ctcflow.cli import STAGES
+from stages.cli import STAGES
 
 
 def ctcflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ctcflow.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_help_lists_every_stage():

@@ -86,7 +86,7 @@ def set_train_params(repo: Path, **changes) -> None:
 
 def committed_metrics(repo: Path, rev: str) -> dict[str, object]:
     """Every metric at a commit, read with git itself rather than DVC, as dotted names."""
-    from pipeline.dvc import flatten
+    from ctcflow.params import flatten
 
     flat = {}
     for path in ("metrics/train/metrics.json", "metrics/eval.json"):

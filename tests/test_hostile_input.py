@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from ctcflow.manifest import read_manifest
-from ctcflow.stage import StageError
+from stages.runner import StageError
 from stages import featurize, manifest
 
 RATES = (8000, 11025, 22050, 32000, 44100, 48000)

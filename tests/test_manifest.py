@@ -13,7 +13,7 @@ import soundfile as sf
 
 from ctcflow.data import FeatureSplit
 from ctcflow.manifest import read_manifest
-from ctcflow.stage import StageError
+from stages.runner import StageError
 from ctcflow.text import Tokenizer
 from stages import featurize, manifest
 
@@ -126,7 +126,7 @@ def test_a_split_left_empty_fails_the_stage_with_a_clear_message(recipe_corpus, 
 def test_a_worker_that_dies_is_a_clear_error_not_a_hang():
     import os
 
-    from ctcflow.stage import StageError
+    from stages.runner import StageError
     from stages.manifest import parallel_map
 
     with pytest.raises(StageError, match="a worker process of manifest.num_workers = 2 died"):

@@ -18,7 +18,7 @@ import pytest
 from conftest import make_project, merge, tiny_params
 from ctcflow.checkpoint import load_checkpoint
 from ctcflow.data import read_feature_info
-from ctcflow.stage import StageError
+from stages.runner import StageError
 from stages import evaluate, featurize, manifest, plots, train
 
 GLOSSES = ["TOMORROW", "RAIN", "NORTH", "SUN", "WIND", "COLD"]

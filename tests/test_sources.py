@@ -16,7 +16,7 @@ import soundfile as sf
 
 from ctcflow.manifest import COLUMNS, read_manifest
 from ctcflow.params import ParamsError, load_section
-from ctcflow.stage import StageError
+from ctcflow.sources import SourceError
 from ctcflow.text import Tokenizer
 from stages import manifest
 
@@ -213,7 +213,7 @@ def test_table_with_its_own_column_names(tmp_path, suffix):
 def test_table_names_a_missing_column(tmp_path):
     table = tmp_path / "list.csv"
     table.write_text("wav,sentence\na.wav,hello\n")
-    with pytest.raises(StageError, match=r"no column\(s\) \['path', 'text'\]; it has \['wav', 'sentence'\]"):
+    with pytest.raises(SourceError, match=r"no column\(s\) \['path', 'text'\]; it has \['wav', 'sentence'\]"):
         run_manifest(tmp_path, source="table", corpus_dir=str(tmp_path), table=str(table))
 
 

@@ -14,7 +14,7 @@ import soundfile as sf
 import yaml
 
 from ctcflow.params import ParamsError, load_section
-from ctcflow.stage import StageError
+from stages.runner import StageError
 from conftest import synth_in_fresh_process
 from ctcflow.text import RECIPE_ALPHABET
 from stages.synth import COLUMNS, SPLITS, SynthParams, _SLOT, draw_sentences, load_grammar

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from ctcflow.checkpoint import load_checkpoint
 from ctcflow.data import LengthBatchSampler
-from ctcflow.stage import StageError
+from stages.runner import StageError
 from stages.train import TrainParams, run
 
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "conv_channels": 32}

@@ -16,7 +16,7 @@ import torchaudio.functional as AF
 
 from ctcflow.audio import load_audio
 from ctcflow.checkpoint import load_checkpoint
-from ctcflow.cli import main
+from stages.cli import main
 from ctcflow.data import FeatureSplit
 from ctcflow.transcribe import Transcriber
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from ctcflow.errors import CtcflowError
 from ctcflow.params import DEFAULT_PARAMS, ParamsError, Section, load_section
 
 S = TypeVar("S", bound=Section)
@@ -36,6 +37,6 @@ def stage_main(
     args = parser.parse_args(argv)
     try:
         run(load_section(section, schema, args.params))
-    except (ParamsError, StageError, FileNotFoundError) as err:
+    except (ParamsError, StageError, CtcflowError, FileNotFoundError) as err:
         # A missing input is usually an earlier stage not run yet: say so without a traceback.
         sys.exit(f"ctcflow {section}: error: {err}")
