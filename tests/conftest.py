@@ -37,6 +37,12 @@ def tiny_params() -> dict:
     return merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_OVERRIDES)
 
 
+def section(name: str, schema, **overrides):
+    """One section of the tiny project's params, validated by its stage's schema, with overrides
+    merged in: the values come from params.yaml, their one home, as a stage would read them."""
+    return schema.model_validate(merge(tiny_params()[name], overrides))
+
+
 def make_project(root: Path, params: dict | None = None) -> Path:
     """A directory laid out like the repo: params.yaml and the grammar the synth stage reads."""
     (root / "data").mkdir(parents=True, exist_ok=True)
