@@ -448,9 +448,10 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
     loader = DataLoader(train_set, batch_sampler=train_sampler(params, world, train_set), collate_fn=collate)
     frame_seconds = feature_info["logmel"]["hop_length"] / feature_info["logmel"]["sample_rate"]
 
-    # Resume from the last completed epoch of a killed run, if there is one and it fits.
     meta = {"model_config": model_config, "tokenizer": tokenizer.to_dict(), "n_mels": n_mels,
             "logmel": feature_info["logmel"], "mean": feature_info["mean"], "std": feature_info["std"]}
+
+    # Resume from the last completed epoch of a killed run, if there is one and it fits.
     resume_path = resume_dir / "resume.pt"
     fingerprint = run_fingerprint(params, features_dir, world.world_size)
     resumed = broadcast(world, read_resume(resume_path, fingerprint) if world.master and params.resume else None)
