@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -32,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ctcflow.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ctcflow.checkpoint import (CheckpointError, check_compatible, load_checkpoint, rng_state, save_checkpoint,
+                                set_rng_state)
 from ctcflow.data import DistributedLengthBatchSampler, FeatureSplit, LengthBatchSampler, collate, read_feature_info
 from ctcflow.distributed import World, all_gather, all_sum, all_true, broadcast, join, launch, launched, leave
 from ctcflow.features import spec_augment
@@ -41,8 +45,8 @@ from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, LossTally
 from ctcflow.metrics import error_rates
 from ctcflow.model import ARCHITECTURES, build_model, count_parameters
 from ctcflow.params import Section, flatten
+from ctcflow.text import Tokenizer
 from stages.runner import StageError, stage_main
-from ctcflow.text import RECIPE_ALPHABET, Tokenizer
 
 FEATURES_DIR = Path("data/features")
 MODEL_DIR = Path("models")
@@ -56,62 +60,103 @@ RESUMABLE_CHANGES = {"epochs", "early_stopping_patience", "max_consecutive_nonfi
 
 
 class ModelParams(Section):
-    arch: Literal[ARCHITECTURES] = "bilstm"
-    hidden_size: int = Field(192, gt=0)
-    num_layers: int = Field(3, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    subsample: int = Field(3, ge=1, le=8)  # bilstm only; recipe always strides by 2
-    conv_channels: int = Field(192, gt=0)  # bilstm only
+    arch: Literal[ARCHITECTURES]
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    subsample: int = Field(ge=1, le=8)  # bilstm only; recipe always strides by 2
+    conv_channels: int = Field(gt=0)  # bilstm only
 
 
 class CTCParams(Section):
     # An index, or first/last; checked against the label unit's size when training starts.
-    blank: Annotated[int, Field(ge=0)] | Literal["first", "last"] = len(RECIPE_ALPHABET)
-    zero_infinity: bool = True
+    blank: Annotated[int, Field(ge=0)] | Literal["first", "last"]
+    zero_infinity: bool
 
 
 class BlankPenaltyParams(Section):
-    mode: Literal[BLANK_PENALTY_MODES] = "none"
-    weight: float = Field(0.5, ge=0)
+    mode: Literal[BLANK_PENALTY_MODES]
+    weight: float = Field(ge=0)
 
 
 class SchedulerParams(Section):
-    enabled: bool = True
-    factor: float = Field(0.5, gt=0, lt=1)
-    patience: int = Field(6, ge=0)
+    enabled: bool
+    factor: float = Field(gt=0, lt=1)
+    patience: int = Field(ge=0)
 
 
 class SpecAugmentParams(Section):
-    enabled: bool = True
-    n_freq_masks: int = Field(2, ge=0)
-    freq_mask: int = Field(15, ge=0)
-    n_time_masks: int = Field(2, ge=0)
-    time_mask: int = Field(25, ge=0)
-    max_time_fraction: float = Field(0.2, gt=0, le=1)
+    enabled: bool
+    n_freq_masks: int = Field(ge=0)
+    freq_mask: int = Field(ge=0)
+    n_time_masks: int = Field(ge=0)
+    time_mask: int = Field(ge=0)
+    max_time_fraction: float = Field(gt=0, le=1)
 
 
 class TrainParams(Section):
-    seed: int = 0
-    epochs: int = Field(10, gt=0)
-    batch_frames: int = Field(5000, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    clip_grad_norm: float = Field(5.0, ge=0)  # 0 turns clipping off
-    num_threads: int = Field(2, ge=1)  # per process
-    init_from: str | None = None
-    grad_accumulation: int = Field(1, ge=1)  # batches per optimizer step
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = torch.autocast to bfloat16
-    early_stopping_patience: int = Field(0, ge=0)  # epochs without a better validation WER; 0 = off
-    max_consecutive_nonfinite: int = Field(10, ge=1)  # skipped non-finite steps in a row that stop training
-    resume: bool = True  # resume from checkpoints/train/resume.pt when it fits these params
-    nproc: int = Field(1, ge=1)  # processes (distributed data parallel); batch_frames is per step, all together
-    device: Literal["cpu", "cuda"] = "cpu"
-    model: ModelParams = ModelParams()
-    ctc: CTCParams = CTCParams()
-    blank_penalty: BlankPenaltyParams = BlankPenaltyParams()
-    scheduler: SchedulerParams = SchedulerParams()
-    specaugment: SpecAugmentParams = SpecAugmentParams()
+    seed: int
+    epochs: int = Field(gt=0)
+    batch_frames: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    clip_grad_norm: float = Field(ge=0)  # 0 turns clipping off
+    num_threads: int = Field(ge=1)  # per process
+    init_from: str | None
+    grad_accumulation: int = Field(ge=1)  # batches per optimizer step
+    precision: Literal["fp32", "bf16"]  # bf16 = torch.autocast to bfloat16
+    early_stopping_patience: int = Field(ge=0)  # epochs without a better validation WER; 0 = off
+    max_consecutive_nonfinite: int = Field(ge=1)  # skipped non-finite steps in a row that stop training
+    resume: bool  # resume from checkpoints/train/resume.pt when it fits these params
+    nproc: int = Field(ge=1)  # processes (distributed data parallel); batch_frames is per step, all together
+    device: Literal["cpu", "cuda"]
+    model: ModelParams
+    ctc: CTCParams
+    blank_penalty: BlankPenaltyParams
+    scheduler: SchedulerParams
+    specaugment: SpecAugmentParams
+
+
+# The run state's part of the resume checkpoint.
+CHECKPOINTED = ("step", "history", "best_wer", "best_epoch", "best_model", "nonfinite_steps")
+
+
+@dataclass
+class RunState:
+    """What training carries from one epoch into the next; the resume checkpoint keeps it between runs."""
+
+    step: int = 0  # optimizer steps taken: the warm-up counts them
+    history: list[dict] = field(default_factory=list)  # {"epoch", "metrics"} of every epoch done
+    best_wer: float = math.inf  # the validation WER of best_epoch
+    best_epoch: int = 0
+    best_model: dict | None = None  # the weights of best_epoch
+    nonfinite_steps: int = 0  # skipped, over the whole run
+    nonfinite_in_a_row: int = 0  # not checkpointed: a resumed run counts afresh
+
+    @property
+    def epochs_done(self) -> int:
+        return self.history[-1]["epoch"] if self.history else 0
+
+    def out_of_patience(self, patience: int) -> bool:
+        """True after `patience` epochs (0 = never) without a better validation WER."""
+        return bool(patience) and self.epochs_done - self.best_epoch >= patience
+
+    def end_epoch(self, epoch: int, metrics: dict, weights: dict) -> bool:
+        """Record a finished epoch; True when its validation WER is the best so far."""
+        self.history.append({"epoch": epoch, "metrics": metrics})
+        improved = metrics["valid/wer"] < self.best_wer
+        if improved:
+            self.best_wer, self.best_epoch = metrics["valid/wer"], epoch
+            self.best_model = {k: v.detach().clone() for k, v in weights.items()}
+        return improved
+
+    def to_checkpoint(self) -> dict:
+        return {name: getattr(self, name) for name in CHECKPOINTED}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> RunState:
+        return cls(**{name: checkpoint[name] for name in CHECKPOINTED})
 
 
 def seed_everything(seed: int) -> None:
@@ -120,14 +165,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items, the last one shorter if need be (itertools.batched of Python 3.12)."""
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def load_tokenizer(features_dir: Path, blank: int | str) -> Tokenizer:
+    """The label unit travels with the features (tokens.json, from the manifest stage)."""
+    try:
+        return Tokenizer.load(features_dir, blank=blank)
+    except ValueError as err:
+        raise StageError(f"train.ctc.blank {blank!r} with the units of {features_dir}: {err}") from err
+
+
 def init_weights(model: torch.nn.Module, model_config: dict, tokenizer: Tokenizer, n_mels: int, path: str) -> None:
     """Start from pre-trained weights (the fix note's "Stage 1"): same architecture, any dropout."""
     try:
         checkpoint = load_checkpoint(path)
-    except (FileNotFoundError, StageError) as err:
+    except (FileNotFoundError, CheckpointError) as err:
         raise StageError(f"train.init_from {path}: cannot read the checkpoint: {err}") from err
     check_compatible(checkpoint, model_config, tokenizer, n_mels, f"train.init_from {path}")
     model.load_state_dict(checkpoint["model"])
+
+
+def train_sampler(params: TrainParams, world: World, train_set: FeatureSplit) -> LengthBatchSampler:
+    if world.distributed:
+        return DistributedLengthBatchSampler(train_set.num_frames, params.batch_frames, shuffle=True,
+                                             seed=params.seed, rank=world.rank, world_size=world.world_size)
+    return LengthBatchSampler(train_set.num_frames, params.batch_frames, shuffle=True, seed=params.seed)
+
+
+def loss_shares(sampler: LengthBatchSampler, world: World) -> Iterable[float]:
+    """Each batch's weight on its mean loss. DDP averages the gradients over ranks; weighting each
+    rank's batch mean by its share of the global batch's utterances makes that the gradient of the
+    global batch's mean loss."""
+    if not world.distributed:
+        return itertools.repeat(1.0)
+    return [len(batch) * world.world_size / size for batch, size in zip(sampler.batches, sampler.global_sizes)]
+
+
+def mixed_precision(params: TrainParams, world: World) -> torch.autocast:
+    return torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=params.precision == "bf16")
 
 
 def run_fingerprint(params: TrainParams, features_dir: Path, world_size: int) -> dict:
@@ -152,20 +232,172 @@ def read_resume(path: Path, fingerprint: dict) -> dict | None:
     return state
 
 
-def rewrite_outputs(live: Live, resumed: dict, model_dir: Path, checkpoint_meta: dict) -> None:
+def restore(resumed: dict, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler) -> RunState:
+    """Training as the killed run left it after its last epoch, this rank's random streams included."""
+    model.load_state_dict(resumed["model"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    set_rng_state(resumed["rng"][world.rank])
+    return RunState.from_checkpoint(resumed)
+
+
+def train_one_epoch(epoch: int, params: TrainParams, world: World, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, objective: CTCObjective, loader: DataLoader, state: RunState,
+                    frame_seconds: float) -> tuple[dict, float, float]:
+    """One pass over the training batches, an optimizer step per group of train.grad_accumulation of
+    them (the epoch's last group may be smaller). Returns the epoch's training metrics over every
+    rank, the audio seconds trained on and the seconds it took."""
+    model.train()
+    loader.batch_sampler.set_epoch(epoch)
+    augment = spec_augment(**params.specaugment.model_dump(exclude={"enabled"})) if params.specaugment.enabled else None
+    tally, grad_norm_sum, updates, skipped, audio_seconds = LossTally(), 0.0, 0, 0, 0.0
+    started = time.perf_counter()
+    quiet = {} if world.master else {"disable": True}  # rank 0 shows progress; TQDM_DISABLE still works
+    progress = tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", unit="batch", leave=False, **quiet)
+    for group in chunked(zip(progress, loss_shares(loader.batch_sampler, world)), params.grad_accumulation):
+        group_tally, rows = accumulate_gradients(group, params, world, model, objective, augment)
+        for batch, _ in group:
+            audio_seconds += batch.lengths.sum().item() * frame_seconds
+        grad_norm = optimizer_step(params, world, model, optimizer, state, group_tally.sums["loss"])
+        if grad_norm is None:
+            skipped += 1
+            skip_step(epoch, params, world, state,
+                      [u for rank_rows in all_gather(world, rows) for u in loader.dataset.index["id"].iloc[rank_rows]])
+            continue
+        updates += 1
+        tally.utterances += group_tally.utterances
+        for name, value in group_tally.sums.items():
+            tally.sums[name] += value
+        grad_norm_sum += grad_norm
+        progress.set_postfix(loss=f"{tally.means()['loss']:.3f}")
+    seconds = time.perf_counter() - started
+
+    # Every rank's share of the epoch (a no-op in one process).
+    tally.utterances, *sums, audio_seconds = all_sum(world, [tally.utterances, *tally.sums.values(), audio_seconds])
+    tally.sums = dict(zip(tally.sums, sums))
+    means = tally.means() if tally.utterances else dict.fromkeys(tally.sums, math.nan)  # every step skipped
+    metrics = {**{f"train/{name}": value for name, value in means.items()},
+               "train/grad_norm": grad_norm_sum / updates if updates else math.nan,
+               "train/nonfinite_steps": skipped}
+    return metrics, audio_seconds, seconds
+
+
+def accumulate_gradients(group: list, params: TrainParams, world: World, model: torch.nn.Module,
+                         objective: CTCObjective, augment: Callable | None) -> tuple[LossTally, list[int]]:
+    """Forward and backward passes over one optimizer step's (batch, loss share) pairs, so that the
+    gradients add up to that of the step's mean loss. Returns the loss tally and the batches' rows."""
+    tally, rows = LossTally(), []
+    for position, (batch, share) in enumerate(group, 1):
+        batch = batch.to(world.device)
+        feats = augment(batch.feats.transpose(1, 2)).transpose(1, 2) if augment is not None else batch.feats
+        # Gradients are exchanged between ranks once per optimizer step, on its last batch.
+        last = position == len(group)
+        with model.no_sync() if world.distributed and not last else contextlib.nullcontext():
+            with mixed_precision(params, world):
+                log_probs, lengths = model(feats, batch.lengths)
+                parts = objective(log_probs, lengths, batch.targets, batch.target_lengths)
+            (parts.total * (share / len(group))).backward()
+        tally.add(parts, log_probs, lengths, objective.blank)
+        rows += batch.indices
+    return tally, rows
+
+
+def optimizer_step(params: TrainParams, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   state: RunState, loss: float) -> float | None:
+    """Clip the accumulated gradient and step with it, at the warm-up's rate while it lasts. A
+    non-finite loss or gradient (bad features, an overflow) would poison the weights: every rank
+    skips the step then. Returns the gradient norm of a step taken, None for a step skipped."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), params.clip_grad_norm or float("inf")).item()
+    finite = all_true(world, math.isfinite(loss) and math.isfinite(grad_norm))
+    if finite:
+        if state.step < params.warmup_steps:  # linear: step k (from 0) at lr × (k + 1) / warmup_steps
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = params.lr * (state.step + 1) / params.warmup_steps
+        optimizer.step()
+        state.step += 1
+        state.nonfinite_in_a_row = 0
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm if finite else None
+
+
+def skip_step(epoch: int, params: TrainParams, world: World, state: RunState, utterance_ids: list[str]) -> None:
+    """Count a skipped step, say so, and stop training at train.max_consecutive_nonfinite in a row."""
+    state.nonfinite_steps += 1
+    state.nonfinite_in_a_row += 1
+    ids = ", ".join(utterance_ids)
+    if state.nonfinite_in_a_row >= params.max_consecutive_nonfinite:
+        raise StageError(f"training stopped in epoch {epoch}: {state.nonfinite_in_a_row} steps in a row had a "
+                         f"non-finite loss or gradient (train.max_consecutive_nonfinite = "
+                         f"{params.max_consecutive_nonfinite}); the last batch held utterances {ids}: "
+                         f"check their features and transcripts")
+    if world.master:
+        tqdm.write(f"epoch {epoch}: skipped a step with a non-finite loss or gradient (utterances {ids})")
+
+
+def validate(model: torch.nn.Module, valid_set: FeatureSplit, tokenizer: Tokenizer, objective: CTCObjective,
+             params: TrainParams, world: World) -> dict:
+    # Each rank validates its identical copy of the model: no broadcast needed for the decisions it informs.
+    with mixed_precision(params, world):
+        valid = decode_split(model, valid_set, tokenizer, objective, params.batch_frames)
+    rates = error_rates(valid_set.index["text_normalized"].tolist(), valid.hypotheses)
+    return {"valid/loss": valid.loss, "valid/ctc_loss": valid.ctc_loss, "valid/blank_ratio": valid.blank_ratio,
+            "valid/wer": rates["wer"], "valid/cer": rates["cer"], "valid/sentence_accuracy": rates["sentence_accuracy"]}
+
+
+def epoch_line(epoch: int, metrics: dict, seconds: float) -> str:
+    skipped = metrics["train/nonfinite_steps"]
+    return (f"epoch {epoch}: loss {metrics['train/loss']:.4f} (CTC {metrics['train/ctc_loss']:.4f}, "
+            f"penalty {metrics['train/blank_penalty']:.4f}), blank ratio {metrics['train/blank_ratio']:.3f}; "
+            f"valid loss {metrics['valid/loss']:.4f}, WER {metrics['valid/wer']:.2%}, CER {metrics['valid/cer']:.2%}; "
+            f"{seconds:.0f} s, {metrics['audio_seconds_per_second']:.0f} audio-s/s"
+            + (f"; {skipped} non-finite steps skipped" if skipped else ""))
+
+
+def log_epoch(live: Live, epoch: int, metrics: dict) -> None:
+    live.step = epoch  # plots and metrics count epochs from 1
+    for name, value in metrics.items():
+        live.log_metric(name, value)
+
+
+def save_model(path: Path, weights: dict, epoch: int, valid_wer: float, meta: dict, **training) -> None:
+    """`meta` holds what rebuilds the model and its input (the feature mean/std too), so a checkpoint
+    transcribes on its own; `training` (optimizer, scheduler, ...) lets training carry on from it."""
+    save_checkpoint(path, model=weights, epoch=epoch, valid_wer=valid_wer, **meta, **training)
+
+
+def save_best(live: Live, model_dir: Path, weights: dict, state: RunState, meta: dict) -> None:
+    save_model(model_dir / "best.pt", weights, state.best_epoch, state.best_wer, meta)
+    live.summary["best"] = {"epoch": state.best_epoch, "valid_wer": state.best_wer}
+
+
+def save_epoch(live: Live, model_dir: Path, resume_path: Path, meta: dict, fingerprint: dict, state: RunState,
+               improved: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, rngs: list) -> None:
+    """models/best.pt when the epoch improved on it, models/last.pt, and the resume checkpoint."""
+    weights, record = model.state_dict(), state.history[-1]
+    if improved:
+        save_best(live, model_dir, weights, state, meta)
+    training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    save_model(model_dir / "last.pt", weights, record["epoch"], record["metrics"]["valid/wer"], meta, **training)
+    save_model(resume_path, weights, record["epoch"], record["metrics"]["valid/wer"], meta, **training, rng=rngs,
+               **state.to_checkpoint(), fingerprint=fingerprint)
+
+
+def rewrite_outputs(live: Live, model_dir: Path, resumed: dict, state: RunState, meta: dict) -> None:
     """The outputs of the epochs a resumed run inherits, rewritten from its checkpoint: DVC deletes a
     stage's outputs before it reruns it, and a kill may leave an epoch that the checkpoint lacks.
     So the history holds every epoch exactly once."""
-    for record in resumed["history"]:
-        live.step = record["epoch"]
-        for name, value in record["metrics"].items():
-            live.log_metric(name, value)
-    live.summary["best"] = {"epoch": resumed["best_epoch"], "valid_wer": resumed["best_wer"]}
-    save_checkpoint(model_dir / "best.pt", model=resumed["best_model"], epoch=resumed["best_epoch"],
-                    valid_wer=resumed["best_wer"], **checkpoint_meta)
-    save_checkpoint(model_dir / "last.pt", model=resumed["model"], epoch=resumed["epoch"],
-                    valid_wer=resumed["history"][-1]["metrics"]["valid/wer"], **checkpoint_meta,
-                    optimizer=resumed["optimizer"], scheduler=resumed["scheduler"])
+    for record in state.history:
+        log_epoch(live, record["epoch"], record["metrics"])
+    save_best(live, model_dir, state.best_model, state, meta)
+    save_model(model_dir / "last.pt", resumed["model"], resumed["epoch"], state.history[-1]["metrics"]["valid/wer"],
+               meta, optimizer=resumed["optimizer"], scheduler=resumed["scheduler"])
+
+
+def summarize(live: Live, state: RunState, resumed_from: int, early_stopped: int) -> None:
+    live.summary["run"] = {"nonfinite_steps": state.nonfinite_steps, "resumed_from_epoch": resumed_from,
+                           "early_stopped_epoch": early_stopped}
+    live.sync()
 
 
 def run(params: TrainParams, features_dir: Path = FEATURES_DIR, model_dir: Path = MODEL_DIR,
@@ -188,10 +420,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
           resume_dir: Path) -> dict:
     seed_everything(params.seed)
     torch.set_num_threads(params.num_threads)
-    try:  # the label unit travels with the features (tokens.json, from the manifest stage)
-        tokenizer = Tokenizer.load(features_dir, blank=params.ctc.blank)
-    except ValueError as err:
-        raise StageError(f"train.ctc.blank {params.ctc.blank!r} with the units of {features_dir}: {err}") from err
+    tokenizer = load_tokenizer(features_dir, params.ctc.blank)
     feature_info = read_feature_info(features_dir)
     n_mels = feature_info["logmel"]["n_mels"]
     train_set = FeatureSplit(features_dir, "train", tokenizer)
@@ -216,174 +445,51 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=params.scheduler.factor, patience=params.scheduler.patience)
-    augment = spec_augment(**params.specaugment.model_dump(exclude={"enabled"}))
-    if world.distributed:
-        sampler = DistributedLengthBatchSampler(train_set.num_frames, params.batch_frames, shuffle=True,
-                                                seed=params.seed, rank=world.rank, world_size=world.world_size)
-    else:
-        sampler = LengthBatchSampler(train_set.num_frames, params.batch_frames, shuffle=True, seed=params.seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
-    max_norm = params.clip_grad_norm or float("inf")
+    loader = DataLoader(train_set, batch_sampler=train_sampler(params, world, train_set), collate_fn=collate)
     frame_seconds = feature_info["logmel"]["hop_length"] / feature_info["logmel"]["sample_rate"]
-    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=params.precision == "bf16")
+
+    meta = {"model_config": model_config, "tokenizer": tokenizer.to_dict(), "n_mels": n_mels,
+            "logmel": feature_info["logmel"], "mean": feature_info["mean"], "std": feature_info["std"]}
 
     # Resume from the last completed epoch of a killed run, if there is one and it fits.
-    # The feature mean/std travel with the weights, so a checkpoint transcribes on its own.
-    checkpoint_meta = {"model_config": model_config, "tokenizer": tokenizer.to_dict(), "n_mels": n_mels,
-                       "logmel": feature_info["logmel"], "mean": feature_info["mean"], "std": feature_info["std"]}
     resume_path = resume_dir / "resume.pt"
     fingerprint = run_fingerprint(params, features_dir, world.world_size)
     resumed = broadcast(world, read_resume(resume_path, fingerprint) if world.master and params.resume else None)
-    history, best_wer, best_epoch, best_model, step, nonfinite_total = [], float("inf"), 0, None, 0, 0
     if resumed:
         check_compatible(resumed, model_config, tokenizer, n_mels, str(resume_path))
-        raw_model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        set_rng_state(resumed["rng"][world.rank])
-        history, best_wer, best_epoch, best_model = (resumed[k] for k in ("history", "best_wer", "best_epoch",
-                                                                          "best_model"))
-        step, nonfinite_total = resumed["step"], resumed["nonfinite_steps"]
-    resumed_from = resumed["epoch"] if resumed else 0
-    epoch_metrics = history[-1]["metrics"] if history else {}
+    state = restore(resumed, world, raw_model, optimizer, scheduler) if resumed else RunState()
+    resumed_from = state.epochs_done
 
     with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) if world.master else contextlib.nullcontext() as live:
         if resumed and world.master:
             print(f"resuming after epoch {resumed_from} from {resume_path}", flush=True)
-            rewrite_outputs(live, resumed, model_dir, checkpoint_meta)
-
-        early_stopped, nonfinite_in_a_row = 0, 0
+            rewrite_outputs(live, model_dir, resumed, state, meta)
+        early_stopped = 0
         for epoch in range(resumed_from + 1, params.epochs + 1):
-            if params.early_stopping_patience and epoch - 1 - best_epoch >= params.early_stopping_patience:
-                early_stopped = epoch - 1
+            if state.out_of_patience(params.early_stopping_patience):
+                early_stopped = state.epochs_done
                 if world.master:
-                    print(f"early stop: no better validation WER since epoch {best_epoch}", flush=True)
+                    print(f"early stop: no better validation WER since epoch {state.best_epoch}", flush=True)
                 break
-            model.train()
-            sampler.set_epoch(epoch)
-            tally, grad_norm_sum, updates, skipped = LossTally(), 0.0, 0, 0
-            audio_seconds, started = 0.0, time.perf_counter()
-            quiet = {} if world.master else {"disable": True}  # rank 0 shows progress; TQDM_DISABLE still works
-            progress = tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", unit="batch", leave=False, **quiet)
-            for i, batch in enumerate(progress):
-                # One optimizer step per grad_accumulation batches (fewer at the end of the epoch).
-                if i % params.grad_accumulation == 0:
-                    group_tally, group_rows = LossTally(), []
-                    group_size = min(params.grad_accumulation, len(loader) - i)
-                last_of_group = (i + 1) % params.grad_accumulation == 0 or i + 1 == len(loader)
-                # DDP averages over ranks; weighting each rank's batch mean by its share of the global
-                # batch's utterances makes that the gradient of the global batch's mean loss.
-                share = len(batch.indices) * world.world_size / sampler.global_sizes[i] if world.distributed else 1.0
-                batch = batch.to(world.device)
-                feats = batch.feats
-                if params.specaugment.enabled:
-                    feats = augment(feats.transpose(1, 2)).transpose(1, 2)
-                # Gradients are exchanged between ranks once per optimizer step, on its last batch.
-                with model.no_sync() if world.distributed and not last_of_group else contextlib.nullcontext():
-                    with autocast:
-                        log_probs, lengths = model(feats, batch.lengths)
-                        parts = objective(log_probs, lengths, batch.targets, batch.target_lengths)
-                    (parts.total * (share / group_size)).backward()
-                group_tally.add(parts, log_probs, lengths, tokenizer.blank)
-                group_rows += batch.indices
-                audio_seconds += batch.lengths.sum().item() * frame_seconds
-                if not last_of_group:
-                    continue
-
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                # A non-finite loss or gradient (bad features, an overflow) would poison the weights:
-                # skip the step on every rank alike.
-                if all_true(world, math.isfinite(group_tally.sums["loss"]) and math.isfinite(grad_norm.item())):
-                    if step < params.warmup_steps:
-                        for group in optimizer.param_groups:
-                            group["lr"] = params.lr * (step + 1) / params.warmup_steps
-                    optimizer.step()
-                    step += 1
-                    updates += 1
-                    nonfinite_in_a_row = 0
-                    tally.utterances += group_tally.utterances
-                    for name, value in group_tally.sums.items():
-                        tally.sums[name] += value
-                    grad_norm_sum += grad_norm.item()
-                    progress.set_postfix(loss=f"{tally.means()['loss']:.3f}")
-                else:
-                    skipped += 1
-                    nonfinite_in_a_row += 1
-                    ids = [u for rows in all_gather(world, group_rows) for u in train_set.index["id"].iloc[rows]]
-                    if nonfinite_in_a_row >= params.max_consecutive_nonfinite:
-                        raise StageError(
-                            f"training stopped in epoch {epoch}: {nonfinite_in_a_row} steps in a row had a "
-                            f"non-finite loss or gradient (train.max_consecutive_nonfinite = "
-                            f"{params.max_consecutive_nonfinite}); the last batch held utterances "
-                            f"{', '.join(ids)}: check their features and transcripts")
-                    if world.master:
-                        tqdm.write(f"epoch {epoch}: skipped a step with a non-finite loss or gradient "
-                                   f"(utterances {', '.join(ids)})")
-                optimizer.zero_grad(set_to_none=True)
-            train_seconds = time.perf_counter() - started
-
-            # Every rank's share of the epoch (a no-op in one process).
-            tally.utterances, *sums, audio_seconds = all_sum(world, [tally.utterances, *tally.sums.values(),
-                                                                     audio_seconds])
-            tally.sums = dict(zip(tally.sums, sums))
-            nonfinite_total += skipped
-            # Each rank validates its identical copy of the model: no broadcast needed for the decisions below.
-            with autocast:
-                valid = decode_split(raw_model, valid_set, tokenizer, objective, params.batch_frames)
-            rates = error_rates(valid_set.index["text_normalized"].tolist(), valid.hypotheses)
+            train_metrics, audio_seconds, seconds = train_one_epoch(epoch, params, world, model, optimizer, objective,
+                                                                    loader, state, frame_seconds)
+            valid_metrics = validate(raw_model, valid_set, tokenizer, objective, params, world)
             if params.scheduler.enabled:
-                scheduler.step(valid.ctc_loss)
-            train_means = tally.means() if tally.utterances else dict.fromkeys(tally.sums, math.nan)  # all skipped
-            epoch_metrics = {
-                **{f"train/{name}": value for name, value in train_means.items()},
-                "train/grad_norm": grad_norm_sum / updates if updates else math.nan,
-                "train/nonfinite_steps": skipped,
-                "valid/loss": valid.loss,
-                "valid/ctc_loss": valid.ctc_loss,
-                "valid/blank_ratio": valid.blank_ratio,
-                "valid/wer": rates["wer"],
-                "valid/cer": rates["cer"],
-                "valid/sentence_accuracy": rates["sentence_accuracy"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "audio_seconds_per_second": audio_seconds / train_seconds,
-            }
-            history.append({"epoch": epoch, "metrics": epoch_metrics})
-            improved = rates["wer"] < best_wer
-            if improved:
-                best_wer, best_epoch = rates["wer"], epoch
+                scheduler.step(valid_metrics["valid/ctc_loss"])
+            metrics = {**train_metrics, **valid_metrics, "lr": optimizer.param_groups[0]["lr"],
+                       "audio_seconds_per_second": audio_seconds / seconds}
+            improved = state.end_epoch(epoch, metrics, raw_model.state_dict())
             rngs = all_gather(world, rng_state())  # every rank's streams, so a resumed run draws what this one would
-            if not world.master:
-                continue
-
-            live.step = epoch  # plots and metrics count epochs from 1
-            for name, value in epoch_metrics.items():
-                live.log_metric(name, value)
-            print(f"epoch {epoch}: loss {epoch_metrics['train/loss']:.4f} (CTC {epoch_metrics['train/ctc_loss']:.4f}, "
-                  f"penalty {epoch_metrics['train/blank_penalty']:.4f}), blank ratio {epoch_metrics['train/blank_ratio']:.3f}; "
-                  f"valid loss {valid.loss:.4f}, WER {rates['wer']:.2%}, CER {rates['cer']:.2%}; "
-                  f"{train_seconds:.0f} s, {epoch_metrics['audio_seconds_per_second']:.0f} audio-s/s"
-                  + (f"; {skipped} non-finite steps skipped" if skipped else ""), flush=True)
-
-            state = {"model": raw_model.state_dict(), "epoch": epoch, "valid_wer": rates["wer"], **checkpoint_meta}
-            if improved:
-                best_model = {k: v.detach().clone() for k, v in state["model"].items()}
-                save_checkpoint(model_dir / "best.pt", **state)
-                live.summary["best"] = {"epoch": best_epoch, "valid_wer": best_wer}
-            save_checkpoint(model_dir / "last.pt", **state, optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict())
-            save_checkpoint(resume_path, **state, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            rng=rngs, step=step, history=history, best_wer=best_wer, best_epoch=best_epoch,
-                            best_model=best_model, nonfinite_steps=nonfinite_total, fingerprint=fingerprint)
-            live.summary["run"] = {"nonfinite_steps": nonfinite_total, "resumed_from_epoch": resumed_from,
-                                   "early_stopped_epoch": 0}
-            live.sync()
-
+            if world.master:
+                log_epoch(live, epoch, metrics)
+                print(epoch_line(epoch, metrics, seconds), flush=True)
+                save_epoch(live, model_dir, resume_path, meta, fingerprint, state, improved, raw_model, optimizer,
+                           scheduler, rngs)
+                summarize(live, state, resumed_from, early_stopped=0)
         if world.master:
-            live.summary["run"] = {"nonfinite_steps": nonfinite_total, "resumed_from_epoch": resumed_from,
-                                   "early_stopped_epoch": early_stopped}
-            live.sync()
+            summarize(live, state, resumed_from, early_stopped)
             resume_path.unlink(missing_ok=True)  # finished: a rerun trains afresh
-    return epoch_metrics
+    return state.history[-1]["metrics"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from conftest import section
 from ctcflow.checkpoint import load_checkpoint
 from ctcflow.data import DistributedLengthBatchSampler, LengthBatchSampler
 from stages.train import TrainParams, run
@@ -41,13 +42,12 @@ def test_a_global_batch_holds_at_least_one_utterance_per_rank():
 
 # No SpecAugment and no dropout: the two runs then draw no random numbers while training, and
 # differ only in how the floating-point sums of the gradient are ordered.
-SETTINGS = {"epochs": 2, "batch_frames": 1500, "warmup_steps": 0, "num_threads": 1, "lr": 0.003,
-            "specaugment": {"enabled": False}, "model": {"hidden_size": 32, "num_layers": 1, "conv_channels": 32,
-                                                          "dropout": 0.0}}
+SETTINGS = {"epochs": 2, "batch_frames": 1500, "num_threads": 1, "lr": 0.003, "specaugment": {"enabled": False},
+            "model": {"dropout": 0.0}}
 
 
 def train(features, root, **changes) -> tuple[pd.DataFrame, dict]:
-    run(TrainParams.model_validate({**SETTINGS, **changes}), features_dir=features, model_dir=root / "models",
+    run(section("train", TrainParams, **{**SETTINGS, **changes}), features_dir=features, model_dir=root / "models",
         live_dir=root / "live", resume_dir=root / "checkpoints")
     series = {name: pd.read_csv(root / "live/plots/metrics" / f"{name}.tsv", sep="\t").set_index("step")[name.split("/")[-1]]
               for name in ("train/loss", "train/grad_norm", "valid/ctc_loss", "valid/loss")}

@@ -12,13 +12,12 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_params
+from conftest import merge, section, tiny_params
 from ctcflow.checkpoint import load_checkpoint
 from ctcflow.data import LengthBatchSampler
 from stages.train import TrainParams, main, run
 
-TINY = {"epochs": 2, "batch_frames": 1500, "warmup_steps": 0, "num_threads": 1,
-        "model": {"hidden_size": 32, "num_layers": 1, "conv_channels": 32}}
+TINY = {"epochs": 2, "batch_frames": 1500, "num_threads": 1}
 
 
 def poisoned_features(tiny_pipeline, root, ids=None):
@@ -38,7 +37,7 @@ def test_a_nan_batch_is_skipped_and_counted(tiny_pipeline, tmp_path):
     index = pd.read_csv(tiny_pipeline / "data/features/train.csv", dtype={"id": str})
     features, _ = poisoned_features(tiny_pipeline, tmp_path, ids={index["id"].iloc[0]})
     live = tmp_path / "metrics/train"
-    metrics = run(TrainParams.model_validate({**TINY, "max_consecutive_nonfinite": 2}), features_dir=features,
+    metrics = run(section("train", TrainParams, **TINY, max_consecutive_nonfinite=2), features_dir=features,
                   model_dir=tmp_path / "models", live_dir=live, resume_dir=tmp_path / "checkpoints")
 
     # One batch per epoch holds the poisoned utterance: one skipped step per epoch, the rest trained.
@@ -53,7 +52,7 @@ def test_a_nan_batch_is_skipped_and_counted(tiny_pipeline, tmp_path):
 
 def test_nan_steps_in_a_row_stop_training_with_the_utterance_ids(tiny_pipeline, tmp_path, capsys):
     params = tiny_params()
-    params["train"].update({**TINY, "max_consecutive_nonfinite": 3})
+    params["train"] = merge(params["train"], {**TINY, "max_consecutive_nonfinite": 3})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     _, index = poisoned_features(tiny_pipeline, tmp_path)  # every utterance: every step is non-finite
 

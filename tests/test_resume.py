@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_project, tiny_params
+from conftest import REPO, make_project, merge, section, tiny_params
 from ctcflow.checkpoint import load_checkpoint
 from stages.train import TrainParams, run
 
@@ -42,7 +42,7 @@ def killed(tiny_pipeline, tmp_path_factory) -> tuple[Path, Path]:
     """A DVC repo with only the train stage, whose `dvc repro` was killed (SIGKILL, the whole process
     group) during epoch 2; and a copy of the resume checkpoint it left."""
     params = tiny_params()
-    params["train"].update(TRAIN)
+    params["train"] = merge(params["train"], TRAIN)
     repo = make_project(tmp_path_factory.mktemp("resume"), params)
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stages["train"]}}, sort_keys=False))
@@ -95,7 +95,7 @@ def test_rerun_resumes_and_ends_like_an_uninterrupted_run(killed, tmp_path):
     assert "up to date" in dvc("status", cwd=repo)
 
     (tmp_path / "data").mkdir()
-    run(TrainParams.model_validate(TRAIN), features_dir=repo / "data/features", model_dir=tmp_path / "models",
+    run(section("train", TrainParams, **TRAIN), features_dir=repo / "data/features", model_dir=tmp_path / "models",
         live_dir=tmp_path / "metrics/train", resume_dir=tmp_path / "checkpoints")
     resumed, uninterrupted = read_run(repo), read_run(tmp_path)
 
@@ -128,7 +128,7 @@ def test_a_checkpoint_from_other_params_is_not_resumed(killed, tmp_path, capsys)
     def train(tag: str, **changes) -> dict:
         resume_dir = tmp_path / tag / "checkpoints"
         shutil.copytree(snapshot, resume_dir)
-        run(TrainParams.model_validate({**TRAIN, "epochs": 2, **changes}), features_dir=repo / "data/features",
+        run(section("train", TrainParams, **{**TRAIN, "epochs": 2, **changes}), features_dir=repo / "data/features",
             model_dir=tmp_path / tag / "models", live_dir=tmp_path / tag / "live", resume_dir=resume_dir)
         return json.loads((tmp_path / tag / "live/metrics.json").read_text())["run"]
 
@@ -139,7 +139,7 @@ def test_a_checkpoint_from_other_params_is_not_resumed(killed, tmp_path, capsys)
     assert train("other_lr", lr=0.001)["resumed_from_epoch"] == 0
     assert "written with other settings (lr: 0.002 there, 0.001 here): starting afresh" in capsys.readouterr().out
     # Another model cannot take the weights at all.
-    assert train("other_model", model={**TRAIN["model"], "hidden_size": 48})["resumed_from_epoch"] == 0
+    assert train("other_model", model={"hidden_size": 48})["resumed_from_epoch"] == 0
     assert "model.hidden_size: 64 there, 48 here" in capsys.readouterr().out
     # resume: false ignores the checkpoint.
     assert train("no_resume", resume=False)["resumed_from_epoch"] == 0
