@@ -156,8 +156,16 @@ def room_impulse_response(sample_rate: int, rt60: float, drr_db: float, generato
 def reverberate(waveform: torch.Tensor, sample_rate: int, rt60: float, drr_db: float,
                 generator: torch.Generator) -> torch.Tensor:
     """Convolved with a simulated room; same length (the tail past the end is cut) and same RMS."""
-    wet = AF.fftconvolve(waveform, room_impulse_response(sample_rate, rt60, drr_db, generator))[: waveform.numel()]
+    response = room_impulse_response(sample_rate, rt60, drr_db, generator)
+    # Zeros after the response change no output sample and make the FFT a power of two.
+    padding = _fft_size(waveform.numel() + response.numel() - 1) - waveform.numel() + 1 - response.numel()
+    wet = AF.fftconvolve(waveform, torch.nn.functional.pad(response, (0, padding)))[: waveform.numel()]
     return _match_rms(wet, waveform)
+
+
+def _fft_size(num_samples: int) -> int:
+    """The power of two from `num_samples` up: an FFT of awkward (say prime) length is 4-10x slower."""
+    return 1 << (num_samples - 1).bit_length()
 
 
 def _match_rms(waveform: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -166,12 +174,16 @@ def _match_rms(waveform: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def colored_noise(num_samples: int, sample_rate: int, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """White, pink (1/f) or brown (1/f²) Gaussian noise, shaped in the frequency domain, unit RMS."""
-    spectrum = torch.fft.rfft(torch.randn(num_samples, generator=generator))
-    frequencies = torch.fft.rfftfreq(num_samples, 1 / sample_rate)
+    """White, pink (1/f) or brown (1/f²) Gaussian noise, shaped in the frequency domain, unit RMS.
+
+    Made at a power-of-two length and cut: a stretch of stationary noise has the same spectrum.
+    """
+    size = _fft_size(num_samples)
+    spectrum = torch.fft.rfft(torch.randn(size, generator=generator))
+    frequencies = torch.fft.rfftfreq(size, 1 / sample_rate)
     amplitude = frequencies.clamp_min(NOISE_FLOOR_HZ) ** (-NOISE_EXPONENTS[kind] / 2)  # clamped: no 0 ** -1
-    noise = torch.fft.irfft(spectrum * torch.where(frequencies < NOISE_FLOOR_HZ, 0.0, amplitude), num_samples)
-    return _match_rms(noise, torch.ones(1))
+    noise = torch.fft.irfft(spectrum * torch.where(frequencies < NOISE_FLOOR_HZ, 0.0, amplitude), size)
+    return _match_rms(noise[:num_samples], torch.ones(1))
 
 
 def babble(num_samples: int, others: Sequence[torch.Tensor], speakers: int, generator: torch.Generator) -> torch.Tensor:
@@ -285,7 +297,8 @@ def augment(waveform: torch.Tensor, sample_rate: int, config: AugmentConfig, gen
         noise = config.noise
         kind, snr_db = _choice(noise.kinds, generator), _uniform(noise.snr_db, generator)
         if kind == "babble":
-            speakers = int(torch.randint(noise.babble_speakers[0], noise.babble_speakers[1] + 1, (), generator=generator))
+            fewest, most = noise.babble_speakers
+            speakers = int(torch.randint(fewest, most + 1, (), generator=generator))
             sound = babble(waveform.numel(), others, speakers, generator)
         else:
             sound = colored_noise(waveform.numel(), sample_rate, kind, generator)

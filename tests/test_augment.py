@@ -1,5 +1,6 @@
 """Waveform augmentation: each effect measured on sines, clicks and noise with hand-worked numbers."""
 
+import itertools
 import math
 
 import numpy as np
@@ -25,8 +26,8 @@ OFF = {
 
 def config(**effects) -> AugmentConfig:
     """OFF with the given effects' settings replaced (gain_db as a list, the others as mappings)."""
-    return AugmentConfig.from_dict({name: effects.get(name, value) if name == "gain_db" else {**value, **effects.get(name, {})}
-                                    for name, value in OFF.items()})
+    params = {name: {**value, **effects.get(name, {})} for name, value in OFF.items() if name != "gain_db"}
+    return AugmentConfig.from_dict({**params, "gain_db": effects.get("gain_db", OFF["gain_db"])})
 
 
 def sine(hz: float, seconds: float = 1.0, amplitude: float = 0.5) -> torch.Tensor:
@@ -89,16 +90,16 @@ def test_everything_off_returns_the_input_unchanged():
 @pytest.mark.parametrize("effect", sorted(EFFECTS))
 def test_each_effect_is_a_function_of_the_seed(effect):
     settings = EFFECTS[effect]
-    torch.manual_seed(1)  # the global generator differs between the two runs and must not matter
-    first = run(settings, 7)
-    torch.manual_seed(2)
-    again = run(settings, 7)
+    with torch.random.fork_rng():  # the global generator differs between the two runs and must not matter
+        torch.manual_seed(1)
+        first = run(settings, 7)
+        torch.manual_seed(2)
+        again = run(settings, 7)
     assert torch.equal(first, again)
-    others = [run(settings, seed) for seed in [8, 9, 10]]
     assert torch.isfinite(first).all()
-    for index, one in enumerate([first, *others]):
-        for other in [first, *others][index + 1:]:
-            assert one.shape != other.shape or not torch.equal(one, other)
+    outputs = [first] + [run(settings, seed) for seed in [8, 9, 10]]
+    for one, other in itertools.combinations(outputs, 2):
+        assert one.shape != other.shape or not torch.equal(one, other)
 
 
 def test_speed_factor_is_drawn_per_seed_from_the_list():
@@ -132,7 +133,8 @@ def test_noise_spectrum_falls_by_the_kind_slope(kind, db_per_octave):
     noise = colored_noise(2**18, RATE, kind, torch.Generator().manual_seed(0))
     power = torch.fft.rfft(noise.double()).abs().square()
     hz = torch.fft.rfftfreq(noise.numel(), 1 / RATE)
-    octaves = [10 * math.log10(float(power[(hz >= low) & (hz < 2 * low)].mean())) for low in [125, 250, 500, 1000, 2000, 4000]]
+    octaves = [10 * math.log10(float(power[(hz >= low) & (hz < 2 * low)].mean()))
+               for low in [125, 250, 500, 1000, 2000, 4000]]
     slope = np.polyfit(range(len(octaves)), octaves, 1)[0]
     assert slope == pytest.approx(db_per_octave, abs=0.3)
     assert float(noise.square().mean()) == pytest.approx(1.0, abs=1e-5)
@@ -141,7 +143,9 @@ def test_noise_spectrum_falls_by_the_kind_slope(kind, db_per_octave):
 def test_noise_has_nothing_below_20_hz():
     noise = colored_noise(RATE * 4, RATE, "brown", torch.Generator().manual_seed(0))
     power = torch.fft.rfft(noise.double()).abs().square()
-    assert float(power[: 4 * 20].sum()) < 1e-12 * float(power.sum())  # bins of 0.25 Hz
+    # Bins of 0.25 Hz. Not zero: the noise is cut from a longer one, and the cut leaks (-28 dB here);
+    # brown noise without the floor would have most of its power there.
+    assert float(power[: 4 * 20].sum()) < 0.01 * float(power.sum())
 
 
 def test_babble_loops_each_utterance_from_a_random_offset_at_unit_rms():
