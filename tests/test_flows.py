@@ -15,19 +15,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import REPO, dvc, git, make_dvc_repo, tiny_params
-from pipeline.config import FlowParams, SweepParams
-from pipeline.dvc import pipeline_stages
+from conftest import dvc, git, make_dvc_repo, section, tiny_params
+from ctcflow.params import ParamsError
+from pipeline.config import FlowParams, SweepParams, load_flow_params
 from pipeline.flows import experiment_name
 
-STAGES = pipeline_stages(REPO)
+STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
 
 
 def test_sweep_points_are_the_union_of_block_products_without_repeats():
     sweep = SweepParams(grid=[{"train.blank_penalty.mode": ["none"]},
                               {"train.blank_penalty.mode": ["none", "soft_ratio"], "train.clip_grad_norm": [1.0]}],
-                        fixed={"train.epochs": 2}, seeds=[0, 1])
+                        fixed={"train.epochs": 2}, seeds=[0, 1], rank_by="wer")
     assert sweep.points() == [
         {"train.epochs": 2, "train.blank_penalty.mode": "none", "train.seed": 0},
         {"train.epochs": 2, "train.blank_penalty.mode": "none", "train.clip_grad_norm": 1.0, "train.seed": 0},
@@ -40,17 +41,20 @@ def test_sweep_points_are_the_union_of_block_products_without_repeats():
         "mode-none_clip_grad_norm-1.0"
 
 
-def test_params_yaml_holds_the_flow_defaults():
-    from pipeline.config import load_flow_params
-
-    assert load_flow_params(REPO) == FlowParams()
-
-
 def test_a_bad_cron_or_grid_is_refused_up_front():
     with pytest.raises(ValueError, match="cron"):
-        FlowParams(cron="every day")
+        section("flow", FlowParams, cron="every day")
     with pytest.raises(ValueError, match="section.param"):
-        SweepParams(grid=[{"epochs": [1]}])
+        section("flow", FlowParams, sweep={"grid": [{"epochs": [1]}]})
+
+
+def test_a_missing_flow_key_is_an_error_naming_it(tmp_path):
+    # params.yaml is the only home of these values: the schema has no fallback.
+    flow = tiny_params()["flow"]
+    del flow["cron"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": flow}))
+    with pytest.raises(ParamsError, match=r"flow\.cron: Field required"):
+        load_flow_params(tmp_path)
 
 
 def free_port() -> int:
@@ -211,7 +215,7 @@ def test_stopping_the_flow_stops_the_stage_under_it(prefect_env, tmp_path):
     repo.mkdir()
     stage = "python -c \"import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(600)\""
     (repo / "dvc.yaml").write_text(json.dumps({"stages": {"wait": {"cmd": stage}}}))
-    (repo / "params.yaml").write_text("flow: {}\n")
+    (repo / "params.yaml").write_text(yaml.safe_dump({"flow": tiny_params()["flow"]}))
     git("init", "-q", cwd=repo)
     dvc("init", "-q", cwd=repo)
     git("add", "-A", cwd=repo)
