@@ -210,7 +210,69 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_stopping_the_flow_stops_the_stage_under_it(prefect_env, tmp_path):
+def descendants(pid: int) -> set[int]:
+    """The processes under pid: its children, theirs and so on, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return ""
+
+
+def terminate_and_expect_gone(command: subprocess.Popen, started: set[int]) -> None:
+    os.kill(command.pid, signal.SIGTERM)  # the command only, as a service manager would
+    command.wait(60)
+    deadline = time.monotonic() + 30
+    while (left := [command_line(pid) for pid in started if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"still running 30 s after the command stopped: {left}"
+
+
+def kill_left_over(started: set[int]) -> None:
+    for pid in started:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_stopping_the_server_command_stops_the_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = start([sys.executable, "-m", "pipeline", "server", "--port", str(port)], env)
+    started: set[int] = set()
+    try:
+        wait_for("the server", lambda: api(f"http://127.0.0.1:{port}/api", "/health"), 120, command)
+        started = descendants(command.pid)
+        assert any("prefect server start" in command_line(pid) for pid in started), started
+        terminate_and_expect_gone(command, started)
+    finally:
+        stop(command)
+        kill_left_over(started)
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1)
+        return True
+    except OSError:
+        return False
+
+
+def test_stopping_a_run_stops_the_stage_under_it_and_the_temporary_server(tmp_path):
+    if answers("http://127.0.0.1:4200/api/health"):
+        pytest.skip("a Prefect server answers on 127.0.0.1:4200: `pipeline run` would use it, not a temporary one")
     repo = tmp_path / "slow"
     repo.mkdir()
     stage = "python -c \"import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(600)\""
@@ -220,15 +282,22 @@ def test_stopping_the_flow_stops_the_stage_under_it(prefect_env, tmp_path):
     dvc("init", "-q", cwd=repo)
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "a stage that waits", cwd=repo)
-    flow = start([sys.executable, "-m", "pipeline", "run", "--project-dir", str(repo)], prefect_env)
+    # No PREFECT_API_URL and no server on the default port: the run starts Prefect's temporary one.
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    flow = start([sys.executable, "-m", "pipeline", "run", "--project-dir", str(repo)], env)
+    started: set[int] = set()
     try:
         pid = wait_for("the stage to start", lambda: (repo / "pid").is_file() and (repo / "pid").read_text(),
                        300, flow)
-        os.kill(flow.pid, signal.SIGTERM)  # the flow process only, as a service manager would
-        flow.wait(60)
-        wait_for("the stage to stop", lambda: not alive(int(pid)), 30)
+        started = descendants(flow.pid)
+        assert int(pid) in started
+        assert any("uvicorn" in command_line(p) and "prefect.server" in command_line(p) for p in started), \
+            [command_line(p) for p in started]
+        terminate_and_expect_gone(flow, started)
     finally:
         stop(flow)
+        kill_left_over(started)
 
 
 def test_sweep_ranks_its_experiments_and_keeps_the_best_as_a_branch(prefect_env, tmp_path):
