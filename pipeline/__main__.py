@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import yaml
+
+from pipeline.dvc import stop_process_group
 
 DEFAULT_PORT = 4200
 
@@ -47,11 +50,26 @@ def find_server(required: bool) -> None:
         print(f"no Prefect server at {url}: running against a temporary one", file=sys.stderr)
 
 
+def exit_on_sigterm() -> None:
+    """Let SIGTERM (a service manager's stop, `kill`) unwind this process as Ctrl-C does, so that
+    `finally` blocks and atexit handlers stop what was started from here: our server, or Prefect's
+    temporary one (stopped at exit). By default SIGTERM ends the process on the spot, and they ran on."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def start_server(port: int) -> int:
     print(f"Prefect UI: http://127.0.0.1:{port}  (export PREFECT_API_URL=http://127.0.0.1:{port}/api)")
-    # This interpreter's prefect, so the command works without an activated virtualenv.
-    return subprocess.call([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                            "--port", str(port)])
+    # This interpreter's prefect, so the command works without an activated virtualenv; in a
+    # process group of its own, which stops as a whole when this process stops.
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], start_new_session=True)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    finally:
+        if server.poll() is None:
+            stop_process_group(server)
 
 
 def serve(project_dir: str) -> None:
@@ -86,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     # Servers started from here (ours, or Prefect's temporary one) send no telemetry: this
     # machine may have no route out, and nobody asked for it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    exit_on_sigterm()
 
     if args.command == "server":
         sys.exit(start_server(args.port))

@@ -1,6 +1,7 @@
 """The `flow:` section of params.yaml: the deployment's schedule, retries and the sweep grid.
 
-No DVC stage reads this section, so changing it reruns nothing.
+No DVC stage reads this section, so changing it reruns nothing. Its values live in params.yaml
+only: every field here is required.
 """
 
 from __future__ import annotations
@@ -15,25 +16,15 @@ from prefect.schedules import validate_cron_string
 from ctcflow.params import Section, load_section
 
 
-def default_grid() -> list[dict[str, list]]:
-    return [
-        {"train.blank_penalty.mode": ["none"], "train.clip_grad_norm": [1.0, 5.0]},
-        {"train.blank_penalty.mode": ["soft_ratio"], "train.blank_penalty.weight": [0.5],
-         "train.clip_grad_norm": [5.0]},
-        {"train.blank_penalty.mode": ["mean_logprob"], "train.blank_penalty.weight": [0.1],
-         "train.clip_grad_norm": [1.0]},
-    ]
-
-
 class SweepParams(Section):
     # Each block is the product of its lists; the sweep runs the union of the blocks, so
     # settings that do not apply (a weight with mode none) need not be multiplied in.
-    grid: list[dict[str, list[Any]]] = Field(default_factory=default_grid, min_length=1)
-    fixed: dict[str, Any] = Field(default_factory=lambda: {"train.epochs": 4, "train.num_threads": 1})
+    grid: list[dict[str, list[Any]]] = Field(min_length=1)
+    fixed: dict[str, Any]
     # The outer loop: the whole grid with the first seed, then again with the next, so a sweep
     # stopped early has still tried every setting.
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
-    rank_by: str = "wer"  # a key of metrics/eval.json; lower is better
+    seeds: list[int] = Field(min_length=1)
+    rank_by: str  # a key of metrics/eval.json; lower is better
 
     @field_validator("grid")
     @classmethod
@@ -58,12 +49,12 @@ class SweepParams(Section):
 
 
 class FlowParams(Section):
-    deployment: str = "nightly"
-    cron: str = "0 3 * * *"
-    timezone: str = "UTC"
-    retries: int = Field(2, ge=0)
-    retry_delay_seconds: float = Field(10.0, ge=0)  # doubles with each retry
-    sweep: SweepParams = SweepParams()
+    deployment: str
+    cron: str
+    timezone: str
+    retries: int = Field(ge=0)
+    retry_delay_seconds: float = Field(ge=0)  # doubles with each retry
+    sweep: SweepParams
 
     @field_validator("cron")
     @classmethod

@@ -45,9 +45,10 @@ def dvc_env() -> dict[str, str]:
 
 
 def stop_process_group(process: subprocess.Popen, grace_seconds: float = 15) -> None:
-    """Interrupt a dvc command and the stage command under it, as Ctrl-C would; kill what is left
-    after the grace period. For a flow that is being stopped (Prefect turns SIGTERM into an
-    exception, Ctrl-C is one): without this, dvc and its stage would run on as orphans."""
+    """Interrupt a process group (a dvc command and the stage command under it, a server), as
+    Ctrl-C would; kill what is left after the grace period. For a flow or command that is being
+    stopped (Prefect turns SIGTERM into an exception, Ctrl-C is one): without this, what it started
+    would run on as orphans."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGINT)
     try:

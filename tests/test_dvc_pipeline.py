@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -23,15 +24,32 @@ def repo(tmp_path_factory) -> Path:
     return make_dvc_repo(tmp_path_factory.mktemp("dvcrepo"))
 
 
+def written(repo: Path, path: str) -> dict:
+    return json.loads((repo / path).read_text())
+
+
 def test_repro_runs_every_stage_in_order(repo):
     output = dvc("repro", cwd=repo)
     assert stages_run(output) == STAGES
     metrics = json.loads(dvc("metrics", "show", "--json", cwd=repo))
     files = next(iter(metrics.values()))["data"]
     shown = {path: entry["data"] for path, entry in files.items()}
-    assert {"wer", "cer", "sentence_accuracy"} <= set(shown["metrics/eval.json"])
-    assert {"loss", "ctc_loss", "blank_penalty", "blank_ratio"} <= set(shown["metrics/train/metrics.json"]["train"])
+    # DVC shows every stage's metrics file as the stage wrote it.
+    assert set(shown) == {"metrics/manifest.json", "metrics/featurize.json", "metrics/train/metrics.json",
+                          "metrics/lm.json", "metrics/eval.json"}
+    for path in shown:
+        assert shown[path] == written(repo, path), path
+    # And the values are the tiny project's: 30/6/6 utterances, one epoch, the test split scored.
+    train = written(repo, "metrics/train/metrics.json")
+    assert shown["metrics/train/metrics.json"]["train"]["loss"] == train["train"]["loss"] > 0
+    assert shown["metrics/train/metrics.json"]["best"]["epoch"] == 1
+    for stage in ("manifest", "featurize"):
+        assert [shown[f"metrics/{stage}.json"][split]["utterances"] for split in ("train", "valid", "test")] == \
+            [30, 6, 6], stage
     assert shown["metrics/manifest.json"]["rejected"]["total"] == 0
+    assert shown["metrics/lm.json"]["sentences"] == 30
+    assert shown["metrics/eval.json"]["utterances"] == 6
+    assert 0 <= shown["metrics/eval.json"]["wer"] == written(repo, "metrics/eval.json")["wer"] <= 1
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "first run", cwd=repo)
 
@@ -65,12 +83,25 @@ def test_changing_an_evaluate_param_reruns_only_evaluate_and_then_plots(repo):
 
 
 def test_dvc_plots_show_renders_the_training_series(repo, tmp_path):
-    dvc("plots", "show", "--json", "-o", str(tmp_path / "out"), cwd=repo)
     html = dvc("plots", "show", "-o", str(tmp_path / "html"), cwd=repo)
     assert (tmp_path / "html" / "index.html").is_file(), html
-    rendered = json.loads(dvc("plots", "show", "--json", cwd=repo))
-    for name in ("loss", "error_rates", "blank_ratio", "plots/loss.png"):
-        assert name in json.dumps(list(rendered)) or name in json.dumps(rendered), name
+    rendered = json.loads(dvc("plots", "show", "--json", "-o", str(tmp_path / "json"), cwd=repo))["data"]
+    assert set(rendered) == {"loss", "error_rates", "blank_ratio",
+                             "plots/loss.png", "plots/error_rates.png", "plots/blank_ratio.png"}
+    for png in ("plots/loss.png", "plots/error_rates.png", "plots/blank_ratio.png"):
+        assert [r["type"] for r in rendered[png]] == ["image"], png
+    # The loss plot draws the four series the train stage wrote, value for value.
+    (loss,) = rendered["loss"]
+    drawn = {(p["filename::field"], int(p["step"])): float(p["dvc_inferred_y_value"])
+             for p in loss["content"]["data"]["values"]}
+    series = {}
+    for tsv, column in [("train/loss", "loss"), ("train/ctc_loss", "ctc_loss"),
+                        ("train/blank_penalty", "blank_penalty"), ("valid/loss", "loss")]:
+        with open(repo / "metrics/train/plots/metrics" / f"{tsv}.tsv") as rows:
+            series.update({(f"{tsv}.tsv::{column}", int(row["step"])): float(row[column])
+                           for row in csv.DictReader(rows, delimiter="\t")})
+    assert drawn == series
+    assert {step for _, step in drawn} == {1}  # the tiny project trains one epoch
 
 
 def set_train_params(repo: Path, **changes) -> None:

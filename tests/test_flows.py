@@ -15,19 +15,20 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import REPO, dvc, git, make_dvc_repo, tiny_params
-from pipeline.config import FlowParams, SweepParams
-from pipeline.dvc import pipeline_stages
+from conftest import dvc, git, make_dvc_repo, section, tiny_params
+from ctcflow.params import ParamsError
+from pipeline.config import FlowParams, SweepParams, load_flow_params
 from pipeline.flows import experiment_name
 
-STAGES = pipeline_stages(REPO)
+STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
 
 
 def test_sweep_points_are_the_union_of_block_products_without_repeats():
     sweep = SweepParams(grid=[{"train.blank_penalty.mode": ["none"]},
                               {"train.blank_penalty.mode": ["none", "soft_ratio"], "train.clip_grad_norm": [1.0]}],
-                        fixed={"train.epochs": 2}, seeds=[0, 1])
+                        fixed={"train.epochs": 2}, seeds=[0, 1], rank_by="wer")
     assert sweep.points() == [
         {"train.epochs": 2, "train.blank_penalty.mode": "none", "train.seed": 0},
         {"train.epochs": 2, "train.blank_penalty.mode": "none", "train.clip_grad_norm": 1.0, "train.seed": 0},
@@ -40,17 +41,20 @@ def test_sweep_points_are_the_union_of_block_products_without_repeats():
         "mode-none_clip_grad_norm-1.0"
 
 
-def test_params_yaml_holds_the_flow_defaults():
-    from pipeline.config import load_flow_params
-
-    assert load_flow_params(REPO) == FlowParams()
-
-
 def test_a_bad_cron_or_grid_is_refused_up_front():
     with pytest.raises(ValueError, match="cron"):
-        FlowParams(cron="every day")
+        section("flow", FlowParams, cron="every day")
     with pytest.raises(ValueError, match="section.param"):
-        SweepParams(grid=[{"epochs": [1]}])
+        section("flow", FlowParams, sweep={"grid": [{"epochs": [1]}]})
+
+
+def test_a_missing_flow_key_is_an_error_naming_it(tmp_path):
+    # params.yaml is the only home of these values: the schema has no fallback.
+    flow = tiny_params()["flow"]
+    del flow["cron"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"flow": flow}))
+    with pytest.raises(ParamsError, match=r"flow\.cron: Field required"):
+        load_flow_params(tmp_path)
 
 
 def free_port() -> int:
@@ -206,25 +210,94 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_stopping_the_flow_stops_the_stage_under_it(prefect_env, tmp_path):
+def descendants(pid: int) -> set[int]:
+    """The processes under pid: its children, theirs and so on, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return ""
+
+
+def terminate_and_expect_gone(command: subprocess.Popen, started: set[int]) -> None:
+    os.kill(command.pid, signal.SIGTERM)  # the command only, as a service manager would
+    command.wait(60)
+    deadline = time.monotonic() + 30
+    while (left := [command_line(pid) for pid in started if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"still running 30 s after the command stopped: {left}"
+
+
+def kill_left_over(started: set[int]) -> None:
+    for pid in started:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_stopping_the_server_command_stops_the_server(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = start([sys.executable, "-m", "pipeline", "server", "--port", str(port)], env)
+    started: set[int] = set()
+    try:
+        wait_for("the server", lambda: api(f"http://127.0.0.1:{port}/api", "/health"), 120, command)
+        started = descendants(command.pid)
+        assert any("prefect server start" in command_line(pid) for pid in started), started
+        terminate_and_expect_gone(command, started)
+    finally:
+        stop(command)
+        kill_left_over(started)
+
+
+def answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1)
+        return True
+    except OSError:
+        return False
+
+
+def test_stopping_a_run_stops_the_stage_under_it_and_the_temporary_server(tmp_path):
+    if answers("http://127.0.0.1:4200/api/health"):
+        pytest.skip("a Prefect server answers on 127.0.0.1:4200: `pipeline run` would use it, not a temporary one")
     repo = tmp_path / "slow"
     repo.mkdir()
     stage = "python -c \"import os, time; open('pid', 'w').write(str(os.getpid())); time.sleep(600)\""
     (repo / "dvc.yaml").write_text(json.dumps({"stages": {"wait": {"cmd": stage}}}))
-    (repo / "params.yaml").write_text("flow: {}\n")
+    (repo / "params.yaml").write_text(yaml.safe_dump({"flow": tiny_params()["flow"]}))
     git("init", "-q", cwd=repo)
     dvc("init", "-q", cwd=repo)
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "a stage that waits", cwd=repo)
-    flow = start([sys.executable, "-m", "pipeline", "run", "--project-dir", str(repo)], prefect_env)
+    # No PREFECT_API_URL and no server on the default port: the run starts Prefect's temporary one.
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    flow = start([sys.executable, "-m", "pipeline", "run", "--project-dir", str(repo)], env)
+    started: set[int] = set()
     try:
         pid = wait_for("the stage to start", lambda: (repo / "pid").is_file() and (repo / "pid").read_text(),
                        300, flow)
-        os.kill(flow.pid, signal.SIGTERM)  # the flow process only, as a service manager would
-        flow.wait(60)
-        wait_for("the stage to stop", lambda: not alive(int(pid)), 30)
+        started = descendants(flow.pid)
+        assert int(pid) in started
+        assert any("uvicorn" in command_line(p) and "prefect.server" in command_line(p) for p in started), \
+            [command_line(p) for p in started]
+        terminate_and_expect_gone(flow, started)
     finally:
         stop(flow)
+        kill_left_over(started)
 
 
 def test_sweep_ranks_its_experiments_and_keeps_the_best_as_a_branch(prefect_env, tmp_path):
