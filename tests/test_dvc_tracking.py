@@ -31,6 +31,11 @@ RUNTIME_KNOBS = {
     "featurize.num_workers": 2,
     "featurize.num_threads": 2,
     "train.resume": False,
+    # How to run, not what to learn; another count changes the last digits of the weights
+    # (threads) or the random streams (processes), as another machine does.
+    "train.num_threads": 1,
+    "train.nproc": 2,
+    "train.device": "cuda",
     "evaluate.num_threads": 1,
 }
 
@@ -220,10 +225,6 @@ RESULT_KNOBS = [
     ("featurize.n_mels", 40, "featurize.n_mels", {"featurize", "train", "evaluate", "plots"}),
     ("train.lr", 0.001, "train.lr", DOWNSTREAM_OF_TRAIN),
     ("train.model.hidden_size", 16, "train.model", DOWNSTREAM_OF_TRAIN),
-    # Runtime settings that change the weights all the same (see dvc.yaml), so DVC tracks them.
-    ("train.num_threads", 1, "train.num_threads", DOWNSTREAM_OF_TRAIN),
-    ("train.nproc", 2, "train.nproc", DOWNSTREAM_OF_TRAIN),
-    ("train.device", "cuda", "train.device", DOWNSTREAM_OF_TRAIN),
     ("lm.order", 2, "lm.order", {"lm", "evaluate", "plots"}),
     ("evaluate.beam.beam_size", 10, "evaluate.beam", {"evaluate", "plots"}),
     ("plots.dpi", 100, "plots.dpi", {"plots"}),
