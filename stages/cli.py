@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     if command == "summary":
         return summary(rest)
     if command not in STAGES:
-        parser.error(f"unknown command {command!r}; choose from {', '.join([*STAGES, 'repro', 'transcribe', 'summary'])}")
+        commands = ", ".join([*STAGES, "repro", "transcribe", "summary"])
+        parser.error(f"unknown command {command!r}; choose from {commands}")
     importlib.import_module(STAGES[command]).main(rest)
 
 
@@ -75,7 +76,8 @@ def transcribe(argv: list[str]) -> None:
     parser.add_argument("model", help="checkpoint, e.g. models/best.pt")
     parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; any sample rate)")
     parser.add_argument("--decoder", choices=["greedy", "beam"],
-                        help="default: evaluate.decoder of the params file; greedy without one")
+                        help="beam reads its settings from the params file; default: evaluate.decoder of the "
+                             "params file, greedy without one")
     parser.add_argument("--blank-penalty", type=float,
                         help="subtracted from the blank log-probability before decoding; default: "
                              "evaluate.blank_penalty of the params file; 0 without one")

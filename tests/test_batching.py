@@ -45,4 +45,5 @@ def test_collate_pads_and_concatenates_targets():
 
 
 def test_frame_mask_marks_the_real_frames_of_a_padded_batch():
-    assert frame_mask(torch.tensor([5, 3, 0]), 5).tolist() == [[True] * 5, [True, True, True, False, False], [False] * 5]
+    assert frame_mask(torch.tensor([5, 3, 0]), 5).tolist() == [[True] * 5, [True, True, True, False, False],
+                                                               [False] * 5]

@@ -81,7 +81,8 @@ def test_summary_without_a_beam_block_or_a_time(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics").mkdir()
     # Word units: greedy decoding only.
-    (tmp_path / "metrics/eval.json").write_text(json.dumps({"wer": 1.0, "cer": 0.5, "greedy": {"wer": 1.0, "cer": 0.5}}))
+    words_only = {"wer": 1.0, "cer": 0.5, "greedy": {"wer": 1.0, "cer": 0.5}}
+    (tmp_path / "metrics/eval.json").write_text(json.dumps(words_only))
     assert summary(capsys, "--elapsed", "45") == (
         "test WER 100.00%  CER 50.00%  greedy decoding\n"
         "pipeline time: 45 s\n"
@@ -94,4 +95,4 @@ def test_summary_without_a_beam_block_or_a_time(tmp_path, capsys, monkeypatch):
 def test_summary_before_the_pipeline_ran(tmp_path):
     done = ctcflow("summary", cwd=tmp_path)
     assert done.returncode != 0
-    assert done.stderr.strip() == "ctcflow summary: error: metrics/eval.json not found (run the pipeline first: dvc repro)"
+    assert done.stderr == "ctcflow summary: error: metrics/eval.json not found (run the pipeline first: dvc repro)\n"

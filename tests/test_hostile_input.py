@@ -152,8 +152,8 @@ def test_strict_mode_fails_on_any_reject(tmp_path):
     assert len(pd.read_json(tmp_path / "m" / "rejects.jsonl", lines=True)) == 15  # still written, for the user
     manifest.run(manifest_params(root), out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
     with pytest.raises(StageError, match=r"featurize.strict: 3 utterance\(s\) rejected"):
-        featurize.run(section("featurize", featurize.FeaturizeParams, strict=True), manifest_dir=tmp_path / "m", out_dir=tmp_path / "f",
-                      metrics_file=tmp_path / "f.json")
+        featurize.run(section("featurize", featurize.FeaturizeParams, strict=True), manifest_dir=tmp_path / "m",
+                      out_dir=tmp_path / "f", metrics_file=tmp_path / "f.json")
 
 
 def test_nothing_usable_left_is_a_clear_error(tmp_path):

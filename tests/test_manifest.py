@@ -104,8 +104,8 @@ def test_bad_input_is_rejected_with_its_reason_and_nothing_else_is_lost(recipe_c
 def test_featurize_downmixes_and_resamples(recipe_corpus, tmp_path):
     manifest.run(params_for(recipe_corpus), out_dir=tmp_path / "manifests", metrics_file=tmp_path / "m.json")
     features = tmp_path / "features"
-    featurize.run(section("featurize", featurize.FeaturizeParams), manifest_dir=tmp_path / "manifests", out_dir=features,
-                  metrics_file=tmp_path / "f.json")
+    featurize.run(section("featurize", featurize.FeaturizeParams), manifest_dir=tmp_path / "manifests",
+                  out_dir=features, metrics_file=tmp_path / "f.json")
     split = FeatureSplit(features, "train", tiny_tokenizer())
     index = split.index.set_index("id")
     if "stereo 44k ünïcode" not in index.index:

@@ -115,5 +115,5 @@ def test_gloss_model_trains_and_is_scored_by_glosses(sign_project):
 
 def test_a_blank_index_outside_the_vocabulary_is_a_clear_error(sign_project, tmp_path):
     with pytest.raises(StageError, match=r"train.ctc.blank 28 .*outside 0…6 for 6 word units"):
-        train.run(section("train", train.TrainParams), features_dir=sign_project / "data/features", model_dir=tmp_path / "m",
-                  live_dir=tmp_path / "live")
+        train.run(section("train", train.TrainParams), features_dir=sign_project / "data/features",
+                  model_dir=tmp_path / "m", live_dir=tmp_path / "live")

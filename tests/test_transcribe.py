@@ -127,7 +127,8 @@ def test_command_errors_are_one_line(tiny_pipeline, capsys, monkeypatch):
 def test_without_a_params_file_decoding_is_greedy_and_beam_search_says_what_it_needs(tiny_pipeline, capsys,
                                                                                       monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no params.yaml, no data/: the checkpoint carries the feature mean/std
-    model, audio = str(tiny_pipeline / "models/best.pt"), str(tiny_pipeline / test_utterances(tiny_pipeline)["audio_path"][0])
+    model = str(tiny_pipeline / "models/best.pt")
+    audio = str(tiny_pipeline / test_utterances(tiny_pipeline)["audio_path"][0])
     code, out, err = cli(capsys, model, audio, "--blank-penalty", str(PENALTY))
     assert code == 0, err
     [transcript] = transcriber(tiny_pipeline).transcribe([audio])  # greedy, with that penalty

@@ -16,6 +16,6 @@ def test_results_keep_the_order_of_the_items_across_calls(workers):
 
 
 def test_a_worker_that_dies_is_a_clear_error_not_a_hang():
-    with pytest.raises(WorkerError, match=r"a worker process of manifest.num_workers = 2 died .*manifest.num_workers: 1 "):
+    with pytest.raises(WorkerError, match=r"worker process of manifest.num_workers = 2 died .*manifest.num_workers: 1 "):
         with ordered_map(2, "manifest.num_workers", "os", max_chunk=1) as map_files:
             list(map_files(os._exit, [1, 1, 1, 1]))  # each call ends its process
