@@ -32,6 +32,14 @@ class AudioInfo:
         return self.num_frames / self.sample_rate
 
 
+def check_file(path: Path, error: type[Rejected]) -> None:
+    """Reject a path that is no file, or an empty file, saying which."""
+    if not path.is_file():
+        raise error("missing_file", f"{path} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise error("empty_file", f"{path} has zero bytes")
+
+
 def read_info(path: str | Path) -> AudioInfo:
     """Header only: cheap enough to run over a whole corpus.
 
@@ -43,10 +51,7 @@ def read_info(path: str | Path) -> AudioInfo:
             info = AudioInfo(f.samplerate, f.frames, f.channels)
     except Exception as err:  # libsndfile raises several types for unreadable input
         path = Path(path)
-        if not path.is_file():
-            raise AudioError("missing_file", f"{path} does not exist or is not a file") from None
-        if path.stat().st_size == 0:
-            raise AudioError("empty_file", f"{path} has zero bytes") from None
+        check_file(path, AudioError)
         raise AudioError("unreadable_audio", f"{path}: {err}") from None
     if info.num_frames <= 0:
         raise AudioError("no_samples", f"{path} holds no audio samples")
@@ -88,8 +93,3 @@ def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = 
     if source_rate != sample_rate:
         waveform = AF.resample(waveform, source_rate, sample_rate)
     return Decoded(waveform, clipped)
-
-
-def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
-    """Mono float32 waveform at `sample_rate`: channels averaged, resampled if needed."""
-    return decode_audio(path, sample_rate).waveform

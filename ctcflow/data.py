@@ -74,6 +74,11 @@ class Batch:
                      self.target_lengths.to(device), self.indices)
 
 
+def frame_mask(lengths: torch.Tensor, max_frames: int) -> torch.Tensor:
+    """(batch, frames) True where a frame of a padded batch lies inside its utterance."""
+    return torch.arange(max_frames, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def collate(items: list[tuple[torch.Tensor, torch.Tensor, int]]) -> Batch:
     feats, tokens, indices = zip(*items)
     return Batch(

@@ -10,6 +10,7 @@ import torch
 import torchaudio.functional as AF
 from pydantic import Field, model_validator
 
+from ctcflow.data import frame_mask
 from ctcflow.params import Section
 from ctcflow.text import Tokenizer
 
@@ -43,14 +44,14 @@ def penalize_blank(log_probs: torch.Tensor, blank: int, penalty: float) -> torch
 class GreedyDecoder:
     """Best-path transcripts; also counts the frames whose (penalized) argmax is blank."""
 
-    def __init__(self, tokenizer: Tokenizer, blank_penalty: float = 0.0):
+    def __init__(self, tokenizer: Tokenizer, blank_penalty: float):
         self.tokenizer = tokenizer
         self.blank_penalty = blank_penalty
         self.frames = self.blank_frames = 0
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         scores = penalize_blank(log_probs, self.tokenizer.blank, self.blank_penalty)
-        real = torch.arange(scores.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        real = frame_mask(lengths, scores.shape[1])
         self.frames += int(real.sum())
         self.blank_frames += int(((scores.argmax(dim=-1) == self.tokenizer.blank) & real.to(scores.device)).sum())
         return [self.tokenizer.decode(ids) for ids in greedy_decode(scores, lengths, self.tokenizer.blank)]
@@ -63,11 +64,11 @@ class GreedyDecoder:
 class BeamParams(Section):
     """The beam search settings (evaluate.beam in params.yaml)."""
 
-    beam_size: int = Field(50, ge=1)
-    beam_threshold: float = Field(25.0, gt=0)
-    lexicon: bool = True
-    lm_weight: float = Field(2.0, ge=0)
-    word_score: float = 1.0
+    beam_size: int = Field(ge=1)
+    beam_threshold: float = Field(gt=0)
+    lexicon: bool
+    lm_weight: float = Field(ge=0)
+    word_score: float
 
     @model_validator(mode="after")
     def lm_needs_lexicon(self):
@@ -75,7 +76,7 @@ class BeamParams(Section):
             raise ValueError("lm_weight > 0 needs lexicon: true (the word LM scores lexicon words)")
         return self
 
-    def decoder(self, tokenizer: Tokenizer, lm_dir: str | Path, blank_penalty: float = 0.0) -> "BeamSearchDecoder":
+    def decoder(self, tokenizer: Tokenizer, lm_dir: str | Path, blank_penalty: float) -> "BeamSearchDecoder":
         """lm_dir holds lexicon.txt and lm.arpa, as the lm stage writes them."""
         lm_dir = Path(lm_dir)
         return BeamSearchDecoder(tokenizer, self.beam_size, self.beam_threshold,
@@ -92,9 +93,8 @@ class BeamSearchDecoder:
     to come from a lexicon).
     """
 
-    def __init__(self, tokenizer: Tokenizer, beam_size: int = 50, beam_threshold: float = 25.0,
-                 lexicon: str | Path | None = None, lm: str | Path | None = None, lm_weight: float = 0.0,
-                 word_score: float = 0.0, blank_penalty: float = 0.0):
+    def __init__(self, tokenizer: Tokenizer, beam_size: int, beam_threshold: float, lexicon: str | Path | None,
+                 lm: str | Path | None, lm_weight: float, word_score: float, blank_penalty: float):
         from torchaudio.models.decoder import ctc_decoder  # imports flashlight-text, only when needed
 
         if lm is not None and lexicon is None:
@@ -148,7 +148,7 @@ class Word:
 
 
 def align_words(log_probs: torch.Tensor, text: str, tokenizer: Tokenizer, frame_seconds: float,
-                blank_penalty: float = 0.0) -> list[Word]:
+                blank_penalty: float) -> list[Word]:
     """Start and end of each word of `text` from its Viterbi CTC alignment to `log_probs`
     (frames, classes): a word runs from the first frame of its first character to the last frame
     of its last character. For a greedy hypothesis this is the best path itself."""

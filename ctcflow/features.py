@@ -14,7 +14,7 @@ import torch
 import torchaudio.functional as AF
 import torchaudio.transforms as T
 
-from ctcflow.audio import AudioInfo
+from ctcflow.audio import AudioInfo, check_file
 from ctcflow.errors import Rejected
 
 FEATURE_SUFFIX = ".npy"
@@ -26,10 +26,7 @@ def is_feature_file(path: str | Path) -> bool:
 
 def _open_array(path: str | Path, mmap: bool) -> np.ndarray:
     path = Path(path)
-    if not path.is_file():
-        raise Rejected("missing_file", f"{path} does not exist or is not a file")
-    if path.stat().st_size == 0:
-        raise Rejected("empty_file", f"{path} has zero bytes")
+    check_file(path, Rejected)
     try:  # allow_pickle stays off: a feature file is data, never code to run
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except Exception as err:
@@ -57,11 +54,11 @@ def load_feature_array(path: str | Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LogMelConfig:
-    sample_rate: int = 16000
-    n_fft: int = 400
-    win_length: int = 400
-    hop_length: int = 160
-    n_mels: int = 80
+    sample_rate: int
+    n_fft: int
+    win_length: int
+    hop_length: int
+    n_mels: int
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,12 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ctcflow.data import frame_mask
+
 BLANK_PENALTY_MODES = ("none", "mean_logprob", "ratio", "soft_ratio")
-
-
-def frame_mask(lengths: torch.Tensor, max_frames: int) -> torch.Tensor:
-    """(batch, frames) True where a frame lies inside its utterance."""
-    return torch.arange(max_frames, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def hard_blank_ratio(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> torch.Tensor:

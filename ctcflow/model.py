@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ctcflow.data import frame_mask
+
 # The train.model keys each architecture is built from; any other key is ignored by it.
 ARCHITECTURE_KEYS = {
     "recipe": ("hidden_size", "num_layers", "dropout"),
@@ -49,7 +51,7 @@ class BiLSTMLayer(nn.Module):
 
 
 class RecipeModel(nn.Module):
-    def __init__(self, n_mels: int, num_classes: int, hidden_size: int = 1024, num_layers: int = 1, dropout: float = 0.1):
+    def __init__(self, n_mels: int, num_classes: int, hidden_size: int, num_layers: int, dropout: float):
         super().__init__()
         self.conv = nn.Conv1d(n_mels, n_mels, kernel_size=10, stride=2, padding=5)
         self.conv_out = nn.Sequential(nn.LayerNorm(n_mels), nn.GELU(), nn.Dropout(dropout))
@@ -82,14 +84,14 @@ class Subsampler(nn.Module):
         lengths = conv_output_lengths(lengths, 5, self.factor, 2)
         x = nn.functional.gelu(self.conv1(feats.transpose(1, 2)))
         # Zero the frames past each utterance so conv2 sees the same padding batched or alone.
-        x = x * (torch.arange(x.shape[2], device=x.device)[None, :] < lengths[:, None]).unsqueeze(1)
+        x = x * frame_mask(lengths, x.shape[2]).unsqueeze(1)
         x = nn.functional.gelu(self.conv2(x))
         return self.dropout(x.transpose(1, 2)), lengths
 
 
 class BiLSTMModel(nn.Module):
-    def __init__(self, n_mels: int, num_classes: int, hidden_size: int = 256, num_layers: int = 3,
-                 dropout: float = 0.1, subsample: int = 2, conv_channels: int = 256):
+    def __init__(self, n_mels: int, num_classes: int, hidden_size: int, num_layers: int, dropout: float,
+                 subsample: int, conv_channels: int):
         super().__init__()
         self.front = Subsampler(n_mels, conv_channels, subsample, dropout)
         self.layers = nn.ModuleList(
@@ -106,12 +108,12 @@ class BiLSTMModel(nn.Module):
 
 
 def build_model(config: dict, n_mels: int, num_classes: int) -> nn.Module:
-    """`config` is the train.model params section."""
+    """`config` is the train.model params section (a dict): every key its architecture is built from."""
     arch = config["arch"]
     if arch not in ARCHITECTURE_KEYS:
         raise ValueError(f"unknown model architecture {arch!r}; choose one of {ARCHITECTURES}")
     model_class = {"recipe": RecipeModel, "bilstm": BiLSTMModel}[arch]
-    return model_class(n_mels, num_classes, **{k: config[k] for k in ARCHITECTURE_KEYS[arch] if k in config})
+    return model_class(n_mels, num_classes, **{k: config[k] for k in ARCHITECTURE_KEYS[arch]})
 
 
 def count_parameters(model: nn.Module) -> int:

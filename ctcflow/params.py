@@ -42,10 +42,11 @@ def load_section(name: str, schema: type[S], path: str | Path = DEFAULT_PARAMS) 
         return schema.model_validate(raw[name] or {})
     except ValidationError as err:
         lines = [
-            f"  {name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+            f"  {name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            + ("" if e["type"] == "missing" else f" (got {e.get('input')!r})")
             for e in err.errors()
         ]
-        raise ParamsError(f"{path}: bad value in section '{name}':\n" + "\n".join(lines)) from err
+        raise ParamsError(f"{path}: bad or missing value in section '{name}':\n" + "\n".join(lines)) from err
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -127,9 +127,10 @@ def ljspeech(corpus_dir: Path) -> pd.DataFrame:
                   text=text, speaker="")
 
 
-def table(path: Path, path_column: str = "path", text_column: str = "text", speaker_column: str | None = None,
-          split_column: str | None = None, id_column: str | None = None) -> pd.DataFrame:
-    """A CSV, TSV or JSON-lines file, one utterance per row; relative paths are relative to its folder."""
+def table(path: Path, path_column: str, text_column: str, speaker_column: str | None, split_column: str | None,
+          id_column: str | None) -> pd.DataFrame:
+    """A CSV, TSV or JSON-lines file, one utterance per row; relative paths are relative to its folder.
+    The optional columns may be None: no speakers, splits made later, ids from the file names."""
     frame = _read_table(path)
     wanted = [c for c in (path_column, text_column, speaker_column, split_column, id_column) if c]
     missing = [c for c in wanted if c not in frame.columns]
@@ -145,14 +146,14 @@ def table(path: Path, path_column: str = "path", text_column: str = "text", spea
     )
 
 
-def recipe_json(train_json: Path, test_json: Path, valid_json: Path | None = None) -> pd.DataFrame:
+def recipe_json(train_json: Path, test_json: Path, valid_json: Path | None) -> pd.DataFrame:
     """The original recipe's JSON lines, {"key": "<audio path>", "text": "..."}, one file per split."""
     files = {"train": train_json, "valid": valid_json, "test": test_json}
     frames = []
     for split, path in files.items():
         if path is None:
             continue
-        frame = table(path, path_column="key", text_column="text")
+        frame = table(path, "key", "text", speaker_column=None, split_column=None, id_column=None)
         frame["split"] = split
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)

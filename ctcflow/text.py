@@ -1,9 +1,8 @@
 """Text normalization and text ↔ token ids for CTC, over characters or over words/glosses.
 
-The default alphabet and blank index follow the original recipe:
-apostrophe = 0, space = 1, a–z = 2…27, blank = 28.
-With word units (e.g. sign-language glosses) each vocabulary entry is one class and a
-transcript is its units separated by spaces.
+The original recipe's layout, which params.yaml keeps: apostrophe = 0, space = 1, a–z = 2…27,
+blank = 28 (RECIPE_ALPHABET, blank last). With word units (e.g. sign-language glosses) each
+vocabulary entry is one class and a transcript is its units separated by spaces.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typing import Literal
 from num2words import num2words
 
 RECIPE_ALPHABET = "' " + string.ascii_lowercase
-RECIPE_BLANK = len(RECIPE_ALPHABET)  # 28
 TOKENS_FILE = "tokens.json"  # the label unit, written by manifest and copied by featurize
 
 Unit = Literal["char", "word"]
@@ -48,7 +46,7 @@ def has_digits(text: str) -> bool:
     return bool(_DIGIT.search(text))
 
 
-def spell_numbers(text: str, language: str = "en") -> str:
+def spell_numbers(text: str, language: str) -> str:
     """Numbers as words with num2words: "21st" → "twenty-first", "3.5" → "three point five"."""
 
     def spell(match: re.Match) -> str:
@@ -62,8 +60,8 @@ def spell_numbers(text: str, language: str = "en") -> str:
     return _NUMBER.sub(spell, text)
 
 
-def normalize(text: str, lowercase: bool = True, punctuation: Literal["drop", "keep"] = "drop",
-              spell_digits: bool = False, language: str = "en") -> str:
+def normalize(text: str, lowercase: bool, punctuation: Literal["drop", "keep"], spell_digits: bool,
+              language: str) -> str:
     """NFC, optional lower case, numbers spelled out if asked, punctuation to spaces, single spaces.
 
     With punctuation "drop" every Unicode punctuation mark becomes a space except the apostrophe
@@ -84,13 +82,12 @@ class Tokenizer:
     """Maps units (characters, or words) to class ids around a blank whose index is configurable.
 
     `alphabet` is a string of characters (unit "char") or a sequence of words (unit "word").
-    `blank` is an index, or "first"/"last". Dicts from `to_dict()` rebuild it, as do the
-    `{"alphabet", "blank"}` dicts of checkpoints written before word units existed.
+    `blank` is an index, or "first"/"last". Dicts from `to_dict()` rebuild it.
     """
 
-    alphabet: str | tuple[str, ...] = RECIPE_ALPHABET
-    blank: int | Literal["first", "last"] = RECIPE_BLANK
-    unit: Unit = "char"
+    alphabet: str | tuple[str, ...]
+    blank: int | Literal["first", "last"]
+    unit: Unit
 
     def __post_init__(self) -> None:
         if self.unit not in ("char", "word"):
@@ -118,13 +115,12 @@ class Tokenizer:
         object.__setattr__(self, "_units", dict(zip(ids, self.alphabet)))
 
     @classmethod
-    def load(cls, directory: str | Path, blank: int | str = RECIPE_BLANK) -> "Tokenizer":
-        """The label unit a manifest or feature directory carries (tokens.json), with `blank`.
-
-        Directories written before tokens.json existed get the recipe's characters.
-        """
+    def load(cls, directory: str | Path, blank: int | str) -> "Tokenizer":
+        """The label unit a manifest or feature directory carries (tokens.json), with `blank`."""
         path = Path(directory) / TOKENS_FILE
-        units = json.loads(path.read_text()) if path.is_file() else {"unit": "char", "alphabet": RECIPE_ALPHABET}
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (the manifest stage writes it, featurize copies it)")
+        units = json.loads(path.read_text())
         return cls(alphabet=units["alphabet"], blank=blank, unit=units["unit"])
 
     @property
@@ -137,8 +133,6 @@ class Tokenizer:
     def unknown(self, text: str) -> set[str]:
         """Units of `text` that are not in the alphabet/vocabulary."""
         return {u for u in self.units(text) if u not in self._index}
-
-    unknown_chars = unknown  # the name callers used before word units
 
     def drop_unknown(self, text: str) -> str:
         kept = [u for u in self.units(text) if u in self._index]

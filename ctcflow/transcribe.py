@@ -21,14 +21,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import soundfile
 import torch
 import torchaudio.functional as AF
 
-from ctcflow.audio import AudioError, read_info
+from ctcflow.audio import read_info
 from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
-from ctcflow.data import read_feature_info
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
 from ctcflow.features import LogMel, LogMelConfig
 
@@ -57,31 +55,16 @@ class _Window:
     last: bool  # the file's last window
 
 
-def normalization(checkpoint: dict, features_dir: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """The per-bin mean and std the model was trained with: from the checkpoint if it holds them,
-    else from the features.json of the featurize run it was trained on."""
-    if "mean" in checkpoint and "std" in checkpoint:
-        return np.asarray(checkpoint["mean"], np.float32), np.asarray(checkpoint["std"], np.float32)
-    if features_dir is None:
-        raise ValueError("the checkpoint holds no feature mean/std: give the features directory it was trained on")
-    info = read_feature_info(features_dir)
-    if info["logmel"] != checkpoint["logmel"]:
-        raise ValueError(f"{features_dir}/features.json has log-mel settings {info['logmel']}, "
-                         f"but the model was trained on {checkpoint['logmel']}")
-    return np.asarray(info["mean"], np.float32), np.asarray(info["std"], np.float32)
-
-
 class Transcriber:
     """Load a checkpoint once, then `transcribe(paths)` as often as needed.
 
-    decoder: "greedy" or "beam" (settings in `beam`; lexicon and LM read from `lm_dir`).
+    decoder: "greedy", or "beam" with its settings in `beam` and the lexicon and LM in `lm_dir`
+    (both unused by greedy decoding, so they may be None then).
     blank_penalty: subtracted from the blank log-probability before decoding.
     """
 
-    def __init__(self, checkpoint: str | Path, features_dir: str | Path | None = "data/features",
-                 decoder: str = "greedy", beam: BeamParams | None = None, lm_dir: str | Path = "data/lm",
-                 blank_penalty: float = 0.0, device: str = "cpu", chunk_seconds: float = 30.0,
-                 overlap_seconds: float = 4.0, batch_size: int = 8):
+    def __init__(self, checkpoint: str | Path, decoder: str, beam: BeamParams | None, lm_dir: str | Path | None,
+                 blank_penalty: float, device: str, chunk_seconds: float, overlap_seconds: float, batch_size: int):
         if not 0 < 2 * overlap_seconds < chunk_seconds:
             raise ValueError(f"overlap_seconds ({overlap_seconds}) must be positive and under half of "
                              f"chunk_seconds ({chunk_seconds})")
@@ -93,14 +76,14 @@ class Transcriber:
         self.model = model.to(self.device)
         self.config = LogMelConfig(**state["logmel"])
         self.logmel = LogMel(self.config).to(self.device)
-        mean, std = normalization(state, features_dir)
-        self.mean, self.std = torch.from_numpy(mean).to(self.device), torch.from_numpy(std).to(self.device)
+        self.mean = torch.tensor(state["mean"], dtype=torch.float32, device=self.device)
+        self.std = torch.tensor(state["std"], dtype=torch.float32, device=self.device)
         if decoder == "greedy":
             self.decode = GreedyDecoder(self.tokenizer, blank_penalty)
-        elif decoder == "beam":
-            self.decode = (beam or BeamParams()).decoder(self.tokenizer, lm_dir, blank_penalty)
+        elif decoder == "beam" and beam is not None and lm_dir is not None:
+            self.decode = beam.decoder(self.tokenizer, lm_dir, blank_penalty)
         else:
-            raise ValueError(f"unknown decoder {decoder!r}; choose greedy or beam")
+            raise ValueError(f"decoder {decoder!r}: choose greedy, or beam with its settings and lm_dir")
         self.blank_penalty = blank_penalty
         self.chunk_seconds, self.overlap_seconds, self.batch_size = chunk_seconds, overlap_seconds, batch_size
         # Output frames per input frame, measured rather than read from the architecture's settings.

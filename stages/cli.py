@@ -2,13 +2,15 @@
 
 Each stage command reads only its own section of params.yaml and writes the same files
 `dvc repro` would; `ctcflow repro` runs `dvc repro` itself, which skips stages that are
-up to date. `ctcflow transcribe MODEL AUDIO...` transcribes audio files with a trained model.
+up to date. `ctcflow transcribe MODEL AUDIO...` transcribes audio files with a trained model;
+`ctcflow summary` prints the test error rates and where the plots are.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
                         add_help=False)
     commands.add_parser("transcribe", help="transcribe audio files with a trained model (MODEL AUDIO...)",
                         add_help=False)
+    commands.add_parser("summary", help="the test WER and CER of both decoders, and where the plots are",
+                        add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return
@@ -58,8 +62,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(subprocess.call(["dvc", "repro", *rest]))
     if command == "transcribe":
         return transcribe(rest)
+    if command == "summary":
+        return summary(rest)
     if command not in STAGES:
-        parser.error(f"unknown command {command!r}; choose from {', '.join([*STAGES, 'repro', 'transcribe'])}")
+        commands = ", ".join([*STAGES, "repro", "transcribe", "summary"])
+        parser.error(f"unknown command {command!r}; choose from {commands}")
     importlib.import_module(STAGES[command]).main(rest)
 
 
@@ -68,28 +75,36 @@ def transcribe(argv: list[str]) -> None:
         prog="ctcflow transcribe", description=transcriber_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="checkpoint, e.g. models/best.pt")
     parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; any sample rate)")
-    parser.add_argument("--decoder", choices=["greedy", "beam"], help="default: evaluate.decoder in --params")
-    parser.add_argument("--blank-penalty", type=float, help="default: evaluate.blank_penalty in --params")
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS),
-                        help="beam settings and defaults come from its evaluate section, if the file exists "
-                             "(default: %(default)s)")
-    parser.add_argument("--features", default="data/features",
-                        help="features directory the model was trained on, read for the feature mean/std only "
-                             "if the checkpoint predates storing them (default: %(default)s)")
+    parser.add_argument("--decoder", choices=["greedy", "beam"],
+                        help="beam reads its settings from the params file; default: evaluate.decoder of the "
+                             "params file, greedy without one")
+    parser.add_argument("--blank-penalty", type=float,
+                        help="subtracted from the blank log-probability before decoding; default: "
+                             "evaluate.blank_penalty of the params file; 0 without one")
+    parser.add_argument("--params", help="params file: its evaluate section gives the beam search settings "
+                                         f"and the defaults above (default: {DEFAULT_PARAMS}, if it exists)")
     parser.add_argument("--lm-dir", default="data/lm", help="lexicon and LM for beam search (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="JSON lines with per-word start/end times")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda where a GPU is available, else cpu (default here: %(default)s)")
     parser.add_argument("--chunk-seconds", type=float, default=30.0, help="window length (default: %(default)s)")
     parser.add_argument("--overlap-seconds", type=float, default=4.0,
                         help="overlap of consecutive windows; longer than any word (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        evaluate = (load_section("evaluate", EvaluateParams, args.params) if Path(args.params).is_file()
-                    else EvaluateParams())
+        # A params file named on the command line must exist; the default one is optional.
+        params_file = args.params or (DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None)
+        evaluate = load_section("evaluate", EvaluateParams, params_file) if params_file else None
+        decoder = args.decoder or (evaluate.decoder if evaluate else "greedy")
+        if decoder == "beam" and evaluate is None:
+            raise ParamsError(f"--decoder beam reads its settings from the evaluate section of a params file, "
+                              f"and there is no {DEFAULT_PARAMS} here: pass --params")
+        blank_penalty = args.blank_penalty
+        if blank_penalty is None:
+            blank_penalty = evaluate.blank_penalty if evaluate else 0.0
         transcriber = Transcriber(
-            args.model, args.features, args.decoder or evaluate.decoder, evaluate.beam, args.lm_dir,
-            evaluate.blank_penalty if args.blank_penalty is None else args.blank_penalty, args.device,
+            args.model, decoder, evaluate.beam if evaluate else None, args.lm_dir, blank_penalty, args.device,
             args.chunk_seconds, args.overlap_seconds, args.batch_size)
         for transcript in transcriber.transcribe(args.audio):
             if args.json:
@@ -98,6 +113,34 @@ def transcribe(argv: list[str]) -> None:
                 print(transcript.text if len(args.audio) == 1 else f"{transcript.path}\t{transcript.text}", flush=True)
     except (ParamsError, AudioError, FileNotFoundError, ValueError) as err:
         sys.exit(f"ctcflow transcribe: error: {err}")
+
+
+def summary(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="ctcflow summary",
+        description="A few lines for the end of `make demo`: the test WER and CER of greedy decoding and of "
+                    "beam search, how long the pipeline took, and where the plots are.")
+    parser.add_argument("--elapsed", type=float, metavar="SECONDS", help="the pipeline's run time, to print")
+    parser.add_argument("--metrics", default="metrics/eval.json",
+                        help="the evaluate stage's metrics (default: %(default)s)")
+    args = parser.parse_args(argv)
+    metrics_file = Path(args.metrics)
+    if not metrics_file.is_file():
+        sys.exit(f"ctcflow summary: error: {metrics_file} not found (run the pipeline first: dvc repro)")
+    metrics = json.loads(metrics_file.read_text())
+    # Word units have no beam block: the beam search spells words in characters.
+    for name, label in (("greedy", "greedy decoding"), ("beam", "beam search")):
+        if name in metrics:
+            print(f"test WER {metrics[name]['wer']:6.2%}  CER {metrics[name]['cer']:6.2%}  {label}")
+    if args.elapsed is not None:
+        print(f"pipeline time: {minutes_seconds(args.elapsed)}")
+    print("plots: plots/*.png, or all of them in one HTML page: dvc plots show")
+
+
+def minutes_seconds(seconds: float) -> str:
+    """723 → "12 min 03 s"; under a minute, "45 s"."""
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
 
 
 if __name__ == "__main__":

@@ -41,15 +41,15 @@ METRICS_FILE = Path("metrics/eval.json")
 
 
 class EvaluateParams(Section):
-    checkpoint: Literal["best", "last"] = "best"
-    split: Literal["test", "valid"] = "test"
-    batch_frames: int = Field(40000, gt=0)
-    num_examples: int = Field(10, ge=0)
-    examples_seed: int = 0
-    num_threads: int = Field(2, ge=1)
-    decoder: Literal["greedy", "beam"] = "beam"
-    blank_penalty: float = 0.0
-    beam: BeamParams = BeamParams()
+    checkpoint: Literal["best", "last"]
+    split: Literal["test", "valid"]
+    batch_frames: int = Field(gt=0)
+    num_examples: int = Field(ge=0)
+    examples_seed: int
+    num_threads: int = Field(ge=1)
+    decoder: Literal["greedy", "beam"]
+    blank_penalty: float
+    beam: BeamParams
 
 
 class Timed:

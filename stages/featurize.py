@@ -12,19 +12,15 @@ to data/features/rejects.jsonl and are counted in metrics/featurize.json, so not
 accepted disappears uncounted. Clipped audio is kept and listed in data/features/warnings.jsonl.
 The label unit (data/manifests/tokens.json) is copied to data/features/tokens.json for train.
 
-Files are read and turned into features in featurize.num_workers processes (default 1). The
-statistics, rejects and warnings are gathered here in manifest order, so any number of workers
+Files are read and turned into features in featurize.num_workers processes (ctcflow/workers.py).
+The statistics, rejects and warnings are gathered here in manifest order, so any number of workers
 writes the same bytes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -39,10 +35,11 @@ from ctcflow.audio import decode_audio
 from ctcflow.data import write_split
 from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array
 from ctcflow.errors import Rejected
-from ctcflow.manifest import REJECT_COLUMNS, SPLITS, Reject, read_manifest, write_jsonl
+from ctcflow.manifest import SPLITS, Reject, read_manifest
 from ctcflow.params import Section
-from stages.runner import StageError, stage_main
-from ctcflow.text import TOKENS_FILE, Tokenizer
+from ctcflow.workers import ordered_map
+from stages.runner import StageError, fail_if_strict, stage_main, tally
+from ctcflow.text import TOKENS_FILE
 
 MANIFEST_DIR = Path("data/manifests")
 OUT_DIR = Path("data/features")
@@ -50,16 +47,16 @@ METRICS_FILE = Path("metrics/featurize.json")
 
 
 class FeaturizeParams(Section):
-    sample_rate: int = Field(16000, ge=4000)
-    n_fft: int = Field(400, gt=0)
-    win_length: int = Field(400, gt=0)
-    hop_length: int = Field(160, gt=0)
-    n_mels: int = Field(80, gt=0)
-    num_threads: int = Field(1, ge=1)  # torch threads per worker
-    num_workers: int = Field(1, ge=1, le=64)  # processes reading audio and computing features
-    silence_db: float | None = Field(-60.0, le=0)  # peak at or below → silent_audio; null = keep all
-    clip_warn_fraction: float = Field(0.001, gt=0, le=1)  # share of full-scale samples → clipped_audio warning
-    strict: bool = False  # true: any reject fails the stage
+    sample_rate: int = Field(ge=4000)
+    n_fft: int = Field(gt=0)
+    win_length: int = Field(gt=0)
+    hop_length: int = Field(gt=0)
+    n_mels: int = Field(gt=0)
+    num_threads: int = Field(ge=1)  # torch threads per worker
+    num_workers: int = Field(ge=1, le=64)  # processes reading audio and computing features
+    silence_db: float | None = Field(le=0)  # peak at or below → silent_audio; null = keep all
+    clip_warn_fraction: float = Field(gt=0, le=1)  # share of full-scale samples → clipped_audio warning
+    strict: bool  # true: any reject fails the stage
 
     @property
     def logmel(self) -> LogMelConfig:
@@ -111,40 +108,6 @@ def extract(path: str, params: FeaturizeParams, precomputed: bool, with_stats: b
     return Extracted(stored, clipped_fraction, sums)
 
 
-def start_worker(num_threads: int) -> None:
-    torch.set_num_threads(num_threads)
-
-
-@contextlib.contextmanager
-def mapper(num_workers: int, num_threads: int):
-    """A map over files that keeps their order: a plain loop for 1 worker, else a process pool.
-
-    Processes, so the Python around each file (decoding, checks) runs in parallel too. Like the
-    manifest stage's workers, they fork from a clean forkserver, never from this process, whose
-    threads (torch's, a progress bar's) could leave a lock held in the child. A
-    ProcessPoolExecutor, not a multiprocessing.Pool: when a worker dies (killed for memory, or
-    failing to start), it raises instead of waiting forever for the lost files.
-    """
-    if num_workers == 1:
-        yield map
-        return
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=start_worker, initargs=(num_threads,))
-
-    def ordered(fn, items: list):
-        try:
-            yield from pool.map(fn, items, chunksize=max(1, min(32, len(items) // (4 * num_workers))))
-        except BrokenProcessPool as err:
-            raise StageError(f"a featurize worker process died ({err}); featurize.num_workers: 1 runs every file "
-                             "in the stage's own process and shows the error") from err
-
-    try:
-        yield ordered
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
 def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT_DIR,
         metrics_file: Path = METRICS_FILE) -> dict:
     torch.set_num_threads(params.num_threads)
@@ -158,15 +121,17 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
         dims = params.n_mels
     store_dtype = np.float32 if precomputed else np.float16
     out_dir.mkdir(parents=True, exist_ok=True)
+    rejects_file = out_dir / "rejects.jsonl"
     stats = RunningStats(dims)
     rejects: list[Reject] = []
     warnings: list[Reject] = []
     metrics: dict = {}
-    with mapper(params.num_workers, params.num_threads) as map_files:
+    # Results come back in manifest order, so the float64 sums of the statistics add up in the
+    # same order, and to the same bits, whatever the number of workers.
+    with ordered_map(params.num_workers, "featurize.num_workers", __name__, max_chunk=32,
+                     initializer=torch.set_num_threads, initargs=(params.num_threads,)) as map_files:
         for split, manifest in manifests.items():
             frames, rows, offset = [], [], 0
-            # Results come back in manifest order, so the float64 sums of the statistics add up
-            # in the same order, and to the same bits, whatever the number of workers.
             results = map_files(partial(extract, params=params, precomputed=precomputed, with_stats=split == "train"),
                                 manifest["audio_path"].tolist())
             for utt, result in tqdm(zip(manifest.itertuples(), results), total=len(manifest),
@@ -190,8 +155,8 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
                              "text_normalized": utt.text_normalized, "offset": offset, "num_frames": len(feats)})
                 offset += len(feats)
             if not rows:
-                write_jsonl(rejects, REJECT_COLUMNS, out_dir / "rejects.jsonl")
-                raise StageError(f"no utterance of split '{split}' could be featurized; see {out_dir / 'rejects.jsonl'}")
+                tally(rejects, rejects_file, "rejected")
+                raise StageError(f"no utterance of split '{split}' could be featurized; see {rejects_file}")
             write_split(out_dir, split, pd.DataFrame(rows), frames, dims, store_dtype)
             metrics[split] = {"utterances": len(rows), "frames": offset,
                               "hours": round(sum(r["duration"] for r in rows) / 3600, 4)}
@@ -204,21 +169,12 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
     else:
         info = {"logmel": config.to_dict(), "mean": mean.tolist(), "std": std.tolist()}
     (out_dir / "features.json").write_text(json.dumps(info, indent=1) + "\n")
-    tokens = manifest_dir / TOKENS_FILE
-    units = json.loads(tokens.read_text()) if tokens.is_file() else Tokenizer().units_dict()
-    (out_dir / TOKENS_FILE).write_text(json.dumps(units, ensure_ascii=False) + "\n")
-    write_jsonl(rejects, REJECT_COLUMNS, out_dir / "rejects.jsonl")
-    write_jsonl(warnings, REJECT_COLUMNS, out_dir / "warnings.jsonl")
-    metrics["rejected"] = {"total": len(rejects), **Counter(r.reason for r in rejects)}
-    metrics["warnings"] = {"total": len(warnings), **Counter(r.reason for r in warnings)}
+    shutil.copyfile(manifest_dir / TOKENS_FILE, out_dir / TOKENS_FILE)
+    metrics["rejected"] = tally(rejects, rejects_file, "rejected")
+    metrics["warnings"] = tally(warnings, out_dir / "warnings.jsonl", "kept with a warning")
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
-    if rejects:
-        print(f"rejected {len(rejects)}: {dict(Counter(r.reason for r in rejects))} — see {out_dir / 'rejects.jsonl'}")
-    if warnings:
-        print(f"kept with a warning {len(warnings)}: {dict(Counter(r.reason for r in warnings))} — see {out_dir / 'warnings.jsonl'}")
-    if params.strict and rejects:
-        raise StageError(f"featurize.strict: {len(rejects)} utterance(s) rejected; see {out_dir / 'rejects.jsonl'}")
+    fail_if_strict("featurize.strict", params.strict, metrics["rejected"], rejects_file)
     return metrics
 
 

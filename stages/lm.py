@@ -25,7 +25,7 @@ METRICS_FILE = Path("metrics/lm.json")
 
 
 class LmParams(Section):
-    order: int = Field(3, ge=1, le=6)
+    order: int = Field(ge=1, le=6)
 
 
 def run(params: LmParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT_DIR,

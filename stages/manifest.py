@@ -24,11 +24,8 @@ manifest.strict is true.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -42,10 +39,11 @@ from ctcflow import sources
 from ctcflow.audio import AudioInfo, read_info
 from ctcflow.features import read_feature_header
 from ctcflow.errors import Rejected
-from ctcflow.manifest import COLUMNS, REJECT_COLUMNS, SPLITS, Reject, Utterance, write_jsonl
+from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, write_jsonl
 from ctcflow.params import Section
-from stages.runner import StageError, stage_main
-from ctcflow.text import RECIPE_ALPHABET, TOKENS_FILE, Tokenizer, has_digits, min_ctc_frames, normalize, read_vocabulary
+from ctcflow.workers import ordered_map
+from stages.runner import StageError, fail_if_strict, stage_main, tally
+from ctcflow.text import TOKENS_FILE, Tokenizer, has_digits, min_ctc_frames, normalize, read_vocabulary
 
 OUT_DIR = Path("data/manifests")
 METRICS_FILE = Path("metrics/manifest.json")
@@ -53,11 +51,11 @@ SOURCES = ("demo", "librispeech", "common_voice", "ljspeech", "table", "recipe_j
 
 
 class TextParams(Section):
-    lowercase: bool = True
-    punctuation: Literal["drop", "keep"] = "drop"
-    digits: Literal["keep", "spell", "reject"] = "reject"
-    language: str = "en"  # num2words language for digits: spell
-    unknown: Literal["reject", "drop"] = "reject"  # units outside the vocabulary
+    lowercase: bool
+    punctuation: Literal["drop", "keep"]
+    digits: Literal["keep", "spell", "reject"]
+    language: str  # num2words language for digits: spell
+    unknown: Literal["reject", "drop"]  # units outside the vocabulary
 
     @field_validator("language")
     @classmethod
@@ -68,35 +66,35 @@ class TextParams(Section):
 
 
 class ColumnsParams(Section):
-    path: str = "path"
-    text: str = "text"
-    speaker: str | None = None
-    split: str | None = None
-    id: str | None = None  # default: the file name without its suffix
+    path: str
+    text: str
+    speaker: str | None
+    split: str | None
+    id: str | None  # null: the file name without its suffix
 
 
 class ManifestParams(Section):
-    source: Literal[SOURCES] = "demo"
-    corpus_dir: str = "data/corpus"
-    table: str | None = None
-    columns: ColumnsParams = ColumnsParams()
-    train_json: str | None = None
-    valid_json: str | None = None
-    test_json: str | None = None
-    input: Literal["audio", "features"] = "audio"
-    feature_frame_rate: float = Field(25.0, gt=0)
-    units: Literal["char", "word"] = "char"
-    alphabet: str = RECIPE_ALPHABET
-    vocabulary: str | None = None
-    text: TextParams = TextParams()
-    valid_fraction: float = Field(0.05, gt=0, lt=1)
-    test_fraction: float = Field(0.05, gt=0, lt=1)
-    seed: int = 0
-    min_duration: float = Field(0.2, ge=0)
-    max_duration: float = Field(30.0, gt=0)
-    ctc_frame_rate: float = Field(33.0, gt=0)
-    strict: bool = False
-    num_workers: int = Field(2, ge=1, le=64)
+    source: Literal[SOURCES]
+    corpus_dir: str
+    table: str | None
+    columns: ColumnsParams
+    train_json: str | None
+    valid_json: str | None
+    test_json: str | None
+    input: Literal["audio", "features"]
+    feature_frame_rate: float = Field(gt=0)
+    units: Literal["char", "word"]
+    alphabet: str
+    vocabulary: str | None
+    text: TextParams
+    valid_fraction: float = Field(gt=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
+    seed: int
+    min_duration: float = Field(ge=0)
+    max_duration: float = Field(gt=0)
+    ctc_frame_rate: float = Field(gt=0)
+    strict: bool
+    num_workers: int = Field(ge=1, le=64)
 
     @model_validator(mode="after")
     def _source_has_its_files(self):
@@ -142,30 +140,6 @@ def build_tokenizer(params: ManifestParams) -> Tokenizer:
         raise FileNotFoundError(f"manifest.vocabulary {params.vocabulary} not found") from None
     except ValueError as err:
         raise StageError(f"manifest.{'vocabulary' if params.units == 'word' else 'alphabet'}: {err}") from err
-
-
-def parallel_map(fn, items: list, num_workers: int, desc: str) -> list:
-    """`fn` over `items` in order, in `num_workers` processes, with a progress bar.
-
-    Processes, not threads: soundfile's header parsing holds the GIL for much of its work, and
-    two threads ran at 0.86× a plain loop (benchmarks/manifest.py). The workers fork from a clean
-    forkserver, not from this process: forking a process that runs threads (torch's, a progress
-    bar's, a test runner's) can deadlock the child on a lock one of them held.
-    """
-    progress = dict(total=len(items), desc=desc, unit="file", mininterval=1.0)
-    if num_workers == 1 or len(items) < 2:
-        return [fn(item) for item in tqdm(items, **progress)]
-    chunk = max(1, min(256, len(items) // (4 * num_workers)))
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    # An executor, not a Pool: a worker that dies (killed for memory) breaks it with an error,
-    # where a Pool would wait forever for the files that worker held.
-    try:
-        with ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-            return list(tqdm(pool.map(fn, items, chunksize=chunk), **progress))
-    except BrokenProcessPool as err:
-        raise StageError(f"a worker process of manifest.num_workers = {num_workers} died ({err}); "
-                         "with less memory to spare, try fewer") from err
 
 
 def check_text(text: str, params: ManifestParams, tokenizer: Tokenizer) -> str:
@@ -234,8 +208,10 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
     entries, how = sources.assign_splits(entries, params.valid_fraction, params.test_fraction, params.seed)
     records = entries.to_dict("records")
     duplicate = entries["id"].duplicated().tolist()  # every occurrence after the first
-    results = iter(parallel_map(partial(examine, params=params, tokenizer=tokenizer),
-                                [e for e, dup in zip(records, duplicate) if not dup], params.num_workers, "manifest"))
+    unique = [e for e, dup in zip(records, duplicate) if not dup]
+    with ordered_map(params.num_workers, "manifest.num_workers", __name__, max_chunk=256) as map_files:
+        results = iter(list(tqdm(map_files(partial(examine, params=params, tokenizer=tokenizer), unique),
+                                 total=len(unique), desc="manifest", unit="file", mininterval=1.0)))
     accepted: list[Utterance] = []
     rejects: list[Reject] = []
     for entry, dup in zip(records, duplicate):
@@ -255,28 +231,24 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
     by_split = {split: [u for u in accepted if u.split == split] for split in SPLITS}
     for split, rows in by_split.items():
         write_jsonl(rows, COLUMNS, out_dir / f"{split}.jsonl")
-    write_jsonl(rejects, REJECT_COLUMNS, out_dir / "rejects.jsonl")
     (out_dir / TOKENS_FILE).write_text(json.dumps(tokenizer.units_dict(), ensure_ascii=False) + "\n")
     metrics = {
         split: {"utterances": len(rows), "hours": round(sum(r.duration for r in rows) / 3600, 4),
                 "speakers": len({r.speaker for r in rows})}
         for split, rows in by_split.items()
     }
-    metrics["rejected"] = {"total": len(rejects), **Counter(r.reason for r in rejects)}
-    metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
-
     print(f"{params.source}: {len(records)} utterances listed; {how}")
     for split in SPLITS:
         print(f"{split}: {metrics[split]['utterances']} utterances, {metrics[split]['hours']:.2f} h")
-    if rejects:
-        print(f"rejected {len(rejects)}: {dict(Counter(r.reason for r in rejects))} — see {out_dir / 'rejects.jsonl'}")
+    rejects_file = out_dir / "rejects.jsonl"
+    metrics["rejected"] = tally(rejects, rejects_file, "rejected")
+    metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
+
     empty = [split for split in SPLITS if not by_split[split]]
     if empty:
-        raise StageError(f"no usable utterances left in split(s) {empty}; reasons are in {out_dir / 'rejects.jsonl'}")
-    if params.strict and rejects:
-        raise StageError(f"manifest.strict: {len(rejects)} utterance(s) rejected "
-                         f"({dict(Counter(r.reason for r in rejects))}); see {out_dir / 'rejects.jsonl'}")
+        raise StageError(f"no usable utterances left in split(s) {empty}; reasons are in {rejects_file}")
+    fail_if_strict("manifest.strict", params.strict, metrics["rejected"], rejects_file)
     return metrics
 
 

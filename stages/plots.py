@@ -28,7 +28,7 @@ OUT_DIR = Path("plots")
 
 
 class PlotsParams(Section):
-    dpi: int = Field(120, ge=50, le=600)
+    dpi: int = Field(ge=50, le=600)
 
 
 def read_history(history_dir: Path) -> pd.DataFrame:

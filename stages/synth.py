@@ -52,21 +52,21 @@ class SplitSize(Section):
 
 
 class Splits(Section):
-    train: SplitSize = SplitSize(utterances=4000, speakers=400)
-    valid: SplitSize = SplitSize(utterances=200, speakers=30)
-    test: SplitSize = SplitSize(utterances=400, speakers=60)
+    train: SplitSize
+    valid: SplitSize
+    test: SplitSize
 
 
 class SynthParams(Section):
-    seed: int = 1234
-    grammar: Path = Path("data/demo_grammar.yaml")
-    max_words_per_slot: int = Field(0, ge=0)  # keep the first N entries of each slot; 0 = all
-    sample_rate: int = Field(16000, ge=8000, le=48000)
-    rate_wpm: tuple[int, int] = (140, 210)
-    pitch: tuple[int, int] = (25, 75)
-    exclude_variants: list[str] = ["whisper", "whisperf"]
-    num_workers: int = Field(2, ge=1, le=64)
-    splits: Splits = Splits()
+    seed: int
+    grammar: Path
+    max_words_per_slot: int = Field(ge=0)  # keep the first N entries of each slot; 0 = all
+    sample_rate: int = Field(ge=8000, le=48000)
+    rate_wpm: tuple[int, int]
+    pitch: tuple[int, int]
+    exclude_variants: list[str]
+    num_workers: int = Field(ge=1, le=64)
+    splits: Splits
 
     @field_validator("rate_wpm")
     @classmethod
@@ -107,7 +107,7 @@ class Grammar:
         return words | {w for entries in self.slots.values() for e in entries for w in e.split()}
 
 
-def load_grammar(path: Path, max_words_per_slot: int = 0) -> Grammar:
+def load_grammar(path: Path, max_words_per_slot: int) -> Grammar:
     if not path.is_file():
         raise StageError(f"grammar file {path} not found (synth.grammar)")
     raw = yaml.safe_load(path.read_text()) or {}

@@ -43,6 +43,27 @@ def section(name: str, schema, **overrides):
     return schema.model_validate(merge(tiny_params()[name], overrides))
 
 
+def tiny_tokenizer():
+    """The tiny project's label units: the characters of manifest.alphabet, the blank at
+    train.ctc.blank (' = 0, space = 1, a–z = 2…27, blank = 28)."""
+    from ctcflow.text import Tokenizer
+
+    params = tiny_params()
+    return Tokenizer(params["manifest"]["alphabet"], params["train"]["ctc"]["blank"], "char")
+
+
+def frame_log_probs(tokenizer, *columns: dict[str, float]):
+    """(1, frames, classes) log-probabilities, one frame per dict {unit or "blank": probability};
+    the rest of each frame's mass is spread thin over the other classes."""
+    import torch
+
+    out = torch.full((1, len(columns), tokenizer.num_classes), 1e-4)
+    for t, column in enumerate(columns):
+        for name, p in column.items():
+            out[0, t, tokenizer.blank if name == "blank" else tokenizer.encode(name)[0]] = p
+    return (out / out.sum(-1, keepdim=True)).log()
+
+
 def make_project(root: Path, params: dict | None = None) -> Path:
     """A directory laid out like the repo: params.yaml and the grammar the synth stage reads."""
     (root / "data").mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from ctcflow.data import LengthBatchSampler, collate
+from ctcflow.data import LengthBatchSampler, collate, frame_mask
 
 
 def test_batches_respect_the_frame_budget_and_cover_every_utterance_once():
@@ -42,3 +42,8 @@ def test_collate_pads_and_concatenates_targets():
     assert batch.lengths.tolist() == [3, 5]
     assert batch.targets.tolist() == [1, 2, 3] and batch.target_lengths.tolist() == [2, 1]
     assert batch.indices == [0, 1]
+
+
+def test_frame_mask_marks_the_real_frames_of_a_padded_batch():
+    assert frame_mask(torch.tensor([5, 3, 0]), 5).tolist() == [[True] * 5, [True, True, True, False, False],
+                                                               [False] * 5]

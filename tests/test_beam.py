@@ -8,15 +8,16 @@ import json
 import pandas as pd
 import pytest
 import torch
+import yaml
 
-from ctcflow.decoding import BeamParams, BeamSearchDecoder, GreedyDecoder
+from conftest import frame_log_probs, merge, section, tiny_params, tiny_tokenizer
+from ctcflow.decoding import BeamParams, GreedyDecoder
 from ctcflow.lm import UNK, kneser_ney, read_arpa, read_lexicon, score, write_arpa, write_lexicon
 from ctcflow.metrics import error_rates
 from ctcflow.params import ParamsError, load_section
-from ctcflow.text import Tokenizer
 from stages.evaluate import EvaluateParams
 
-TOKENIZER = Tokenizer()
+TOKENIZER = tiny_tokenizer()
 CORPUS = ["turn on the light", "turn off the light", "turn on the light in the kitchen",
           "the night is dark", "good night", "switch on the light please", "dim the light"]
 
@@ -47,11 +48,12 @@ def spell(text: str, confusions: dict[int, dict[str, float]]) -> torch.Tensor:
     columns = []
     for i, ch in enumerate(text):
         columns += [confusions.get(i, {ch: 0.95}), {"blank": 0.95}]
-    out = torch.full((1, len(columns), TOKENIZER.num_classes), 1e-4)
-    for t, column in enumerate(columns):
-        for name, p in column.items():
-            out[0, t, TOKENIZER.blank if name == "blank" else TOKENIZER.encode(name)[0]] = p
-    return (out / out.sum(-1, keepdim=True)).log()
+    return frame_log_probs(TOKENIZER, *columns)
+
+
+def beam(**settings) -> BeamParams:
+    """evaluate.beam of the tiny project, with `settings` changed."""
+    return section("evaluate", EvaluateParams, beam=settings).beam
 
 
 @pytest.fixture
@@ -67,10 +69,10 @@ def test_the_language_model_fixes_what_the_acoustics_get_wrong(lm_dir):
     # The acoustics lean to "n" over "l" at the start of "light", and misspell its "g" as "q".
     log_probs = spell(reference, {12: {"n": 0.55, "l": 0.40}, 14: {"q": 0.6, "g": 0.35}})
     lengths = torch.tensor([log_probs.shape[1]])
-    greedy = GreedyDecoder(TOKENIZER)(log_probs, lengths)
-    free = BeamSearchDecoder(TOKENIZER)(log_probs, lengths)
-    lexicon = BeamParams(lexicon=True, lm_weight=0.0).decoder(TOKENIZER, lm_dir)(log_probs, lengths)
-    with_lm = BeamParams(lexicon=True, lm_weight=2.0).decoder(TOKENIZER, lm_dir)(log_probs, lengths)
+    greedy = GreedyDecoder(TOKENIZER, blank_penalty=0.0)(log_probs, lengths)
+    free = beam(lexicon=False, lm_weight=0.0).decoder(TOKENIZER, lm_dir, blank_penalty=0.0)(log_probs, lengths)
+    lexicon = beam(lexicon=True, lm_weight=0.0).decoder(TOKENIZER, lm_dir, blank_penalty=0.0)(log_probs, lengths)
+    with_lm = beam(lexicon=True, lm_weight=2.0).decoder(TOKENIZER, lm_dir, blank_penalty=0.0)(log_probs, lengths)
     assert greedy == free == ["turn on the niqht"]
     assert lexicon == ["turn on the night"]  # the lexicon fixes the spelling, not the word
     assert with_lm == [reference]  # the LM knows "the light" is what people say
@@ -78,14 +80,15 @@ def test_the_language_model_fixes_what_the_acoustics_get_wrong(lm_dir):
 
 
 def test_a_word_lm_without_a_lexicon_is_refused(tmp_path):
-    (tmp_path / "params.yaml").write_text("evaluate:\n  beam: {lexicon: false, lm_weight: 1.0}\n")
-    with pytest.raises(ParamsError, match="evaluate.beam"):
+    params = merge(tiny_params(), {"evaluate": {"beam": {"lexicon": False, "lm_weight": 1.0}}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"evaluate.beam: Value error, lm_weight > 0 needs lexicon: true"):
         load_section("evaluate", EvaluateParams, tmp_path / "params.yaml")
 
 
 def test_missing_lm_files_name_the_stage_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the lm stage first"):
-        BeamParams().decoder(TOKENIZER, tmp_path)
+        beam(lexicon=True, lm_weight=2.0).decoder(TOKENIZER, tmp_path, blank_penalty=0.0)
 
 
 def test_lm_stage_covers_the_training_words(tiny_pipeline):
@@ -100,7 +103,7 @@ def test_lm_stage_covers_the_training_words(tiny_pipeline):
 def test_evaluate_reports_greedy_and_beam_side_by_side(tiny_pipeline):
     metrics = json.loads((tiny_pipeline / "metrics/eval.json").read_text())
     assert {"wer", "cer", "sentence_accuracy"} <= set(metrics["greedy"]) and {"wer", "cer"} <= set(metrics["beam"])
-    chosen = EvaluateParams().decoder  # the tiny project keeps the default decoder
+    chosen = tiny_params()["evaluate"]["decoder"]
     assert metrics["wer"] == metrics[chosen]["wer"] and metrics["cer"] == metrics[chosen]["cer"]
     table = pd.read_csv(tiny_pipeline / "reports/eval/utterances.csv", keep_default_na=False)
     assert (table["hypothesis"] == table[f"hypothesis_{chosen}"]).all()

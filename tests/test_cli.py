@@ -1,17 +1,25 @@
+import json
+import os
 import subprocess
 import sys
 
-from stages.cli import STAGES
+import yaml
+
+from conftest import REPO, tiny_params
+from stages.cli import main
 
 
 def ctcflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, cwd=cwd)
+    """The command in a process of its own, with this repository's code."""
+    return subprocess.run([sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_help_lists_every_stage():
     done = ctcflow("--help")
     assert done.returncode == 0
-    for name in [*STAGES, "repro"]:
+    for name in ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots", "repro", "transcribe",
+                 "summary"]:
         assert f"    {name}" in done.stdout
 
 
@@ -29,7 +37,7 @@ def test_a_bad_param_is_one_clear_line_not_a_traceback(tmp_path):
 
 
 def test_a_missing_input_names_the_stage_to_run(tmp_path):
-    (tmp_path / "params.yaml").write_text("evaluate: {}\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": tiny_params()["evaluate"]}))
     done = ctcflow("evaluate", cwd=tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "models/best.pt not found" in done.stderr
@@ -38,3 +46,53 @@ def test_a_missing_input_names_the_stage_to_run(tmp_path):
 def test_unknown_command():
     done = ctcflow("tran")
     assert done.returncode != 0 and "unknown command 'tran'" in done.stderr
+
+
+def test_a_missing_params_key_is_named(tmp_path):
+    (tmp_path / "params.yaml").write_text("plots: {}\n")
+    done = ctcflow("plots", cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr == "ctcflow plots: error: params.yaml: bad or missing value in section 'plots':\n" \
+                          "  plots.dpi: Field required\n"
+
+
+EVAL = {"wer": 0.0068, "cer": 0.0053, "sentence_accuracy": 0.955, "ctc_loss": 0.078, "blank_ratio": 0.093,
+        "utterances": 400, "checkpoint_epoch": 10,
+        "greedy": {"wer": 0.07402, "cer": 0.017956, "sentence_accuracy": 0.6725, "blank_ratio": 0.095},
+        "beam": {"wer": 0.006827, "cer": 0.005294, "sentence_accuracy": 0.955}}
+
+
+def summary(capsys, *args: str) -> str:
+    main(["summary", *args])
+    return capsys.readouterr().out
+
+
+def test_summary_prints_both_decoders_the_time_and_the_plots(tmp_path, capsys):
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL))
+    assert summary(capsys, "--metrics", str(tmp_path / "eval.json"), "--elapsed", "723.4") == (
+        "test WER  7.40%  CER  1.80%  greedy decoding\n"
+        "test WER  0.68%  CER  0.53%  beam search\n"
+        "pipeline time: 12 min 03 s\n"
+        "plots: plots/*.png, or all of them in one HTML page: dvc plots show\n"
+    )
+
+
+def test_summary_without_a_beam_block_or_a_time(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    # Word units: greedy decoding only.
+    words_only = {"wer": 1.0, "cer": 0.5, "greedy": {"wer": 1.0, "cer": 0.5}}
+    (tmp_path / "metrics/eval.json").write_text(json.dumps(words_only))
+    assert summary(capsys, "--elapsed", "45") == (
+        "test WER 100.00%  CER 50.00%  greedy decoding\n"
+        "pipeline time: 45 s\n"
+        "plots: plots/*.png, or all of them in one HTML page: dvc plots show\n"
+    )
+    assert summary(capsys) == ("test WER 100.00%  CER 50.00%  greedy decoding\n"
+                               "plots: plots/*.png, or all of them in one HTML page: dvc plots show\n")
+
+
+def test_summary_before_the_pipeline_ran(tmp_path):
+    done = ctcflow("summary", cwd=tmp_path)
+    assert done.returncode != 0
+    assert done.stderr == "ctcflow summary: error: metrics/eval.json not found (run the pipeline first: dvc repro)\n"

@@ -36,19 +36,19 @@ def test_blank_at_index_zero():
 
 # ---- decode-time blank penalty and word timing (real decoders, constructed log-probabilities)
 
+from conftest import frame_log_probs, tiny_tokenizer  # noqa: E402
 from ctcflow.decoding import BeamSearchDecoder, GreedyDecoder, align_words, penalize_blank  # noqa: E402
-from ctcflow.text import Tokenizer  # noqa: E402
 
-TOKENIZER = Tokenizer()  # ' = 0, space = 1, a–z = 2…27, blank = 28
+TOKENIZER = tiny_tokenizer()  # ' = 0, space = 1, a–z = 2…27, blank = 28
 
 
 def frames(*columns: dict[str, float]) -> torch.Tensor:
-    """One frame per dict {char or 'blank': probability}; the rest of the mass is spread thin."""
-    out = torch.full((1, len(columns), TOKENIZER.num_classes), 1e-4)
-    for t, column in enumerate(columns):
-        for name, p in column.items():
-            out[0, t, TOKENIZER.blank if name == "blank" else TOKENIZER.encode(name)[0]] = p
-    return (out / out.sum(-1, keepdim=True)).log()
+    return frame_log_probs(TOKENIZER, *columns)
+
+
+def lexicon_free_beam(tokenizer, blank_penalty: float) -> BeamSearchDecoder:
+    return BeamSearchDecoder(tokenizer, beam_size=50, beam_threshold=25.0, lexicon=None, lm=None, lm_weight=0.0,
+                             word_score=0.0, blank_penalty=blank_penalty)
 
 
 def test_penalty_subtracts_from_blank_only():
@@ -63,7 +63,7 @@ def test_penalty_turns_a_narrowly_blank_frame_into_a_character():
     # "a", then a frame where blank beats "b" by 0.2 nats, then "c".
     log_probs = frames({"a": 0.9}, {"blank": 0.55, "b": 0.45}, {"c": 0.9})
     length = torch.tensor([3])
-    for decoder in (GreedyDecoder, lambda tok, blank_penalty: BeamSearchDecoder(tok, blank_penalty=blank_penalty)):
+    for decoder in (GreedyDecoder, lexicon_free_beam):
         assert decoder(TOKENIZER, blank_penalty=0.0)(log_probs, length) == ["ac"]
         assert decoder(TOKENIZER, blank_penalty=0.5)(log_probs, length) == ["abc"]
         # A negative penalty favours blank: the confident characters stay, nothing is added.
@@ -89,7 +89,7 @@ def test_words_are_timed_from_the_ctc_alignment():
     # "hi yo" at frames: h=0, blank, i=2-3, blank, space=5, y=6, blank, o=8, blank.
     log_probs = frames({"h": 0.9}, {"blank": 0.9}, {"i": 0.9}, {"i": 0.9}, {"blank": 0.9}, {" ": 0.9},
                        {"y": 0.9}, {"blank": 0.9}, {"o": 0.9}, {"blank": 0.9})[0]
-    words = align_words(log_probs, "hi yo", TOKENIZER, frame_seconds=0.03)
+    words = align_words(log_probs, "hi yo", TOKENIZER, frame_seconds=0.03, blank_penalty=0.0)
     assert [w.word for w in words] == ["hi", "yo"]
     assert [(round(w.start, 3), round(w.end, 3)) for w in words] == [(0.0, 0.12), (0.18, 0.27)]
-    assert align_words(log_probs, "", TOKENIZER, 0.03) == []
+    assert align_words(log_probs, "", TOKENIZER, 0.03, blank_penalty=0.0) == []

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from conftest import section
 from ctcflow.manifest import read_manifest
 from stages.runner import StageError
 from stages import featurize, manifest
@@ -95,8 +96,8 @@ def build_corpus(root: Path) -> tuple[list[dict], dict[str, str], dict[str, str]
 
 
 def manifest_params(root: Path, **overrides) -> manifest.ManifestParams:
-    return manifest.ManifestParams(source="table", corpus_dir=str(root), table=str(root / "list.jsonl"),
-                                   columns={"id": "id", "split": "split"}, num_workers=2, **overrides)
+    return section("manifest", manifest.ManifestParams, source="table", corpus_dir=str(root),
+                   table=str(root / "list.jsonl"), columns={"id": "id", "split": "split"}, num_workers=2, **overrides)
 
 
 def test_every_hostile_input_is_handled_and_counted(tmp_path):
@@ -123,7 +124,7 @@ def test_every_hostile_input_is_handled_and_counted(tmp_path):
     for rate in RATES:
         assert accepted.loc[f"rate_{rate}", "sample_rate"] == rate
 
-    f_metrics = featurize.run(featurize.FeaturizeParams(), manifest_dir=out, out_dir=features,
+    f_metrics = featurize.run(section("featurize", featurize.FeaturizeParams), manifest_dir=out, out_dir=features,
                               metrics_file=tmp_path / "f.json")
     f_rejects = pd.read_json(features / "rejects.jsonl", lines=True, dtype=str)
     assert dict(zip(f_rejects["id"], f_rejects["reason"])) == featurize_reasons
@@ -151,8 +152,8 @@ def test_strict_mode_fails_on_any_reject(tmp_path):
     assert len(pd.read_json(tmp_path / "m" / "rejects.jsonl", lines=True)) == 15  # still written, for the user
     manifest.run(manifest_params(root), out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
     with pytest.raises(StageError, match=r"featurize.strict: 3 utterance\(s\) rejected"):
-        featurize.run(featurize.FeaturizeParams(strict=True), manifest_dir=tmp_path / "m", out_dir=tmp_path / "f",
-                      metrics_file=tmp_path / "f.json")
+        featurize.run(section("featurize", featurize.FeaturizeParams, strict=True), manifest_dir=tmp_path / "m",
+                      out_dir=tmp_path / "f", metrics_file=tmp_path / "f.json")
 
 
 def test_nothing_usable_left_is_a_clear_error(tmp_path):
@@ -160,7 +161,8 @@ def test_nothing_usable_left_is_a_clear_error(tmp_path):
     root.mkdir()
     (root / "a.wav").write_bytes(b"")
     (root / "list.csv").write_text("path,text\na.wav,hello\nb.wav,hello\n")
-    params = manifest.ManifestParams(source="table", corpus_dir=str(root), table=str(root / "list.csv"))
+    params = section("manifest", manifest.ManifestParams, source="table", corpus_dir=str(root),
+                     table=str(root / "list.csv"))
     with pytest.raises(StageError, match=r"no usable utterances left in split\(s\) \['train', 'valid', 'test'\]"):
         manifest.run(params, out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text())["rejected"] == {"total": 2, "empty_file": 1, "missing_file": 1}
@@ -174,7 +176,7 @@ def test_two_featurize_workers_write_the_same_bytes_as_one(tmp_path):
     outputs = {}
     for workers in (1, 2):
         out = tmp_path / f"f{workers}"
-        featurize.run(featurize.FeaturizeParams(num_workers=workers), manifest_dir=tmp_path / "m",
+        featurize.run(section("featurize", featurize.FeaturizeParams, num_workers=workers), manifest_dir=tmp_path / "m",
                       out_dir=out / "features", metrics_file=out / "featurize.json")
         outputs[workers] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert len(outputs[1]) == 11  # 3 splits × (.npy, .csv), features.json, tokens.json, rejects, warnings, metrics

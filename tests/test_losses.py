@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, blank_penalty, frame_mask, hard_blank_ratio
+from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, blank_penalty, hard_blank_ratio
 
 BLANK = 4
 LENGTHS = torch.tensor([5, 3])  # second utterance: frames 3 and 4 are padding
@@ -12,10 +12,6 @@ def logits_with_padding(junk: float) -> torch.Tensor:
     logits = torch.randn(2, 5, 5)
     logits[1, 3:] = junk  # padded frames
     return logits.requires_grad_()
-
-
-def test_frame_mask():
-    assert frame_mask(LENGTHS, 5).tolist() == [[True] * 5, [True, True, True, False, False]]
 
 
 def real_blank_probs(logits):

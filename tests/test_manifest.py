@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from conftest import section, tiny_tokenizer
 from ctcflow.data import FeatureSplit
 from ctcflow.manifest import read_manifest
 from stages.runner import StageError
-from ctcflow.text import Tokenizer
 from stages import featurize, manifest
 
 
@@ -61,7 +61,7 @@ def recipe_corpus(tiny_pipeline, tmp_path) -> Path:
 def params_for(corpus: Path, **overrides) -> manifest.ManifestParams:
     settings = {"source": "recipe_json", "corpus_dir": str(corpus), "train_json": str(corpus / "train.json"),
                 "test_json": str(corpus / "test.json"), "valid_fraction": 0.2, "min_duration": 0.05}
-    return manifest.ManifestParams(**{**settings, **overrides})
+    return section("manifest", manifest.ManifestParams, **{**settings, **overrides})
 
 
 EXPECTED_REASONS = {
@@ -104,12 +104,12 @@ def test_bad_input_is_rejected_with_its_reason_and_nothing_else_is_lost(recipe_c
 def test_featurize_downmixes_and_resamples(recipe_corpus, tmp_path):
     manifest.run(params_for(recipe_corpus), out_dir=tmp_path / "manifests", metrics_file=tmp_path / "m.json")
     features = tmp_path / "features"
-    featurize.run(featurize.FeaturizeParams(), manifest_dir=tmp_path / "manifests", out_dir=features,
-                  metrics_file=tmp_path / "f.json")
-    split = FeatureSplit(features, "train", Tokenizer())
+    featurize.run(section("featurize", featurize.FeaturizeParams), manifest_dir=tmp_path / "manifests",
+                  out_dir=features, metrics_file=tmp_path / "f.json")
+    split = FeatureSplit(features, "train", tiny_tokenizer())
     index = split.index.set_index("id")
     if "stereo 44k ünïcode" not in index.index:
-        split = FeatureSplit(features, "valid", Tokenizer())
+        split = FeatureSplit(features, "valid", tiny_tokenizer())
         index = split.index.set_index("id")
     row = index.loc["stereo 44k ünïcode"]
     assert row.num_frames == int(row.duration * 16000) // 160 + 1
@@ -122,12 +122,3 @@ def test_a_split_left_empty_fails_the_stage_with_a_clear_message(recipe_corpus, 
     # The rejects file is still written, so the user can see why.
     assert len(pd.read_json(tmp_path / "m" / "rejects.jsonl", lines=True)) == 50
 
-
-def test_a_worker_that_dies_is_a_clear_error_not_a_hang():
-    import os
-
-    from stages.runner import StageError
-    from stages.manifest import parallel_map
-
-    with pytest.raises(StageError, match="a worker process of manifest.num_workers = 2 died"):
-        parallel_map(os._exit, [1, 1, 1, 1], num_workers=2, desc="dying")  # each call ends its process

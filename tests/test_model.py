@@ -1,16 +1,17 @@
 import pytest
 import torch
 
+from conftest import tiny_params
 from ctcflow.losses import CTCObjective
 from ctcflow.model import ARCHITECTURES, build_model
 
-SMALL = {"hidden_size": 32, "num_layers": 2, "conv_channels": 32}
+SMALL = {**tiny_params()["train"]["model"], "num_layers": 2}  # hidden_size and conv_channels 32
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_output_lengths_match_valid_frames(arch):
     torch.manual_seed(0)
-    model = build_model({"arch": arch, **SMALL}, n_mels=16, num_classes=29).eval()
+    model = build_model({**SMALL, "arch": arch}, n_mels=16, num_classes=29).eval()
     feats, lengths = torch.randn(3, 120, 16), torch.tensor([120, 80, 41])
     feats[1, 80:] = 0  # zero padding, as collate() makes it
     feats[2, 41:] = 0
@@ -26,7 +27,7 @@ def test_output_lengths_match_valid_frames(arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_few_steps_lower_the_ctc_loss(arch):
     torch.manual_seed(0)
-    model = build_model({"arch": arch, **SMALL, "dropout": 0.0}, n_mels=16, num_classes=29)
+    model = build_model({**SMALL, "arch": arch, "dropout": 0.0}, n_mels=16, num_classes=29)
     objective = CTCObjective(28, True, "none", 0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     feats, lengths = torch.randn(2, 100, 16), torch.tensor([100, 90])

@@ -14,8 +14,7 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
-from ctcflow.audio import load_audio
-from ctcflow.checkpoint import load_checkpoint
+from ctcflow.audio import decode_audio
 from stages.cli import main
 from ctcflow.data import FeatureSplit
 from ctcflow.transcribe import Transcriber
@@ -33,8 +32,10 @@ test_utterances.__test__ = False  # a helper, not a test
 
 
 def transcriber(root: Path, **options) -> Transcriber:
-    return Transcriber(root / "models/best.pt", root / "data/features", decoder="greedy", blank_penalty=PENALTY,
-                       **options)
+    """Greedy decoding with the blank penalty; 30 s windows overlapping by 4 s, 8 to a batch, unless told."""
+    settings = dict(decoder="greedy", beam=None, lm_dir=None, blank_penalty=PENALTY, device="cpu",
+                    chunk_seconds=30.0, overlap_seconds=4.0, batch_size=8)
+    return Transcriber(root / "models/best.pt", **{**settings, **options})
 
 
 def check_words(transcript, duration: float) -> None:
@@ -54,7 +55,7 @@ def test_transcribes_a_synthesized_utterance_with_features_as_featurize_made_the
     check_words(transcript, soundfile.info(str(tiny_pipeline / utt.audio_path)).duration)
     stored = FeatureSplit(tiny_pipeline / "data/features", "test", model.tokenizer)
     row = stored.index.index[stored.index["id"] == utt.id][0]
-    ours = model.features(load_audio(tiny_pipeline / utt.audio_path, model.config.sample_rate))
+    ours = model.features(decode_audio(tiny_pipeline / utt.audio_path, model.config.sample_rate).waveform)
     assert torch.allclose(ours, stored[row][0], atol=0.02)  # the store holds float16
 
 
@@ -114,34 +115,43 @@ def test_command_prints_text_or_json_lines(tiny_pipeline, capsys, monkeypatch):
     assert code == 0 and len(out.splitlines()) == 1, err
 
 
-def test_command_errors_are_one_line(tiny_pipeline, capsys, monkeypatch, tmp_path):
+def test_command_errors_are_one_line(tiny_pipeline, capsys, monkeypatch):
     monkeypatch.chdir(tiny_pipeline)
     code, out, err = cli(capsys, "models/best.pt", "no/such.wav")
     assert code != 0 and err.startswith("ctcflow transcribe: error:") and "no/such.wav" in err
-    audio = test_utterances(tiny_pipeline)["audio_path"][:1]
-    # The checkpoint carries the feature mean/std: no features directory needed.
-    code, out, err = cli(capsys, "models/best.pt", *audio, "--features", "nowhere", "--decoder", "greedy")
-    assert code == 0 and len(out.splitlines()) == 1, err
-    # An older checkpoint without them falls back to the features directory, and says which is missing.
-    old = {k: v for k, v in load_checkpoint("models/best.pt").items() if k not in ("mean", "std")}
-    torch.save(old, tmp_path / "old.pt")
-    code, out, err = cli(capsys, str(tmp_path / "old.pt"), *audio, "--features", "nowhere")
-    assert code != 0 and err.startswith("ctcflow transcribe: error:") and "nowhere" in err
+    code, out, err = cli(capsys, "models/best.pt", test_utterances(tiny_pipeline)["audio_path"][0],
+                         "--params", "nowhere.yaml")
+    assert code != 0 and err.startswith("ctcflow transcribe: error: nowhere.yaml: no such params file"), err
+
+
+def test_without_a_params_file_decoding_is_greedy_and_beam_search_says_what_it_needs(tiny_pipeline, capsys,
+                                                                                      monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no params.yaml, no data/: the checkpoint carries the feature mean/std
+    model = str(tiny_pipeline / "models/best.pt")
+    audio = str(tiny_pipeline / test_utterances(tiny_pipeline)["audio_path"][0])
+    code, out, err = cli(capsys, model, audio, "--blank-penalty", str(PENALTY))
+    assert code == 0, err
+    [transcript] = transcriber(tiny_pipeline).transcribe([audio])  # greedy, with that penalty
+    assert out == transcript.text + "\n"
+    code, out, err = cli(capsys, model, audio, "--decoder", "beam")
+    assert code != 0 and out == ""
+    assert err == ("ctcflow transcribe: error: --decoder beam reads its settings from the evaluate section of a "
+                   "params file, and there is no params.yaml here: pass --params\n")
 
 
 PEAK_RSS = """
 import resource, sys
 from ctcflow.transcribe import Transcriber
-model = Transcriber(sys.argv[1], sys.argv[2], decoder="greedy", blank_penalty={penalty}, chunk_seconds=20.0,
-                    overlap_seconds=2.0, batch_size=2)
-[transcript] = model.transcribe([sys.argv[3]])
+model = Transcriber(sys.argv[1], decoder="greedy", beam=None, lm_dir=None, blank_penalty={penalty}, device="cpu",
+                    chunk_seconds=20.0, overlap_seconds=2.0, batch_size=2)
+[transcript] = model.transcribe([sys.argv[2]])
 print(transcript.duration, len(transcript.words), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
 def peak_rss_kib(root: Path, audio: Path) -> tuple[float, int, int]:
     done = subprocess.run([sys.executable, "-c", PEAK_RSS.format(penalty=PENALTY), str(root / "models/best.pt"),
-                           str(root / "data/features"), str(audio)], capture_output=True, text=True,
+                           str(audio)], capture_output=True, text=True,
                           env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(Path(__file__).parents[1])})
     assert done.returncode == 0, done.stderr
     duration, words, rss = done.stdout.split()
