@@ -78,5 +78,4 @@ def subset_store(source: Path, target: Path, counts: dict[str, int], seed: int) 
         keep = keep.assign(offset=np.concatenate([[0], np.cumsum(keep["num_frames"])[:-1]]))
         write_split(target, split, keep, parts, info["logmel"]["n_mels"], frames.dtype)
     for name in ("features.json", "tokens.json"):
-        if (source / name).is_file():  # older stores have no tokens.json: the recipe's alphabet then
-            shutil.copy(source / name, target / name)
+        shutil.copy(source / name, target / name)

@@ -31,6 +31,7 @@ import numpy as np
 import soundfile as sf
 
 from ctcflow.audio import read_info
+from ctcflow.params import load_section
 from stages import manifest
 
 RESULTS = Path(__file__).parent / "results" / "manifest.json"
@@ -68,7 +69,8 @@ def timed(fn) -> tuple[float, float]:
 
 
 def run_stage(root: Path, out: Path, workers: int) -> None:
-    params = manifest.ManifestParams(source="librispeech", corpus_dir=str(root), num_workers=workers)
+    defaults = load_section("manifest", manifest.ManifestParams, "params.yaml")  # their one home
+    params = defaults.model_copy(update={"source": "librispeech", "corpus_dir": str(root), "num_workers": workers})
     with contextlib.redirect_stdout(io.StringIO()):
         manifest.run(params, out_dir=out / "manifests", metrics_file=out / "manifest.json")
 

@@ -15,6 +15,7 @@ Rejected utterances go to rejects.jsonl with columns id, split, audio_path, text
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -67,3 +68,13 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"manifest {path} lacks columns {sorted(missing)}")
     return frame[COLUMNS]
+
+
+def tally_rejects(rejects: list[Reject], path: Path, kind: str) -> dict:
+    """Write `rejects` to `path` (JSON lines), print how many there are by reason, and return that
+    count for the stage's metrics: {"total": n, "<reason>": n, ...}. `kind` names them when printed."""
+    write_jsonl(rejects, REJECT_COLUMNS, path)
+    by_reason = Counter(r.reason for r in rejects)
+    if rejects:
+        print(f"{kind} {len(rejects)}: {dict(by_reason)} — see {path}")
+    return {"total": len(rejects), **by_reason}

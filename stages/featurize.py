@@ -35,10 +35,10 @@ from ctcflow.audio import decode_audio
 from ctcflow.data import write_split
 from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array
 from ctcflow.errors import Rejected
-from ctcflow.manifest import SPLITS, Reject, read_manifest
+from ctcflow.manifest import SPLITS, Reject, read_manifest, tally_rejects
 from ctcflow.params import Section
 from ctcflow.workers import ordered_map
-from stages.runner import StageError, fail_if_strict, stage_main, tally
+from stages.runner import StageError, fail_if_strict, stage_main
 from ctcflow.text import TOKENS_FILE
 
 MANIFEST_DIR = Path("data/manifests")
@@ -155,7 +155,7 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
                              "text_normalized": utt.text_normalized, "offset": offset, "num_frames": len(feats)})
                 offset += len(feats)
             if not rows:
-                tally(rejects, rejects_file, "rejected")
+                tally_rejects(rejects, rejects_file, "rejected")
                 raise StageError(f"no utterance of split '{split}' could be featurized; see {rejects_file}")
             write_split(out_dir, split, pd.DataFrame(rows), frames, dims, store_dtype)
             metrics[split] = {"utterances": len(rows), "frames": offset,
@@ -170,8 +170,8 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
         info = {"logmel": config.to_dict(), "mean": mean.tolist(), "std": std.tolist()}
     (out_dir / "features.json").write_text(json.dumps(info, indent=1) + "\n")
     shutil.copyfile(manifest_dir / TOKENS_FILE, out_dir / TOKENS_FILE)
-    metrics["rejected"] = tally(rejects, rejects_file, "rejected")
-    metrics["warnings"] = tally(warnings, out_dir / "warnings.jsonl", "kept with a warning")
+    metrics["rejected"] = tally_rejects(rejects, rejects_file, "rejected")
+    metrics["warnings"] = tally_rejects(warnings, out_dir / "warnings.jsonl", "kept with a warning")
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
     fail_if_strict("featurize.strict", params.strict, metrics["rejected"], rejects_file)

@@ -39,10 +39,10 @@ from ctcflow import sources
 from ctcflow.audio import AudioInfo, read_info
 from ctcflow.features import read_feature_header
 from ctcflow.errors import Rejected
-from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, write_jsonl
+from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, tally_rejects, write_jsonl
 from ctcflow.params import Section
 from ctcflow.workers import ordered_map
-from stages.runner import StageError, fail_if_strict, stage_main, tally
+from stages.runner import StageError, fail_if_strict, stage_main
 from ctcflow.text import TOKENS_FILE, Tokenizer, has_digits, min_ctc_frames, normalize, read_vocabulary
 
 OUT_DIR = Path("data/manifests")
@@ -241,7 +241,7 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
     for split in SPLITS:
         print(f"{split}: {metrics[split]['utterances']} utterances, {metrics[split]['hours']:.2f} h")
     rejects_file = out_dir / "rejects.jsonl"
-    metrics["rejected"] = tally(rejects, rejects_file, "rejected")
+    metrics["rejected"] = tally_rejects(rejects, rejects_file, "rejected")
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
 

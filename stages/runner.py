@@ -1,17 +1,15 @@
 """What the stage modules share: the command-line shell (`--params`, validation, clean errors),
-and the tally of rejected utterances that manifest and featurize keep."""
+and the strict check on rejected utterances that manifest and featurize keep."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 from ctcflow.errors import CtcflowError
-from ctcflow.manifest import REJECT_COLUMNS, Reject, write_jsonl
 from ctcflow.params import DEFAULT_PARAMS, ParamsError, Section, load_section
 
 S = TypeVar("S", bound=Section)
@@ -44,16 +42,6 @@ def stage_main(
     except (ParamsError, StageError, CtcflowError, FileNotFoundError) as err:
         # A missing input is usually an earlier stage not run yet: say so without a traceback.
         sys.exit(f"ctcflow {section}: error: {err}")
-
-
-def tally(rejects: list[Reject], path: Path, kind: str) -> dict:
-    """Write `rejects` to `path` (JSON lines), print how many there are by reason, and return that
-    count for the stage's metrics: {"total": n, "<reason>": n, ...}. `kind` names them when printed."""
-    write_jsonl(rejects, REJECT_COLUMNS, path)
-    by_reason = Counter(r.reason for r in rejects)
-    if rejects:
-        print(f"{kind} {len(rejects)}: {dict(by_reason)} — see {path}")
-    return {"total": len(rejects), **by_reason}
 
 
 def fail_if_strict(key: str, strict: bool, counts: dict, path: Path) -> None:
