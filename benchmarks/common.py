@@ -10,6 +10,8 @@ import resource
 import time
 from pathlib import Path
 
+import yaml
+
 RESULTS_DIR = Path(__file__).parent / "results"
 # --quick runs are smoke tests: their figures go here, never over the real ones.
 QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
@@ -79,3 +81,15 @@ def subset_store(source: Path, target: Path, counts: dict[str, int], seed: int) 
         write_split(target, split, keep, parts, info["logmel"]["n_mels"], frames.dtype)
     for name in ("features.json", "tokens.json"):
         shutil.copy(source / name, target / name)
+
+
+def with_dotted(base: dict, dotted: dict) -> dict:
+    """A deep copy of params `base` with `{"train.epochs": 2, ...}` set, as `dvc exp run -S` would."""
+    out = yaml.safe_load(yaml.safe_dump(base))
+    for key, value in dotted.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out

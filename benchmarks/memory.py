@@ -37,7 +37,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo root, for `stages` and `ctcflow`
-from common import machine, results_path, write_results  # noqa: E402
+from common import machine, results_path, with_dotted, write_results  # noqa: E402
 
 STAGES = ("synth", "manifest", "featurize", "lm", "train", "evaluate", "plots")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -85,17 +85,6 @@ def run_stage(name: str, project: Path, log: Path) -> dict:
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
-def merge(base: dict, dotted: dict) -> dict:
-    out = yaml.safe_load(yaml.safe_dump(base))
-    for key, value in dotted.items():
-        *path, last = key.split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
-
-
 def make_project(root: Path, source: Path, params: dict, corpus: Path | None) -> Path:
     """params.yaml and the synth grammar; data/corpus a link to `corpus` when given."""
     (root / "data").mkdir(parents=True)
@@ -133,9 +122,9 @@ def main() -> None:
               for name, size in params["synth"]["splits"].items()}
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
-    synth_params = merge(params, {**overrides, "synth.splits": splits})
+    synth_params = with_dotted(params, {**overrides, "synth.splits": splits})
     # The rest reads the demo corpus (or, --quick, the small one); train keeps nothing between runs.
-    pipeline_params = merge(params, {**overrides, "train.epochs": args.train_epochs, "train.resume": False})
+    pipeline_params = with_dotted(params, {**overrides, "train.epochs": args.train_epochs, "train.resume": False})
 
     work = Path(tempfile.mkdtemp(prefix="ctcflow-bench-memory-"))
     results: dict = {"stages": {}}

@@ -38,21 +38,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo root, for `stages` and `ctcflow`
-from common import demo_paths, machine, results_path, subset_store, write_results  # noqa: E402
+from common import demo_paths, machine, results_path, subset_store, with_dotted, write_results  # noqa: E402
 
 RECIPE = {"train.model.arch": "recipe", "train.model.hidden_size": 1024, "train.model.num_layers": 1,
           "train.blank_penalty.mode": "mean_logprob", "train.clip_grad_norm": 1.0, "train.scheduler.enabled": False}
-
-
-def merge(base: dict, dotted: dict) -> dict:
-    out = yaml.safe_load(yaml.safe_dump(base))
-    for key, value in dotted.items():
-        *path, last = key.split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
 
 
 def train_for(budget: float, params: dict, features: Path, root: Path, name: str) -> list[dict]:
@@ -156,7 +145,7 @@ def main() -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     # Epochs without end: the budget stops the run. Nothing is resumed from an earlier run.
     base = {**overrides, "train.epochs": 10_000, "train.resume": False, "train.early_stopping_patience": 0}
-    configs = {"default": merge(params, base), "recipe": merge(params, {**base, **RECIPE})}
+    configs = {"default": with_dotted(params, base), "recipe": with_dotted(params, {**base, **RECIPE})}
 
     work = Path(tempfile.mkdtemp(prefix="ctcflow-bench-tta-"))
     try:
