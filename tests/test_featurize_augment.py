@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import section
+from conftest import REPO, run_python, section
 from stages import featurize
 from stages.runner import StageError
 
@@ -114,3 +114,18 @@ def test_augment_settings_are_checked_before_any_work():
         section("featurize", featurize.FeaturizeParams, augment={"noise": {"kinds": ["violet"]}})
     with pytest.raises(ValueError, match="copies"):
         section("featurize", featurize.FeaturizeParams, augment={"copies": -1})
+
+
+def test_augment_benchmark_times_the_stages_functions(tiny_pipeline, tmp_path):
+    out = tmp_path / "augment.json"
+    run_python([str(REPO / "benchmarks/augment.py"), "--project-dir", str(tiny_pipeline), "--quick", "--stage",
+                "--out", str(out)], REPO)
+    results = json.loads(out.read_text())
+    assert results["utterances"] == 30 and results["breakdown_utterances"] == 10
+    per_epoch = results["per_epoch_of_the_split"]
+    assert per_epoch["read + augment + log-mel"]["cpu_s"] > per_epoch["read + log-mel"]["cpu_s"] >= 0
+    assert set(results["augment_cpu_s_per_epoch_by_effect"]) == {"speed", "pitch", "reverb", "white", "pink", "brown",
+                                                                 "babble", "channel"}
+    # Speed factors 0.9, 1.0 and 1.1 leave the total length about where it was.
+    assert results["featurize_stage"]["training_frames_added_per_copy"] == pytest.approx(1.0, abs=0.1)
+    assert results["train_epoch_seconds"]["epochs"] == 1  # the tiny project trains one epoch
