@@ -3,7 +3,8 @@
 A split is `<split>.npy` (all frames of all utterances, float16, frames × n_mels; float32 for
 precomputed features) and `<split>.csv` (id, speaker, duration, text_normalized, offset,
 num_frames). `features.json` holds the log-mel settings (for precomputed features: `"input":
-"precomputed"` and the frame layout) and the training split's per-bin mean and std;
+"precomputed"` and the frame layout), the training split's per-bin mean and std and the
+normalization applied after them (`"normalize"`, see normalize_utterance);
 `tokens.json` the label unit (see ctcflow.text.Tokenizer.load).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -21,6 +23,11 @@ from torch.utils.data import Dataset, Sampler
 from ctcflow.text import Tokenizer
 
 INDEX_COLUMNS = ["id", "speaker", "duration", "text_normalized", "offset", "num_frames"]
+
+# How features are normalized after the training split's per-bin mean and std (featurize.normalize).
+Normalize = Literal["global", "utterance_mean", "utterance_mean_var"]
+NORMALIZE_MODES = get_args(Normalize)
+VARIANCE_FLOOR = 1e-8  # keeps a bin that never changes within an utterance (digital silence, one frame) finite
 
 
 def write_split(directory: Path, split: str, index: pd.DataFrame, frames: list[np.ndarray], n_mels: int,
@@ -37,14 +44,38 @@ def read_feature_info(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def normalization(info: dict) -> Normalize:
+    """The normalization a features.json or a checkpoint records; those written before it was
+    recorded used only the global mean and std."""
+    return info.get("normalize", "global")
+
+
+def normalize_utterance(feats: torch.Tensor, mode: Normalize) -> torch.Tensor:
+    """(frames, dims) features, already normalized by the training statistics, normalized again by
+    their own: global leaves them as they are; utterance_mean removes each bin's mean over the
+    utterance (cepstral mean normalization: a fixed channel, a microphone's or a telephone's
+    colouring, is a constant offset in log-mel); utterance_mean_var also scales each bin to unit
+    variance over the utterance (the recording's level and dynamic range)."""
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {list(NORMALIZE_MODES)}, got {mode!r}")
+    if mode == "global":
+        return feats
+    centred = feats - feats.mean(dim=0)
+    if mode == "utterance_mean":
+        return centred
+    return centred / centred.square().mean(dim=0).clamp_min(VARIANCE_FLOOR).sqrt()
+
+
 class FeatureSplit(Dataset):
-    """Normalized features and token ids of one split, held in memory as float16."""
+    """Normalized features and token ids of one split, held in memory as float16 (float32 for
+    precomputed features), normalized as features.json says when an utterance is read."""
 
     def __init__(self, directory: str | Path, split: str, tokenizer: Tokenizer):
         directory = Path(directory)
         info = read_feature_info(directory)
         self.mean = np.asarray(info["mean"], dtype=np.float32)
         self.std = np.asarray(info["std"], dtype=np.float32)
+        self.normalize = normalization(info)
         self.index = pd.read_csv(directory / f"{split}.csv", dtype={"id": str, "speaker": str},
                                  keep_default_na=False)
         self.frames = np.load(directory / f"{split}.npy")
@@ -58,7 +89,7 @@ class FeatureSplit(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         start = self.offsets[i]
         feats = (self.frames[start : start + self.num_frames[i]].astype(np.float32) - self.mean) / self.std
-        return torch.from_numpy(feats), self.tokens[i], i
+        return normalize_utterance(torch.from_numpy(feats), self.normalize), self.tokens[i], i
 
 
 @dataclass

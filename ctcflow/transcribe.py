@@ -3,7 +3,12 @@
 Files of any length and sample rate are read in fixed windows of `chunk_seconds` (so memory
 does not grow with the file), consecutive windows overlapping by `overlap_seconds`. Features
 are computed exactly as the featurize stage does (the checkpoint's log-mel settings, then the
-training split's mean and std). Windows from all files go through the model in batches.
+training split's mean and std, then the checkpoint's per-utterance normalization, if any).
+Windows from all files go through the model in batches.
+
+Per-utterance normalization (featurize.normalize: utterance_mean, utterance_mean_var) uses the
+statistics of each window: a file no longer than `chunk_seconds` is one window and is normalized
+as evaluate normalizes a test utterance; a longer file is normalized window by window.
 
 Words at window borders: each window owns the stretch from the middle of its overlap with the
 previous window to the middle of its overlap with the next, and a word is kept by the window
@@ -27,6 +32,7 @@ import torchaudio.functional as AF
 
 from ctcflow.audio import read_info
 from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from ctcflow.data import normalization, normalize_utterance
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
 from ctcflow.features import LogMel, LogMelConfig
 
@@ -78,6 +84,7 @@ class Transcriber:
         self.logmel = LogMel(self.config).to(self.device)
         self.mean = torch.tensor(state["mean"], dtype=torch.float32, device=self.device)
         self.std = torch.tensor(state["std"], dtype=torch.float32, device=self.device)
+        self.normalize = normalization(state)
         if decoder == "greedy":
             self.decode = GreedyDecoder(self.tokenizer, blank_penalty)
         elif decoder == "beam" and beam is not None and lm_dir is not None:
@@ -139,10 +146,11 @@ class Transcriber:
 
     @torch.no_grad()
     def features(self, waveform: torch.Tensor) -> torch.Tensor:
-        """Normalized log-mel frames of a waveform at the model's sample rate, as featurize makes them.
-        A waveform shorter than one FFT (a tiny file) is padded with silence so it has a frame."""
+        """Normalized log-mel frames of a waveform at the model's sample rate, as featurize makes them
+        and train and evaluate read them. A waveform shorter than one FFT (a tiny file) is padded
+        with silence so it has a frame."""
         waveform = torch.nn.functional.pad(waveform, (0, max(0, self.config.n_fft - len(waveform))))
-        return (self.logmel(waveform.to(self.device)) - self.mean) / self.std
+        return normalize_utterance((self.logmel(waveform.to(self.device)) - self.mean) / self.std, self.normalize)
 
     @torch.no_grad()
     def _decode(self, batch: list[_Window]) -> list[list[Word]]:

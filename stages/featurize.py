@@ -12,6 +12,21 @@ to data/features/rejects.jsonl and are counted in metrics/featurize.json, so not
 accepted disappears uncounted. Clipped audio is kept and listed in data/features/warnings.jsonl.
 The label unit (data/manifests/tokens.json) is copied to data/features/tokens.json for train.
 
+Augmented copies (featurize.augment, Kaldi's speed-perturbation way, with ctcflow/augment.py's
+whole chain): with copies = N, the training split holds each accepted utterance as it is and then N
+augmented versions of it (ids `<id>_aug1` … `<id>_augN`, same transcript and speaker): copy 1 of every
+utterance in manifest order, then copy 2, and so on. Copy k of the utterance at manifest position i
+draws everything from a generator seeded with (augment.seed, k, i), babble included, which mixes
+other accepted training utterances that generator picks; so the bytes depend on neither the number
+of workers nor the order of work. Each copy's duration is its own (a 0.9× copy is 11 % longer than
+the original whose length the manifest checked). The training statistics are those of the clean
+utterances only: they describe the audio the model meets when it transcribes, and they stay the
+same whatever the augmentation settings. valid and test are never augmented.
+
+featurize.normalize (global, utterance_mean, utterance_mean_var) is recorded in features.json;
+train, evaluate and (through the checkpoint) `ctcflow transcribe` apply it after the training
+statistics (ctcflow.data.normalize_utterance).
+
 Files are read and turned into features in featurize.num_workers processes (ctcflow/workers.py).
 The statistics, rejects and warnings are gathered here in manifest order, so any number of workers
 writes the same bytes.
@@ -21,6 +36,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -32,7 +48,9 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from ctcflow.audio import decode_audio
-from ctcflow.data import write_split
+from ctcflow.augment import (AugmentConfig, ChannelConfig, NoiseConfig, PitchConfig, ReverbConfig, SpeedConfig,
+                             augment)
+from ctcflow.data import Normalize, write_split
 from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array
 from ctcflow.errors import Rejected
 from ctcflow.manifest import SPLITS, Reject, read_manifest, tally_rejects
@@ -46,6 +64,21 @@ OUT_DIR = Path("data/features")
 METRICS_FILE = Path("metrics/featurize.json")
 
 
+class AugmentParams(Section):
+    copies: int = Field(ge=0)  # augmented versions of each training utterance; 0 = off
+    seed: int = Field(ge=0)
+    speed: SpeedConfig
+    pitch: PitchConfig
+    reverb: ReverbConfig
+    noise: NoiseConfig
+    channel: ChannelConfig
+    gain_db: tuple[float, float]
+
+    @property
+    def config(self) -> AugmentConfig:
+        return AugmentConfig(self.speed, self.pitch, self.reverb, self.noise, self.channel, self.gain_db)
+
+
 class FeaturizeParams(Section):
     sample_rate: int = Field(ge=4000)
     n_fft: int = Field(gt=0)
@@ -57,6 +90,8 @@ class FeaturizeParams(Section):
     silence_db: float | None = Field(le=0)  # peak at or below → silent_audio; null = keep all
     clip_warn_fraction: float = Field(gt=0, le=1)  # share of full-scale samples → clipped_audio warning
     strict: bool  # true: any reject fails the stage
+    normalize: Normalize  # after the training statistics: global (nothing more) or per utterance
+    augment: AugmentParams
 
     @property
     def logmel(self) -> LogMelConfig:
@@ -86,6 +121,17 @@ class Extracted(NamedTuple):
     sums: tuple | None  # RunningStats.frame_sums of the float32 frames (training split only)
 
 
+def log_mel(waveform: torch.Tensor, config: LogMelConfig) -> np.ndarray:
+    if config not in _LOGMEL:
+        _LOGMEL[config] = LogMel(config)
+    return _LOGMEL[config](waveform).numpy()
+
+
+def to_float16(feats: np.ndarray) -> np.ndarray:
+    # Through torch: the same bits as numpy's cast (round to nearest even), several times faster.
+    return torch.from_numpy(feats).to(torch.float16).numpy()
+
+
 def extract(path: str, params: FeaturizeParams, precomputed: bool, with_stats: bool) -> Extracted | Rejected:
     """One file's frames as stored, its share of clipped samples and its share of the statistics,
     or the reject: returned, not raised, so one bad file never stops a worker. The statistics and
@@ -94,18 +140,67 @@ def extract(path: str, params: FeaturizeParams, precomputed: bool, with_stats: b
         if precomputed:
             feats, clipped_fraction = load_feature_array(path), 0.0
         else:
-            config = params.logmel
-            if config not in _LOGMEL:
-                _LOGMEL[config] = LogMel(config)
             decoded = decode_audio(path, params.sample_rate, params.silence_db)
-            feats, clipped_fraction = _LOGMEL[config](decoded.waveform).numpy(), decoded.clipped_fraction
+            feats, clipped_fraction = log_mel(decoded.waveform, params.logmel), decoded.clipped_fraction
     except Rejected as err:
         return err
     sums = RunningStats.frame_sums(feats) if with_stats else None
     # Precomputed arrays keep float32: their range is unknown, and float16 spacing is 0.5 at 1000.
-    # The cast goes through torch: the same bits as numpy's (round to nearest even), several times faster.
-    stored = feats if precomputed else torch.from_numpy(feats).to(torch.float16).numpy()
+    stored = feats if precomputed else to_float16(feats)
     return Extracted(stored, clipped_fraction, sums)
+
+
+class Utterances(Sequence):
+    """Waveforms of audio files, each read only when asked for: babble draws a few of thousands."""
+
+    def __init__(self, paths: Sequence[str], sample_rate: int):
+        self.paths, self.sample_rate = paths, sample_rate
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return decode_audio(self.paths[index], self.sample_rate).waveform
+
+
+class CopyJob(NamedTuple):
+    copy: int  # 1 … augment.copies
+    position: int  # the utterance's row in the training manifest: with the copy, it seeds the draws
+    original: int  # its place among the accepted training utterances
+
+
+class Augmented(NamedTuple):
+    frames: np.ndarray  # float16 log-mel
+    duration: float  # seconds, to 0.1 ms as the manifest writes them: a speed-perturbed copy is longer or shorter
+
+
+def extract_copy(job: CopyJob, params: FeaturizeParams, originals: tuple[str, ...]) -> Augmented:
+    """One augmented copy of one accepted training utterance (`originals` lists their paths)."""
+    seed = np.random.SeedSequence([params.augment.seed, job.copy, job.position]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator().manual_seed(int(seed))
+    others = Utterances(originals[: job.original] + originals[job.original + 1 :], params.sample_rate)
+    waveform = decode_audio(originals[job.original], params.sample_rate).waveform
+    waveform = augment(waveform, params.sample_rate, params.augment.config, generator, others)
+    return Augmented(to_float16(log_mel(waveform, params.logmel)), round(waveform.numel() / params.sample_rate, 4))
+
+
+def augmented_copies(map_files: Callable, params: FeaturizeParams, originals: list[tuple[int, tuple]]
+                     ) -> Iterator[tuple[dict, np.ndarray]]:
+    """Index row (without offset) and frames of every augmented copy of the accepted training
+    utterances, given as (manifest position, manifest row): copy 1 of each in order, then copy 2, ..."""
+    jobs = [CopyJob(copy, position, original) for copy in range(1, params.augment.copies + 1)
+            for original, (position, _) in enumerate(originals)]
+    paths = tuple(utt.audio_path for _, utt in originals)
+    results = map_files(partial(extract_copy, params=params, originals=paths), jobs)
+    for job, result in tqdm(zip(jobs, results), total=len(jobs), desc="featurize train (augmented)", unit="utt"):
+        utt = originals[job.original][1]
+        yield ({"id": f"{utt.id}_aug{job.copy}", "speaker": utt.speaker, "duration": result.duration,
+                "text_normalized": utt.text_normalized, "num_frames": len(result.frames)}, result.frames)
+
+
+def split_metrics(rows: list[dict]) -> dict:
+    return {"utterances": len(rows), "frames": sum(r["num_frames"] for r in rows),
+            "hours": round(sum(r["duration"] for r in rows) / 3600, 4)}
 
 
 def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT_DIR,
@@ -113,6 +208,9 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
     torch.set_num_threads(params.num_threads)
     manifests = {split: read_manifest(manifest_dir / f"{split}.jsonl") for split in SPLITS}
     precomputed = input_kind(manifests) == "features"
+    if precomputed and params.augment.copies:
+        raise StageError("featurize.augment.copies: augmentation works on audio; precomputed feature arrays "
+                         "cannot be augmented (set copies: 0)")
     if precomputed:
         dims = int(manifests["train"]["num_channels"].iloc[0]) if len(manifests["train"]) else 0
         frame_rate = float(manifests["train"]["sample_rate"].iloc[0]) if len(manifests["train"]) else 0.0
@@ -131,11 +229,12 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
     with ordered_map(params.num_workers, "featurize.num_workers", __name__, max_chunk=32,
                      initializer=torch.set_num_threads, initargs=(params.num_threads,)) as map_files:
         for split, manifest in manifests.items():
-            frames, rows, offset = [], [], 0
+            frames, rows = [], []
+            accepted = []  # (manifest position, row) of each utterance kept
             results = map_files(partial(extract, params=params, precomputed=precomputed, with_stats=split == "train"),
                                 manifest["audio_path"].tolist())
-            for utt, result in tqdm(zip(manifest.itertuples(), results), total=len(manifest),
-                                    desc=f"featurize {split}", unit="utt"):
+            for position, (utt, result) in enumerate(tqdm(zip(manifest.itertuples(), results), total=len(manifest),
+                                                          desc=f"featurize {split}", unit="utt")):
                 try:
                     if isinstance(result, Rejected):
                         raise result
@@ -152,22 +251,28 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
                     stats.add(result.sums)
                 frames.append(feats)  # already in the store's dtype, so the split is never held in float32
                 rows.append({"id": utt.id, "speaker": utt.speaker, "duration": utt.duration,
-                             "text_normalized": utt.text_normalized, "offset": offset, "num_frames": len(feats)})
-                offset += len(feats)
+                             "text_normalized": utt.text_normalized, "num_frames": len(feats)})
+                accepted.append((position, utt))
             if not rows:
                 tally_rejects(rejects, rejects_file, "rejected")
                 raise StageError(f"no utterance of split '{split}' could be featurized; see {rejects_file}")
-            write_split(out_dir, split, pd.DataFrame(rows), frames, dims, store_dtype)
-            metrics[split] = {"utterances": len(rows), "frames": offset,
-                              "hours": round(sum(r["duration"] for r in rows) / 3600, 4)}
+            metrics[split] = split_metrics(rows)
+            if split == "train" and params.augment.copies:
+                copies = list(augmented_copies(map_files, params, accepted))
+                rows += [row for row, _ in copies]
+                frames += [feats for _, feats in copies]
+                metrics["train_augmented"] = {"copies": params.augment.copies, **split_metrics([r for r, _ in copies])}
+            offsets = np.cumsum([0] + [row["num_frames"] for row in rows[:-1]])
+            index = pd.DataFrame(rows).assign(offset=offsets)
+            write_split(out_dir, split, index, frames, dims, store_dtype)
 
     mean, std = stats.mean_std()
     if precomputed:
         # train reads the frame layout from "logmel": dims, and one frame per 1/frame_rate seconds.
         info = {"input": "precomputed", "logmel": {"sample_rate": frame_rate, "hop_length": 1, "n_mels": dims},
-                "mean": mean.tolist(), "std": std.tolist()}
+                "normalize": params.normalize, "mean": mean.tolist(), "std": std.tolist()}
     else:
-        info = {"logmel": config.to_dict(), "mean": mean.tolist(), "std": std.tolist()}
+        info = {"logmel": config.to_dict(), "normalize": params.normalize, "mean": mean.tolist(), "std": std.tolist()}
     (out_dir / "features.json").write_text(json.dumps(info, indent=1) + "\n")
     shutil.copyfile(manifest_dir / TOKENS_FILE, out_dir / TOKENS_FILE)
     metrics["rejected"] = tally_rejects(rejects, rejects_file, "rejected")

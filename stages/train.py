@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from ctcflow.checkpoint import (CheckpointError, check_compatible, load_checkpoint, rng_state, save_checkpoint,
                                 set_rng_state)
-from ctcflow.data import DistributedLengthBatchSampler, FeatureSplit, LengthBatchSampler, collate, read_feature_info
+from ctcflow.data import (DistributedLengthBatchSampler, FeatureSplit, LengthBatchSampler, collate, normalization,
+                          read_feature_info)
 from ctcflow.distributed import World, all_gather, all_sum, all_true, broadcast, join, launch, launched, leave
 from ctcflow.features import spec_augment
 from ctcflow.inference import decode_split
@@ -449,7 +450,8 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
     frame_seconds = feature_info["logmel"]["hop_length"] / feature_info["logmel"]["sample_rate"]
 
     meta = {"model_config": model_config, "tokenizer": tokenizer.to_dict(), "n_mels": n_mels,
-            "logmel": feature_info["logmel"], "mean": feature_info["mean"], "std": feature_info["std"]}
+            "logmel": feature_info["logmel"], "mean": feature_info["mean"], "std": feature_info["std"],
+            "normalize": normalization(feature_info)}
 
     # Resume from the last completed epoch of a killed run, if there is one and it fits.
     resume_path = resume_dir / "resume.pt"

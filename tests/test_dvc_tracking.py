@@ -223,6 +223,8 @@ RESULT_KNOBS = [
     ("manifest.min_duration", 0.3, "manifest.min_duration",
      {"manifest", "featurize", "train", "lm", "evaluate", "plots"}),
     ("featurize.n_mels", 40, "featurize.n_mels", {"featurize", "train", "evaluate", "plots"}),
+    ("featurize.normalize", "utterance_mean", "featurize.normalize", {"featurize", "train", "evaluate", "plots"}),
+    ("featurize.augment.copies", 1, "featurize.augment", {"featurize", "train", "evaluate", "plots"}),
     ("train.lr", 0.001, "train.lr", DOWNSTREAM_OF_TRAIN),
     ("train.model.hidden_size", 16, "train.model", DOWNSTREAM_OF_TRAIN),
     ("lm.order", 2, "lm.order", {"lm", "evaluate", "plots"}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -172,3 +173,41 @@ def test_ten_minutes_transcribe_in_the_memory_of_one(tiny_pipeline, tmp_path):
     # 37.5 MiB more (float32), its log-mel frames 18 MiB more; windowed reading stays well under.
     growth_mib = (ten[2] - one[2]) / 1024
     assert growth_mib < 12, f"peak RSS grew by {growth_mib:.1f} MiB from 1 to 10 minutes"
+
+
+@pytest.fixture(scope="module")
+def utterance_normalized(tiny_pipeline, tmp_path_factory) -> Path:
+    """The tiny project's featurize, train and evaluate again with featurize.normalize:
+    utterance_mean_var, evaluate decoding greedily with the blank penalty."""
+    from conftest import section
+    from stages import evaluate, featurize, train
+
+    root = tmp_path_factory.mktemp("utterance_mean_var")
+    with contextlib.chdir(tiny_pipeline):  # the manifests name the audio relative to the project root
+        featurize.run(section("featurize", featurize.FeaturizeParams, normalize="utterance_mean_var"),
+                      out_dir=root / "data/features", metrics_file=root / "metrics/featurize.json")
+    train.run(section("train", train.TrainParams), features_dir=root / "data/features", model_dir=root / "models",
+              live_dir=root / "metrics/train")
+    evaluate.run(section("evaluate", evaluate.EvaluateParams, decoder="greedy", blank_penalty=PENALTY),
+                 features_dir=root / "data/features", model_dir=root / "models", report_dir=root / "reports/eval",
+                 metrics_file=root / "metrics/eval.json", lm_dir=tiny_pipeline / "data/lm")
+    return root
+
+
+def test_a_checkpoint_trained_per_utterance_normalized_transcribes_as_evaluate_decodes(tiny_pipeline,
+                                                                                         utterance_normalized):
+    assert torch.load(utterance_normalized / "models/best.pt", weights_only=True)["normalize"] == "utterance_mean_var"
+    model = transcriber(utterance_normalized)
+    utterances = test_utterances(tiny_pipeline)
+    stored = FeatureSplit(utterance_normalized / "data/features", "test", model.tokenizer)
+    utt = utterances.iloc[0]
+    ours = model.features(decode_audio(tiny_pipeline / utt.audio_path, model.config.sample_rate).waveform)
+    row = stored.index.index[stored.index["id"] == utt.id][0]
+    assert torch.allclose(ours, stored[row][0], atol=0.02)
+    assert torch.allclose(ours.mean(0), torch.zeros(ours.shape[1]), atol=1e-5)  # per-utterance: each bin centred
+    assert torch.allclose(ours.std(0, correction=0), torch.ones(ours.shape[1]), atol=1e-4)  # and scaled
+    evaluated = pd.read_csv(utterance_normalized / "reports/eval/utterances.csv", dtype=str, keep_default_na=False)
+    transcripts = model.transcribe([tiny_pipeline / p for p in utterances["audio_path"]])
+    hypotheses = dict(zip(utterances["id"], (t.text for t in transcripts)))
+    assert any(hypotheses.values()), "the blank penalty should make the tiny model emit something"
+    assert [hypotheses[i] for i in evaluated["id"]] == evaluated["hypothesis_greedy"].tolist()
