@@ -42,6 +42,16 @@ PITCH_WINDOW_S = 0.032  # phase-vocoder STFT window (512 samples at 16 kHz)
 # ----------------------------------------------------------------------------- settings
 
 
+def check_settings(config) -> None:
+    """Probabilities in [0, 1] and (low, high) ranges in order: a bad value fails when the params
+    are read (pydantic reports it under the key), not halfway through featurize."""
+    for name, value in vars(config).items():
+        if name.endswith("prob") and not 0 <= value <= 1:
+            raise ValueError(f"{name} must be between 0 and 1, got {value}")
+        if isinstance(value, tuple) and len(value) == 2 and name not in ("factors", "kinds") and value[0] > value[1]:
+            raise ValueError(f"{name} is a (low, high) range, got {list(value)}")
+
+
 @dataclass(frozen=True)
 class SpeedConfig:
     enabled: bool
@@ -53,12 +63,18 @@ class PitchConfig:
     prob: float
     semitones: tuple[float, float]  # uniform range
 
+    def __post_init__(self):
+        check_settings(self)
+
 
 @dataclass(frozen=True)
 class ReverbConfig:
     prob: float
     rt60: tuple[float, float]  # seconds for the reverberant tail to fall by 60 dB
     drr_db: tuple[float, float]  # direct-to-reverberant energy ratio: high is close to the microphone
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,7 @@ class NoiseConfig:
     babble_speakers: tuple[int, int]  # how many other utterances make one babble, inclusive range
 
     def __post_init__(self):
+        check_settings(self)
         unknown = sorted(set(self.kinds) - set(NOISE_KINDS))
         if unknown or not self.kinds:
             raise ValueError(f"noise kinds must be some of {list(NOISE_KINDS)}, got {list(self.kinds)}")
@@ -84,6 +101,9 @@ class ChannelConfig:
     eq_bands: int  # peaking filters after the band, each at a log-uniform frequency
     eq_hz: tuple[float, float]
     eq_gain_db: tuple[float, float]
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,10 @@ def test_augment_settings_are_checked_before_any_work():
         section("featurize", featurize.FeaturizeParams, augment={"noise": {"kinds": ["violet"]}})
     with pytest.raises(ValueError, match="copies"):
         section("featurize", featurize.FeaturizeParams, augment={"copies": -1})
+    with pytest.raises(ValueError, match=r"augment.noise\n.*prob must be between 0 and 1, got 1.5"):
+        section("featurize", featurize.FeaturizeParams, augment={"noise": {"prob": 1.5}})
+    with pytest.raises(ValueError, match=r"augment.reverb\n.*rt60 is a \(low, high\) range, got \[0.8, 0.2\]"):
+        section("featurize", featurize.FeaturizeParams, augment={"reverb": {"rt60": [0.8, 0.2]}})
 
 
 def test_augment_benchmark_times_the_stages_functions(tiny_pipeline, tmp_path):
