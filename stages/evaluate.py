@@ -121,7 +121,7 @@ def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Pa
     if tokenizer.unit != "char" and params.decoder == "beam":
         raise StageError("evaluate.decoder: beam needs character units; set it to greedy for word units")
     scored = score(model, FeatureSplit(features_dir, params.split, tokenizer), tokenizer, params, lm_dir)
-    metrics = {**scored.summary, "checkpoint_epoch": checkpoint["epoch"], **scored.per_decoder, "test_sets": {}}
+    metrics = {**scored.summary, "checkpoint_epoch": checkpoint["epoch"], **scored.per_decoder}
     report_dir.mkdir(parents=True, exist_ok=True)
     table = scored.table
     table.to_csv(report_dir / "utterances.csv", index=False)
@@ -137,7 +137,8 @@ def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Pa
 
     for name in read_test_set_names(features_dir):
         scored = score(model, FeatureSplit(features_dir, name, tokenizer), tokenizer, params, lm_dir)
-        metrics["test_sets"][name] = {**scored.summary, **scored.per_decoder}
+        # Only with test sets: a project without them keeps the metrics it had.
+        metrics.setdefault("test_sets", {})[name] = {**scored.summary, **scored.per_decoder}
         (report_dir / name).mkdir(exist_ok=True)
         scored.table.to_csv(report_dir / name / "utterances.csv", index=False)
         report(f"test set {name}", scored, params)

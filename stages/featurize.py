@@ -164,7 +164,8 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
             write_split(out_dir, split, pd.DataFrame(rows), frames, dims, store_dtype)
             metrics[split] = {"utterances": len(rows), "frames": offset,
                               "hours": round(sum(r["duration"] for r in rows) / 3600, 4)}
-    metrics["test_sets"] = {name: metrics.pop(name) for name in test_sets}
+    if test_sets:  # only then: a project without them keeps the metrics it had
+        metrics["test_sets"] = {name: metrics.pop(name) for name in test_sets}
 
     mean, std = stats.mean_std()
     if precomputed:

@@ -114,7 +114,7 @@ class HeldOutSpeakers(Section):
         return self
 
 
-class TestSetParams(Section):
+class ExtraTestSet(Section):
     source: Literal[TEST_SET_SOURCES]
     corpus_dir: str
     table: str | None  # source table: its .csv, .tsv or .jsonl file
@@ -146,7 +146,7 @@ class ManifestParams(Section):
     vocabulary: str | None
     text: TextParams
     held_out_speakers: HeldOutSpeakers
-    test_sets: dict[str, TestSetParams]
+    test_sets: dict[str, ExtraTestSet]
     valid_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
     seed: int
@@ -174,7 +174,7 @@ class ManifestParams(Section):
         return self
 
 
-def read_source(params: ManifestParams | TestSetParams) -> pd.DataFrame:
+def read_source(params: ManifestParams | ExtraTestSet) -> pd.DataFrame:
     """The entries of the main corpus or of a test set (both name a source, corpus_dir, table, columns)."""
     corpus = Path(params.corpus_dir)
     if params.source == "demo":
@@ -351,9 +351,10 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
     print(f"{params.source}: {len(entries)} utterances listed; {how}")
     for split in SPLITS:
         print(f"{split}: {metrics[split]['utterances']} utterances, {metrics[split]['hours']:.2f} h")
-    metrics["test_sets"] = {name: summary(rows) for name, rows in test_sets.items()}
-    for name, counts in metrics["test_sets"].items():
-        print(f"test set {name}: {counts['utterances']} utterances, {counts['hours']:.2f} h")
+    if test_sets:  # only then: a project without them keeps the metrics it had
+        metrics["test_sets"] = {name: summary(rows) for name, rows in test_sets.items()}
+        for name, counts in metrics["test_sets"].items():
+            print(f"test set {name}: {counts['utterances']} utterances, {counts['hours']:.2f} h")
     rejects_file = out_dir / "rejects.jsonl"
     metrics["rejected"] = tally_rejects(rejects, rejects_file, "rejected")
     metrics_file.parent.mkdir(parents=True, exist_ok=True)

@@ -390,3 +390,21 @@ def test_a_small_corpus_holds_out_usable_utterances(tmp_path):
     pd.DataFrame({"path": [f"{n}.wav" for n in names[:3]], "text": "hello"}).to_csv(root / "list.csv", index=False)
     _, metrics, _ = run_manifest(tmp_path, source="table", corpus_dir=str(root), table=str(root / "list.csv"))
     assert [metrics[s]["utterances"] for s in ("train", "valid", "test")] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("test_sets, message", [
+    ({"test": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['test'\]"),
+    ({"rejects": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['rejects'\]"),
+    ({"../up": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['../up'\]"),
+    ({"fsdd": {"source": "fsdd", "corpus_dir": "/data/fsdd"}}, "corpus_dir /data/fsdd must lie under data/test_sets/"),
+    ({"fsdd": {"source": "fsdd", "corpus_dir": "data/test_sets/../fsdd"}}, "must lie under data/test_sets/"),
+    ({"mine": {"source": "table", "corpus_dir": "data/test_sets/mine", "table": "lists/mine.csv",
+               "columns": {"path": "path", "text": "text", "speaker": None, "split": None, "id": None}}},
+     "table lists/mine.csv must lie under data/test_sets/"),
+    ({"mine": {"source": "table", "corpus_dir": "data/test_sets/mine"}}, "source table needs table and columns"),
+    ({"old": {"source": "recipe_json", "corpus_dir": "data/test_sets/old"}}, r"test_sets.old.source\n  Input should be 'demo'"),
+])
+def test_bad_test_sets_name_the_problem(test_sets, message):
+    sets = {name: {"table": None, "columns": None, **s} for name, s in test_sets.items()}
+    with pytest.raises(ValidationError, match=message):
+        section("manifest", manifest.ManifestParams, test_sets=sets)
