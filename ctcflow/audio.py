@@ -40,6 +40,15 @@ def check_file(path: Path, error: type[Rejected]) -> None:
         raise error("empty_file", f"{path} has zero bytes")
 
 
+# Below this a header's rate is a mistake (a corrupt or hand-written header), not speech: telephone audio is 8 kHz.
+MIN_SAMPLE_RATE = 1000
+
+
+def check_sample_rate(sample_rate: float, path: str | Path) -> None:
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise AudioError("implausible_sample_rate", f"{path}: the header says {sample_rate} Hz (< {MIN_SAMPLE_RATE} Hz)")
+
+
 def read_info(path: str | Path) -> AudioInfo:
     """Header only: cheap enough to run over a whole corpus.
 
@@ -55,6 +64,7 @@ def read_info(path: str | Path) -> AudioInfo:
         raise AudioError("unreadable_audio", f"{path}: {err}") from None
     if info.num_frames <= 0:
         raise AudioError("no_samples", f"{path} holds no audio samples")
+    check_sample_rate(info.sample_rate, path)
     return info
 
 
@@ -78,6 +88,7 @@ def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = 
         raise AudioError("unreadable_audio", f"{path}: {err}") from err
     if samples.size == 0:
         raise AudioError("no_samples", f"{path} holds no audio samples")
+    check_sample_rate(source_rate, path)
     # Two reductions and no temporary arrays: a NaN makes both NaN, and an infinity one of them.
     low, high = float(samples.min()), float(samples.max())
     if not (np.isfinite(low) and np.isfinite(high)):

@@ -1,6 +1,6 @@
-"""The manifest: one typed row per utterance, one JSON-lines file per split.
+"""The manifest: one typed row per utterance, one JSON-lines file per split and per extra test set.
 
-Columns (see README "Manifests"):
+Columns (see docs/corpora.md "Manifests"):
   id               unique utterance id
   audio_path       path to the audio, or to a precomputed feature array (.npy, frames × dims)
   duration         seconds (from the header; frames / manifest.feature_frame_rate for .npy)
@@ -9,12 +9,14 @@ Columns (see README "Manifests"):
   text             transcript as the corpus gives it
   text_normalized  what the model learns: units of the vocabulary (tokens.json), single spaces
   speaker          speaker id ('' when the corpus has none)
-  split            train | valid | test
+  split            train | valid | test, or the name of an extra test set
 Rejected utterances go to rejects.jsonl with columns id, split, audio_path, text, reason, detail.
+test_sets.json lists the extra test sets' names (a JSON list); featurize copies it beside the features.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 SPLITS = ("train", "valid", "test")
+TEST_SETS_FILE = "test_sets.json"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,17 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"manifest {path} lacks columns {sorted(missing)}")
     return frame[COLUMNS]
+
+
+def read_test_set_names(directory: str | Path) -> list[str]:
+    """The extra test sets listed in `directory` (a manifest or feature folder); none where there
+    is no list (a folder that older code, or a benchmark, wrote)."""
+    path = Path(directory) / TEST_SETS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def write_test_set_names(directory: Path, names: list[str]) -> None:
+    (directory / TEST_SETS_FILE).write_text(json.dumps(names) + "\n")
 
 
 def tally_rejects(rejects: list[Reject], path: Path, kind: str) -> dict:

@@ -50,11 +50,12 @@ def load_section(name: str, schema: type[S], path: str | Path = DEFAULT_PARAMS) 
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"train": {"wer": 1}} → {"train.wer": 1}: the dotted names DVC and `dvc exp run -S` use."""
+    """{"train": {"wer": 1}} → {"train.wer": 1}: the dotted names DVC and `dvc exp run -S` use.
+    An empty mapping is a value of its own ({"test_sets": {}} stays), not nothing."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value

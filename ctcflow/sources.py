@@ -3,21 +3,25 @@
 Every reader returns a DataFrame with ENTRY_COLUMNS: id, split, audio_path, text, speaker.
 `split` is "train", "valid" or "test" where the corpus defines it, otherwise "" and
 `assign_splits` makes speaker-disjoint splits. Audio paths are relative to the project root
-(or absolute, as the corpus lists them); nothing here opens an audio file.
+(or absolute, as the corpus lists them); nothing here opens an audio file. A reader may add a
+column REJECTED_COLUMN: a `Rejected` for a file it lists but cannot use (an FSDD file name off
+the pattern), None for the others; the manifest stage rejects those rows without opening them.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ctcflow.errors import CtcflowError
+from ctcflow.errors import CtcflowError, Rejected
 
 ENTRY_COLUMNS = ["id", "split", "audio_path", "text", "speaker"]
+REJECTED_COLUMN = "rejected"
 # What corpora call their splits → the pipeline's names.
 SPLIT_NAMES = {"train": "train", "dev": "valid", "valid": "valid", "validation": "valid", "test": "test", "": ""}
 
@@ -127,6 +131,30 @@ def ljspeech(corpus_dir: Path) -> pd.DataFrame:
                   text=text, speaker="")
 
 
+FSDD_NAME = re.compile(r"(?P<digit>[0-9])_(?P<speaker>[^_]+)_(?P<index>[0-9]+)")
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def fsdd(corpus_dir: Path) -> pd.DataFrame:
+    """The Free Spoken Digit Dataset: recordings named {digit}_{speaker}_{index}.wav, the transcript
+    the digit spelled out ("zero" … "nine"). `corpus_dir` is the folder of recordings or the FSDD
+    repository root (its recordings/ folder). Every .wav file of the folder is listed; one whose
+    name does not fit the pattern is flagged bad_file_name. No splits."""
+    folder = corpus_dir / "recordings" if (corpus_dir / "recordings").is_dir() else corpus_dir
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".wav") if folder.is_dir() else []
+    if not files:
+        raise SourceError(f"no .wav files in {folder}: expected FSDD's recordings, {{digit}}_{{speaker}}_{{index}}.wav")
+    rows = []
+    for path in files:
+        name = FSDD_NAME.fullmatch(path.stem)
+        if name:
+            rows.append((path.stem, "", str(path), DIGIT_WORDS[int(name["digit"])], name["speaker"], None))
+        else:
+            rows.append((path.stem, "", str(path), "", "", Rejected(
+                "bad_file_name", f"{path.name} does not fit FSDD's {{digit}}_{{speaker}}_{{index}}.wav")))
+    return pd.DataFrame(rows, columns=[*ENTRY_COLUMNS, REJECTED_COLUMN])
+
+
 def table(path: Path, path_column: str, text_column: str, speaker_column: str | None, split_column: str | None,
           id_column: str | None) -> pd.DataFrame:
     """A CSV, TSV or JSON-lines file, one utterance per row; relative paths are relative to its folder.
@@ -157,6 +185,13 @@ def recipe_json(train_json: Path, test_json: Path, valid_json: Path | None) -> p
         frame["split"] = split
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def hold_out_speakers(entries: pd.DataFrame, valid: list[str], test: list[str]) -> pd.DataFrame:
+    """The named speakers' rows to valid and test, every other row to train, whatever split the
+    corpus gave them."""
+    held_out = {**dict.fromkeys(valid, "valid"), **dict.fromkeys(test, "test")}
+    return entries.assign(split=entries["speaker"].map(held_out).fillna("train"))
 
 
 def assign_splits(entries: pd.DataFrame, valid_fraction: float, test_fraction: float, seed: int) -> tuple[pd.DataFrame, str]:

@@ -11,6 +11,9 @@ holds NaN or infinite samples, or is silent (peak at or below featurize.silence_
 to data/features/rejects.jsonl and are counted in metrics/featurize.json, so nothing the manifest
 accepted disappears uncounted. Clipped audio is kept and listed in data/features/warnings.jsonl.
 The label unit (data/manifests/tokens.json) is copied to data/features/tokens.json for train.
+The extra test sets the manifest lists (data/manifests/test_sets.json) are featurized like the test
+split, to data/features/<name>.npy/.csv, their names copied to data/features/test_sets.json (not
+to features.json, which train reads: a new test set must not retrain).
 
 Augmented copies (featurize.augment, Kaldi's speed-perturbation way, with ctcflow/augment.py's
 whole chain): with copies = N, the training split holds each accepted utterance as it is and then N
@@ -53,7 +56,7 @@ from ctcflow.augment import (AugmentConfig, ChannelConfig, NoiseConfig, PitchCon
 from ctcflow.data import Normalize, write_split
 from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array
 from ctcflow.errors import Rejected
-from ctcflow.manifest import SPLITS, Reject, read_manifest, tally_rejects
+from ctcflow.manifest import SPLITS, Reject, read_manifest, read_test_set_names, tally_rejects, write_test_set_names
 from ctcflow.params import Section
 from ctcflow.workers import ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
@@ -206,7 +209,8 @@ def split_metrics(rows: list[dict]) -> dict:
 def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT_DIR,
         metrics_file: Path = METRICS_FILE) -> dict:
     torch.set_num_threads(params.num_threads)
-    manifests = {split: read_manifest(manifest_dir / f"{split}.jsonl") for split in SPLITS}
+    test_sets = read_test_set_names(manifest_dir)
+    manifests = {name: read_manifest(manifest_dir / f"{name}.jsonl") for name in (*SPLITS, *test_sets)}
     precomputed = input_kind(manifests) == "features"
     if precomputed and params.augment.copies:
         raise StageError("featurize.augment.copies: augmentation works on audio; precomputed feature arrays "
@@ -265,6 +269,8 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
             offsets = np.cumsum([0] + [row["num_frames"] for row in rows[:-1]])
             index = pd.DataFrame(rows).assign(offset=offsets)
             write_split(out_dir, split, index, frames, dims, store_dtype)
+    if test_sets:  # only then: a project without them keeps the metrics it had
+        metrics["test_sets"] = {name: metrics.pop(name) for name in test_sets}
 
     mean, std = stats.mean_std()
     if precomputed:
@@ -275,6 +281,7 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
         info = {"logmel": config.to_dict(), "normalize": params.normalize, "mean": mean.tolist(), "std": std.tolist()}
     (out_dir / "features.json").write_text(json.dumps(info, indent=1) + "\n")
     shutil.copyfile(manifest_dir / TOKENS_FILE, out_dir / TOKENS_FILE)
+    write_test_set_names(out_dir, test_sets)
     metrics["rejected"] = tally_rejects(rejects, rejects_file, "rejected")
     metrics["warnings"] = tally_rejects(warnings, out_dir / "warnings.jsonl", "kept with a warning")
     metrics_file.parent.mkdir(parents=True, exist_ok=True)

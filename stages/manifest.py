@@ -8,8 +8,15 @@ Sources (manifest.source; see README "Corpora"):
   table         a CSV, TSV or JSON-lines file (manifest.table) with the columns in manifest.columns
   recipe_json   the original recipe's {"key": "<audio path>", "text": "..."} lines (train_json, test_json,
                 optionally valid_json)
-Splits come from the corpus where it defines them; otherwise they are made speaker-disjoint here.
-With manifest.input: features every path is a precomputed feature array (.npy, frames × dims).
+  fsdd          the Free Spoken Digit Dataset: <corpus_dir>[/recordings]/{digit}_{speaker}_{index}.wav
+Splits are made among the usable utterances: manifest.held_out_speakers names the valid and test
+speakers (everyone else trains); otherwise they come from the corpus where it defines them, or are
+made speaker-disjoint here. With manifest.input: features every path is a precomputed feature
+array (.npy, frames × dims).
+
+Extra test sets (manifest.test_sets, name → a corpus under data/test_sets/ read like the main one,
+every usable row in the set) are written as data/manifests/<name>.jsonl, their names to
+data/manifests/test_sets.json; featurize and evaluate treat each like the test split.
 
 Utterances are examined in parallel (manifest.num_workers processes), reading headers only.
 Each one is checked: inside corpus_dir, readable, duration in range, transcript
@@ -17,14 +24,16 @@ non-empty after normalization (manifest.text) and inside the vocabulary, long en
 (one output frame per unit plus one between repeats, at ctc_frame_rate frames per second).
 Failures go to data/manifests/rejects.jsonl with their reason and counts by reason to
 metrics/manifest.json. The label unit (characters of `alphabet`, or words of `vocabulary`) goes to
-data/manifests/tokens.json. The stage fails when a split is left empty, or on any reject when
-manifest.strict is true.
+data/manifests/tokens.json. The stage fails when a split or test set is left empty, or on any
+reject when manifest.strict is true.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -39,7 +48,7 @@ from ctcflow import sources
 from ctcflow.audio import AudioInfo, read_info
 from ctcflow.features import read_feature_header
 from ctcflow.errors import Rejected
-from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, tally_rejects, write_jsonl
+from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, tally_rejects, write_jsonl, write_test_set_names
 from ctcflow.params import Section
 from ctcflow.workers import ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
@@ -47,7 +56,20 @@ from ctcflow.text import TOKENS_FILE, Tokenizer, has_digits, min_ctc_frames, nor
 
 OUT_DIR = Path("data/manifests")
 METRICS_FILE = Path("metrics/manifest.json")
-SOURCES = ("demo", "librispeech", "common_voice", "ljspeech", "table", "recipe_json")
+# The folder the extra test sets live in: a dvc.yaml dep of manifest and featurize, so DVC sees a
+# changed test corpus (a corpus_dir outside it would go unseen).
+TEST_SETS_DIR = "data/test_sets"
+TEST_SET_SOURCES = ("demo", "librispeech", "common_voice", "ljspeech", "table", "fsdd")
+SOURCES = (*TEST_SET_SOURCES, "recipe_json")
+TEST_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RESERVED_NAMES = (*SPLITS, "rejects")  # data/manifests/<name>.jsonl must not overwrite these
+
+
+def inside(root: str, path: str) -> bool:
+    """Whether `path` lies under `root`, by the path's text: `..` and absolute paths cannot escape,
+    while symbolic links inside the corpus (a common way to assemble one) still work."""
+    root = os.path.join(os.path.abspath(root), "")  # with a trailing separator: /data/a is not under /data/ab
+    return os.path.abspath(path).startswith(root)
 
 
 class TextParams(Section):
@@ -73,6 +95,42 @@ class ColumnsParams(Section):
     id: str | None  # null: the file name without its suffix
 
 
+class HeldOutSpeakers(Section):
+    valid: list[str]
+    test: list[str]
+
+    @field_validator("valid", "test", mode="before")
+    @classmethod
+    def _names_as_text(cls, v):
+        return [str(name) for name in v] if isinstance(v, list) else v  # LibriSpeech readers are numbers
+
+    @model_validator(mode="after")
+    def _both_or_neither(self):
+        both = sorted(set(self.valid) & set(self.test))
+        if both:
+            raise ValueError(f"speaker(s) {both} are in both valid and test")
+        if bool(self.valid) != bool(self.test):
+            raise ValueError("name speakers for both valid and test, or for neither")
+        return self
+
+
+class ExtraTestSet(Section):
+    source: Literal[TEST_SET_SOURCES]
+    corpus_dir: str
+    table: str | None  # source table: its .csv, .tsv or .jsonl file
+    columns: ColumnsParams | None  # source table: its column names (its split column is ignored)
+
+    @model_validator(mode="after")
+    def _under_test_sets_dir(self):
+        for key in ("corpus_dir", "table"):
+            path = getattr(self, key)
+            if path and not inside(TEST_SETS_DIR, path):
+                raise ValueError(f"{key} {path} must lie under {TEST_SETS_DIR}/ (the folder DVC watches)")
+        if self.source == "table" and not (self.table and self.columns):
+            raise ValueError("source table needs table and columns")
+        return self
+
+
 class ManifestParams(Section):
     source: Literal[SOURCES]
     corpus_dir: str
@@ -87,6 +145,8 @@ class ManifestParams(Section):
     alphabet: str
     vocabulary: str | None
     text: TextParams
+    held_out_speakers: HeldOutSpeakers
+    test_sets: dict[str, ExtraTestSet]
     valid_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
     seed: int
@@ -108,21 +168,27 @@ class ManifestParams(Section):
             raise ValueError("valid_fraction + test_fraction must leave something to train on")
         if self.min_duration >= self.max_duration:
             raise ValueError(f"min_duration {self.min_duration} must be below max_duration {self.max_duration}")
+        bad = [name for name in self.test_sets if name in RESERVED_NAMES or not TEST_SET_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"test_sets: bad name(s) {bad}: letters, digits, '_', '.', '-', and none of {list(RESERVED_NAMES)}")
         return self
 
 
-def read_source(params: ManifestParams) -> pd.DataFrame:
+def read_source(params: ManifestParams | ExtraTestSet) -> pd.DataFrame:
+    """The entries of the main corpus or of a test set (both name a source, corpus_dir, table, columns)."""
     corpus = Path(params.corpus_dir)
     if params.source == "demo":
         return sources.demo(corpus)
-    if params.source in ("librispeech", "common_voice", "ljspeech") and not corpus.is_dir():
-        raise StageError(f"manifest.corpus_dir {corpus} is not a directory")
+    if params.source in ("librispeech", "common_voice", "ljspeech", "fsdd") and not corpus.is_dir():
+        raise StageError(f"corpus_dir {corpus} of source {params.source} is not a directory")
     if params.source == "librispeech":
         return sources.librispeech(corpus)
     if params.source == "common_voice":
         return sources.common_voice(corpus)
     if params.source == "ljspeech":
         return sources.ljspeech(corpus)
+    if params.source == "fsdd":
+        return sources.fsdd(corpus)
     if params.source == "table":
         c = params.columns
         return sources.table(Path(params.table), c.path, c.text, c.speaker, c.split, c.id)
@@ -177,19 +243,12 @@ def check(entry: dict, info: AudioInfo, params: ManifestParams, tokenizer: Token
     )
 
 
-def inside(root: str, path: str) -> bool:
-    """Whether `path` lies under `root`, by the path's text: `..` and absolute paths cannot escape,
-    while symbolic links inside the corpus (a common way to assemble one) still work."""
-    root = os.path.join(os.path.abspath(root), "")  # with a trailing separator: /data/a is not under /data/ab
-    return os.path.abspath(path).startswith(root)
-
-
-def examine(entry: dict, params: ManifestParams, tokenizer: Tokenizer) -> Utterance | Rejected:
+def examine(entry: dict, corpus_dir: str, params: ManifestParams, tokenizer: Tokenizer) -> Utterance | Rejected:
     """One utterance: its place, header and transcript. The reject is returned, not raised, so one
     bad file never stops a worker. Paths outside the corpus are never opened (think /dev/zero)."""
     try:
-        if not inside(params.corpus_dir, entry["audio_path"]):
-            raise Rejected("path_outside_corpus", f"{entry['audio_path']} is not under corpus_dir {params.corpus_dir}")
+        if not inside(corpus_dir, entry["audio_path"]):
+            raise Rejected("path_outside_corpus", f"{entry['audio_path']} is not under corpus_dir {corpus_dir}")
         if params.input == "features":
             info = read_feature_header(entry["audio_path"], params.feature_frame_rate)
         else:
@@ -199,53 +258,109 @@ def examine(entry: dict, params: ManifestParams, tokenizer: Tokenizer) -> Uttera
         return err
 
 
+def check_held_out_speakers(held_out: HeldOutSpeakers, entries: pd.DataFrame) -> None:
+    """Before any file is opened: every named speaker is one of the corpus's."""
+    speakers = sorted(set(entries["speaker"]) - {""})
+    for split in ("valid", "test"):
+        unknown = [name for name in getattr(held_out, split) if name not in speakers]
+        if unknown:
+            shown = ", ".join(speakers[:30]) + (" …" if len(speakers) > 30 else "")
+            raise StageError(f"manifest.held_out_speakers.{split}: unknown speaker(s) {unknown}; "
+                             f"the corpus has {len(speakers)}: {shown}")
+
+
+def examine_corpus(entries: pd.DataFrame, corpus_dir: str, params: ManifestParams, tokenizer: Tokenizer,
+                   map_files) -> tuple[list[Utterance], list[Reject]]:
+    """Every entry, examined by `map_files` (an ordered map over worker processes): the accepted
+    utterances and the rejects, both in the entries' order."""
+    records = entries.to_dict("records")
+    # Settled without opening a file: an id seen before, or a row its reader could not use.
+    settled = [Rejected("duplicate_id", f"id {entry['id']!r} appears more than once") if duplicate
+               else entry.get(sources.REJECTED_COLUMN) for entry, duplicate in zip(records, entries["id"].duplicated())]
+    todo = [entry for entry, result in zip(records, settled) if result is None]
+    results = iter(list(tqdm(map_files(partial(examine, corpus_dir=corpus_dir, params=params, tokenizer=tokenizer), todo),
+                             total=len(todo), desc="manifest", unit="file", mininterval=1.0)))
+    accepted: list[Utterance] = []
+    rejects: list[Reject] = []
+    for entry, result in zip(records, settled):
+        result = next(results) if result is None else result
+        if isinstance(result, Rejected):
+            rejects.append(Reject(entry["id"], entry["split"], entry["audio_path"], entry["text"], result.reason, result.detail))
+        else:
+            accepted.append(result)
+    return accepted, rejects
+
+
+def assign_splits(accepted: list[Utterance], params: ManifestParams) -> tuple[list[Utterance], str]:
+    """The splits, made among the usable utterances only, so none is left empty by a reject."""
+    frame = pd.DataFrame({"id": [u.id for u in accepted], "split": [u.split for u in accepted],
+                          "speaker": [u.speaker for u in accepted]}, dtype=str)
+    held_out = params.held_out_speakers
+    if held_out.valid:
+        frame, how = sources.hold_out_speakers(frame, held_out.valid, held_out.test), "speakers from manifest.held_out_speakers"
+    else:
+        frame, how = sources.assign_splits(frame, params.valid_fraction, params.test_fraction, params.seed)
+    return [u if u.split == split else dataclasses.replace(u, split=split)
+            for u, split in zip(accepted, frame["split"])], how
+
+
+def one_width(utterances: list[Utterance], dims: int) -> tuple[list[Utterance], list[Reject]]:
+    """One model input size: feature arrays whose width differs from `dims` are rejected."""
+    return ([u for u in utterances if u.num_channels == dims],
+            [Reject(u.id, u.split, u.audio_path, u.text, "feature_dims_mismatch", f"{u.num_channels} dims, the corpus has {dims}")
+             for u in utterances if u.num_channels != dims])
+
+
+def summary(rows: list[Utterance]) -> dict:
+    return {"utterances": len(rows), "hours": round(sum(r.duration for r in rows) / 3600, 4),
+            "speakers": len({r.speaker for r in rows})}
+
+
 def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = METRICS_FILE) -> dict:
     tokenizer = build_tokenizer(params)
     entries = read_source(params)
     unknown_splits = set(entries["split"]) - {*SPLITS, ""}
     if unknown_splits:
         raise StageError(f"unknown split name(s) {sorted(unknown_splits)}; expected {list(SPLITS)}")
-    entries, how = sources.assign_splits(entries, params.valid_fraction, params.test_fraction, params.seed)
-    records = entries.to_dict("records")
-    duplicate = entries["id"].duplicated().tolist()  # every occurrence after the first
-    unique = [e for e, dup in zip(records, duplicate) if not dup]
+    check_held_out_speakers(params.held_out_speakers, entries)
+    # Every row of a test set is in that set, whatever split its corpus gives it.
+    test_set_entries = {name: read_source(test_set).assign(split=name) for name, test_set in params.test_sets.items()}
     with ordered_map(params.num_workers, "manifest.num_workers", __name__, max_chunk=256) as map_files:
-        results = iter(list(tqdm(map_files(partial(examine, params=params, tokenizer=tokenizer), unique),
-                                 total=len(unique), desc="manifest", unit="file", mininterval=1.0)))
-    accepted: list[Utterance] = []
-    rejects: list[Reject] = []
-    for entry, dup in zip(records, duplicate):
-        result = Rejected("duplicate_id", f"id {entry['id']!r} appears more than once") if dup else next(results)
-        if isinstance(result, Rejected):
-            rejects.append(Reject(entry["id"], entry["split"], entry["audio_path"], entry["text"], result.reason, result.detail))
-        else:
-            accepted.append(result)
+        accepted, rejects = examine_corpus(entries, params.corpus_dir, params, tokenizer, map_files)
+        test_sets = {}
+        for name, set_entries in test_set_entries.items():
+            test_sets[name], set_rejects = examine_corpus(set_entries, params.test_sets[name].corpus_dir, params,
+                                                          tokenizer, map_files)
+            rejects += set_rejects
 
     if params.input == "features" and accepted:
-        # One model input size: arrays whose width differs from the most common one are rejected.
         dims = Counter(u.num_channels for u in accepted).most_common(1)[0][0]
-        rejects += [Reject(u.id, u.split, u.audio_path, u.text, "feature_dims_mismatch",
-                           f"{u.num_channels} dims, the corpus has {dims}") for u in accepted if u.num_channels != dims]
-        accepted = [u for u in accepted if u.num_channels == dims]
+        accepted, wrong = one_width(accepted, dims)
+        rejects += wrong
+        for name in test_sets:
+            test_sets[name], wrong = one_width(test_sets[name], dims)
+            rejects += wrong
+    accepted, how = assign_splits(accepted, params)
 
     by_split = {split: [u for u in accepted if u.split == split] for split in SPLITS}
-    for split, rows in by_split.items():
-        write_jsonl(rows, COLUMNS, out_dir / f"{split}.jsonl")
+    for name, rows in {**by_split, **test_sets}.items():
+        write_jsonl(rows, COLUMNS, out_dir / f"{name}.jsonl")
     (out_dir / TOKENS_FILE).write_text(json.dumps(tokenizer.units_dict(), ensure_ascii=False) + "\n")
-    metrics = {
-        split: {"utterances": len(rows), "hours": round(sum(r.duration for r in rows) / 3600, 4),
-                "speakers": len({r.speaker for r in rows})}
-        for split, rows in by_split.items()
-    }
-    print(f"{params.source}: {len(records)} utterances listed; {how}")
+    write_test_set_names(out_dir, list(test_sets))
+    metrics = {split: summary(rows) for split, rows in by_split.items()}
+    print(f"{params.source}: {len(entries)} utterances listed; {how}")
     for split in SPLITS:
         print(f"{split}: {metrics[split]['utterances']} utterances, {metrics[split]['hours']:.2f} h")
+    if test_sets:  # only then: a project without them keeps the metrics it had
+        metrics["test_sets"] = {name: summary(rows) for name, rows in test_sets.items()}
+        for name, counts in metrics["test_sets"].items():
+            print(f"test set {name}: {counts['utterances']} utterances, {counts['hours']:.2f} h")
     rejects_file = out_dir / "rejects.jsonl"
     metrics["rejected"] = tally_rejects(rejects, rejects_file, "rejected")
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
 
-    empty = [split for split in SPLITS if not by_split[split]]
+    empty = [name for name, rows in {**by_split, **test_sets}.items() if not rows]
     if empty:
         raise StageError(f"no usable utterances left in split(s) {empty}; reasons are in {rejects_file}")
     fail_if_strict("manifest.strict", params.strict, metrics["rejected"], rejects_file)

@@ -65,9 +65,11 @@ def frame_log_probs(tokenizer, *columns: dict[str, float]):
 
 
 def make_project(root: Path, params: dict | None = None) -> Path:
-    """A directory laid out like the repo: params.yaml and the grammar the synth stage reads."""
+    """A directory laid out like the repo: params.yaml, the grammar the synth stage reads, and the
+    folder of extra test sets (a dvc.yaml dep)."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "data" / "demo_grammar.yaml", root / "data" / "demo_grammar.yaml")
+    shutil.copytree(REPO / "data" / "test_sets", root / "data" / "test_sets", dirs_exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
     return root
 

@@ -68,6 +68,8 @@ def build_corpus(root: Path) -> tuple[list[dict], dict[str, str], dict[str, str]
     bad("no_samples", write(root, "no_samples.wav", np.zeros((0, 1)), subtype="PCM_16"), "no_samples")
     bad("too_long", write(root, "too_long.wav", chirp(40.0, 8000), 8000, subtype="PCM_16"), "too_long_audio")
     bad("too_short", write(root, "too_short.wav", chirp(0.1, 16000)), "too_short_audio")
+    # A header saying 8 Hz: one second of 8 loud samples, a rate no speech is recorded at.
+    bad("eight_hz", write(root, "eight_hz.wav", np.full((8, 1), 0.3), 8, subtype="PCM_16"), "implausible_sample_rate")
     bad("too_short_for_text", write(root, "too_short_for_text.wav", chirp(0.3, 16000)),
         "too_short_for_transcript", text="a much longer sentence than a third of a second can carry")
     bad("empty_text", write(root, "empty_text.wav", chirp(1.0, 16000)), "empty_transcript", text="")
@@ -108,7 +110,7 @@ def test_every_hostile_input_is_handled_and_counted(tmp_path):
 
     rejects = pd.read_json(out / "rejects.jsonl", lines=True, dtype=str)
     got = {f"{r.id}#2" if r.reason == "duplicate_id" else r.id: r.reason for r in rejects.itertuples()}
-    assert got == manifest_reasons and len(rejects) == 15
+    assert got == manifest_reasons and len(rejects) == 16
     counts = pd.Series(list(manifest_reasons.values())).value_counts().to_dict()
     assert m_metrics["rejected"] == {"total": len(manifest_reasons), **counts}
     assert counts["unreadable_audio"] == 2 and counts["path_outside_corpus"] == 2
@@ -147,9 +149,9 @@ def test_every_hostile_input_is_handled_and_counted(tmp_path):
 def test_strict_mode_fails_on_any_reject(tmp_path):
     root = tmp_path / "corpus"
     build_corpus(root)
-    with pytest.raises(StageError, match=r"manifest.strict: 15 utterance\(s\) rejected"):
+    with pytest.raises(StageError, match=r"manifest.strict: 16 utterance\(s\) rejected"):
         manifest.run(manifest_params(root, strict=True), out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
-    assert len(pd.read_json(tmp_path / "m" / "rejects.jsonl", lines=True)) == 15  # still written, for the user
+    assert len(pd.read_json(tmp_path / "m" / "rejects.jsonl", lines=True)) == 16  # still written, for the user
     manifest.run(manifest_params(root), out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
     with pytest.raises(StageError, match=r"featurize.strict: 3 utterance\(s\) rejected"):
         featurize.run(section("featurize", featurize.FeaturizeParams, strict=True), manifest_dir=tmp_path / "m",
@@ -179,7 +181,18 @@ def test_two_featurize_workers_write_the_same_bytes_as_one(tmp_path):
         featurize.run(section("featurize", featurize.FeaturizeParams, num_workers=workers), manifest_dir=tmp_path / "m",
                       out_dir=out / "features", metrics_file=out / "featurize.json")
         outputs[workers] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    assert len(outputs[1]) == 11  # 3 splits × (.npy, .csv), features.json, tokens.json, rejects, warnings, metrics
+    # 3 splits × (.npy, .csv), features.json, tokens.json, test_sets.json, rejects, warnings, metrics
+    assert len(outputs[1]) == 12
     assert outputs[2] == outputs[1]
     assert b"silent_audio" in outputs[2][Path("features/rejects.jsonl")]
     assert b"clipped_audio" in outputs[2][Path("features/warnings.jsonl")]
+
+
+def test_an_implausible_sample_rate_is_its_own_reason_when_decoding_too(tmp_path):
+    """featurize (and transcribe) decode without the manifest's header check: the same reason there."""
+    from ctcflow.audio import AudioError, decode_audio
+
+    path = tmp_path / write(tmp_path, "eight_hz.wav", np.full((8, 1), 0.3), 8, subtype="PCM_16")
+    with pytest.raises(AudioError, match="8 Hz") as err:
+        decode_audio(path, 16000, silence_db=-60.0)
+    assert err.value.reason == "implausible_sample_rate"

@@ -15,12 +15,16 @@ import pytest
 import soundfile as sf
 import yaml
 
+from pydantic import ValidationError
+
 from conftest import merge, section, tiny_params
+from ctcflow import sources
 from ctcflow.manifest import read_manifest
 from ctcflow.params import ParamsError, load_section
 from ctcflow.sources import SourceError
 from ctcflow.text import Tokenizer
 from stages import manifest
+from stages.runner import StageError
 
 
 def tone(path: Path, seconds: float, rate: int = 16000, channels: int = 1, **kwargs) -> None:
@@ -312,3 +316,95 @@ def test_librispeech_follows_symbolic_links(tmp_path):
         (tmp_path / "linked" / subset).symlink_to(tmp_path / "real" / subset)
     rows, _, _ = run_manifest(tmp_path, source="librispeech", corpus_dir=str(tmp_path / "linked"))
     expect_rows(rows, [{**e, "audio_path": e["audio_path"].replace("/real/", "/linked/")} for e in expected])
+
+
+FSDD = [("0_george_0", 0.5), ("7_jackson_12", 0.6), ("9_lucas_49", 0.4), ("3_nicolas_5", 0.7)]
+
+
+def test_fsdd_file_names_give_the_transcript_and_the_speaker(tmp_path):
+    root = tmp_path / "free-spoken-digit-dataset"  # the repository root: the reader takes its recordings/
+    for name, seconds in FSDD:
+        tone(root / "recordings" / f"{name}.wav", seconds, rate=8000, subtype="PCM_16")
+    for bad in ("seven_jackson_1", "7_jackson", "12_lucas_3"):
+        tone(root / "recordings" / f"{bad}.wav", 0.5, rate=8000, subtype="PCM_16")
+    (root / "README.md").write_text("# Free Spoken Digit Dataset\n")
+    rows, metrics, rejects = run_manifest(tmp_path, source="fsdd", corpus_dir=str(root),
+                                          held_out_speakers={"valid": ["lucas"], "test": ["nicolas"]})
+    words = {"0": "zero", "7": "seven", "9": "nine", "3": "three"}
+    expect_rows(rows, [{"id": name, "audio_path": str(root / "recordings" / f"{name}.wav"), "duration": seconds,
+                        "sample_rate": 8000, "num_channels": 1, "text": words[name[0]],
+                        "text_normalized": words[name[0]], "speaker": name.split("_")[1],
+                        "split": {"lucas": "valid", "nicolas": "test"}.get(name.split("_")[1], "train")}
+                       for name, seconds in FSDD])
+    # Names off the pattern are rejects with their own reason, never opened and never dropped.
+    assert sorted(zip(rejects["id"], rejects["reason"])) == [
+        ("12_lucas_3", "bad_file_name"), ("7_jackson", "bad_file_name"), ("seven_jackson_1", "bad_file_name")]
+    assert "{digit}_{speaker}_{index}.wav" in rejects["detail"][0]
+    assert metrics["rejected"] == {"total": 3, "bad_file_name": 3}
+    # The folder of recordings itself reads the same (as text: two Rejected are never ==).
+    assert sources.fsdd(root / "recordings").astype(str).equals(sources.fsdd(root).astype(str))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match=r"no \.wav files in .*empty: expected FSDD's recordings"):
+        sources.fsdd(tmp_path / "empty")
+
+
+def test_held_out_speakers_override_the_corpus_splits(tmp_path):
+    """LibriSpeech readers 19 and 26 train, 84 is dev, 61 test; held out: 61 → valid, 19 → test."""
+    make_librispeech(tmp_path / "LibriSpeech")
+    rows, metrics, _ = run_manifest(tmp_path, source="librispeech", corpus_dir=str(tmp_path / "LibriSpeech"),
+                                    held_out_speakers={"valid": [61], "test": [19]})  # numbers, as YAML reads them
+    assert {split: sorted(rows.loc[rows["split"] == split, "id"]) for split in ("train", "valid", "test")} == {
+        "train": ["26-495-0000", "84-121123-0000"], "valid": ["61-70968-0012"],
+        "test": ["19-198-0000", "19-198-0001"]}
+    assert [metrics[s]["speakers"] for s in ("train", "valid", "test")] == [2, 1, 1]
+
+
+def test_held_out_speakers_must_be_the_corpus_s_and_in_one_split_each(tmp_path):
+    make_librispeech(tmp_path / "LibriSpeech")
+    with pytest.raises(StageError, match=r"manifest.held_out_speakers.test: unknown speaker\(s\) \['george'\]; "
+                                         r"the corpus has 4: 19, 26, 61, 84"):
+        run_manifest(tmp_path, source="librispeech", corpus_dir=str(tmp_path / "LibriSpeech"),
+                     held_out_speakers={"valid": ["61"], "test": ["19", "george"]})
+    for held_out, message in [({"valid": ["61"], "test": ["61", "19"]}, r"speaker\(s\) \['61'\] are in both valid and test"),
+                              ({"valid": ["61"], "test": []}, "name speakers for both valid and test, or for neither")]:
+        with pytest.raises(ValidationError, match=message):
+            section("manifest", manifest.ManifestParams, held_out_speakers=held_out)
+
+
+def test_a_small_corpus_holds_out_usable_utterances(tmp_path):
+    """Splits are made among the usable rows: 10 good recordings among 30 missing ones still give
+    valid and test one utterance each (the default 5 %, at least one), never a rejected one."""
+    root = tmp_path / "small"
+    names = [f"good{n}" for n in range(10)]
+    for name in names:
+        tone(root / f"{name}.wav", 1.0)
+    listed = [*names, *(f"missing{n}" for n in range(30))]
+    pd.DataFrame({"path": [f"{n}.wav" for n in listed], "text": "hello"}).to_csv(root / "list.csv", index=False)
+    rows, metrics, rejects = run_manifest(tmp_path, source="table", corpus_dir=str(root), table=str(root / "list.csv"))
+    assert [metrics[s]["utterances"] for s in ("train", "valid", "test")] == [8, 1, 1]
+    assert sorted(rows["id"]) == names
+    # Rejects belong to no split: the corpus gave none, and none was made for them.
+    assert len(rejects) == 30 and set(rejects["reason"]) == {"missing_file"} and set(rejects["split"]) == {""}
+
+    # Three usable rows are enough for one each.
+    pd.DataFrame({"path": [f"{n}.wav" for n in names[:3]], "text": "hello"}).to_csv(root / "list.csv", index=False)
+    _, metrics, _ = run_manifest(tmp_path, source="table", corpus_dir=str(root), table=str(root / "list.csv"))
+    assert [metrics[s]["utterances"] for s in ("train", "valid", "test")] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("test_sets, message", [
+    ({"test": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['test'\]"),
+    ({"rejects": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['rejects'\]"),
+    ({"../up": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['../up'\]"),
+    ({"fsdd": {"source": "fsdd", "corpus_dir": "/data/fsdd"}}, "corpus_dir /data/fsdd must lie under data/test_sets/"),
+    ({"fsdd": {"source": "fsdd", "corpus_dir": "data/test_sets/../fsdd"}}, "must lie under data/test_sets/"),
+    ({"mine": {"source": "table", "corpus_dir": "data/test_sets/mine", "table": "lists/mine.csv",
+               "columns": {"path": "path", "text": "text", "speaker": None, "split": None, "id": None}}},
+     "table lists/mine.csv must lie under data/test_sets/"),
+    ({"mine": {"source": "table", "corpus_dir": "data/test_sets/mine"}}, "source table needs table and columns"),
+    ({"old": {"source": "recipe_json", "corpus_dir": "data/test_sets/old"}}, r"test_sets.old.source\n  Input should be 'demo'"),
+])
+def test_bad_test_sets_name_the_problem(test_sets, message):
+    sets = {name: {"table": None, "columns": None, **s} for name, s in test_sets.items()}
+    with pytest.raises(ValidationError, match=message):
+        section("manifest", manifest.ManifestParams, test_sets=sets)
