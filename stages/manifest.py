@@ -174,13 +174,14 @@ class ManifestParams(Section):
         return self
 
 
-def read_source(params: ManifestParams | ExtraTestSet) -> pd.DataFrame:
-    """The entries of the main corpus or of a test set (both name a source, corpus_dir, table, columns)."""
+def read_source(params: ManifestParams | ExtraTestSet, key: str = "manifest") -> pd.DataFrame:
+    """The entries of the main corpus or of a test set (both name a source, corpus_dir, table,
+    columns); `key` is where its params are, for messages."""
     corpus = Path(params.corpus_dir)
     if params.source == "demo":
         return sources.demo(corpus)
     if params.source in ("librispeech", "common_voice", "ljspeech", "fsdd") and not corpus.is_dir():
-        raise StageError(f"corpus_dir {corpus} of source {params.source} is not a directory")
+        raise StageError(f"{key}.corpus_dir {corpus} is not a directory")
     if params.source == "librispeech":
         return sources.librispeech(corpus)
     if params.source == "common_voice":
@@ -324,7 +325,8 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
         raise StageError(f"unknown split name(s) {sorted(unknown_splits)}; expected {list(SPLITS)}")
     check_held_out_speakers(params.held_out_speakers, entries)
     # Every row of a test set is in that set, whatever split its corpus gives it.
-    test_set_entries = {name: read_source(test_set).assign(split=name) for name, test_set in params.test_sets.items()}
+    test_set_entries = {name: read_source(test_set, f"manifest.test_sets.{name}").assign(split=name)
+                        for name, test_set in params.test_sets.items()}
     with ordered_map(params.num_workers, "manifest.num_workers", __name__, max_chunk=256) as map_files:
         accepted, rejects = examine_corpus(entries, params.corpus_dir, params, tokenizer, map_files)
         test_sets = {}
