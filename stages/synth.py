@@ -301,8 +301,9 @@ def speak_each_in_own_child(jobs: list[Job], num_workers: int):
             except EOFError:
                 child.join()
                 raise StageError(
-                    f"espeak crashed (exit code {child.exitcode}) speaking {spk.name}, {spk.voice}; "
-                    f"add {spk.voice.variant!r} to synth.exclude_variants or change synth.seed"
+                    f"espeak crashed (exit code {child.exitcode}) speaking {spk.name}, {spk.voice}; narrow "
+                    f"synth.pitch and synth.pitch_range (a low pitch with a wide range is the known trigger), "
+                    f"add {spk.voice.variant!r} to synth.exclude_variants, or change synth.seed"
                 ) from None
             child.join()
             if isinstance(outcome, StageError):
