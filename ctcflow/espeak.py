@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import espeakng_loader
 import numpy as np
 
-ENGLISH_VOICES = (
-    "en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
-)
-
 _AUDIO_OUTPUT_SYNCHRONOUS = 2  # espeak_Synth returns only once the callback has had every sample
 _INITIALIZE_DONT_EXIT = 0x8000  # report errors instead of calling exit() inside our process
-_RATE, _PITCH = 1, 3  # espeak_PARAMETER values
-_POS_CHARACTER, _CHARS_UTF8 = 1, 1
+# espeak_PARAMETER values (speak_lib.h)
+_RATE, _PITCH, _RANGE, _WORDGAP, _INTONATION = 1, 3, 4, 7, 9
+_POS_CHARACTER, _CHARS_UTF8, _SSML = 1, 1, 0x10
 _NOT_FOUND = 2  # EE_NOT_FOUND
 
 _CALLBACK = ctypes.CFUNCTYPE(
@@ -65,14 +63,35 @@ def initialize() -> int:
 
 
 def list_variants() -> list[str]:
-    """Names of the voice variants in the bundled data (m1…m8, f1…f5, klatt, whisper, ...)."""
+    """Names of the voice variants in the bundled data (m1…m8, f1…f5, klatt…klatt6, whisper, ...)."""
     return sorted(os.listdir(Path(espeakng_loader.get_data_path()) / "voices" / "!v"))
 
 
-def synthesize(
-    text: str, voice: str = "en-us", variant: str = "f3", rate: int = 175, pitch: int = 50
-) -> tuple[np.ndarray, int]:
+def list_voices() -> list[str]:
+    """Names espeak_SetVoiceByName accepts for the bundled languages and dialects (en-us, en-us-nyc,
+    de, ...): their file names, which espeak matches case-insensitively."""
+    languages = Path(espeakng_loader.get_data_path()) / "lang"
+    return sorted(p.name.lower() for p in languages.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One espeak voice setting: a language or dialect, a variant and the knobs of espeak_SetParameter."""
+
+    name: str  # from list_voices()
+    variant: str  # from list_variants(); "" = the voice's own
+    rate: int  # words per minute; espeak clamps to 80–450 (espeakRATE)
+    pitch: int  # base pitch, 0–99 (espeakPITCH)
+    pitch_range: int  # intonation swing around it, 0–99: 0 is a monotone, 50 espeak's own (espeakRANGE)
+    word_gap: int  # extra pause between words, in 10 ms at the default rate (espeakWORDGAP)
+    intonation: int  # 0 = the voice's own tunes, 1–7 espeak's other intonation groups (espeakINTONATION)
+
+
+def synthesize(text: str, voice: Voice, ssml: bool) -> tuple[np.ndarray, int]:
     """Speak `text`; returns float32 mono samples in [-1, 1] and espeak's sample rate (22,050 Hz).
+
+    With `ssml`, espeak reads SSML tags in the text (<break time="300ms"/>, <emphasis>); text
+    without tags sounds the same either way.
 
     The samples also depend on what this process spoke before: espeak keeps its pitch-flutter
     phase from one call to the next. The same sequence of calls in a fresh process (or in a
@@ -81,23 +100,26 @@ def synthesize(
     initialize()
     lib = _lib
     # espeak silently falls back to its default variant for an unknown one, so check first.
-    if variant and variant not in list_variants():
-        raise ValueError(f"unknown espeak variant {variant!r}; see ctcflow.espeak.list_variants()")
-    name = f"{voice}+{variant}" if variant else voice
+    if voice.variant and voice.variant not in list_variants():
+        raise ValueError(f"unknown espeak variant {voice.variant!r}; see ctcflow.espeak.list_variants()")
+    name = f"{voice.name}+{voice.variant}" if voice.variant else voice.name
     err = lib.espeak_SetVoiceByName(name.encode())
     if err == _NOT_FOUND:
-        raise ValueError(f"unknown espeak voice {voice!r}")
+        raise ValueError(f"unknown espeak voice {voice.name!r}; see ctcflow.espeak.list_voices()")
     if err != 0:
         raise RuntimeError(f"espeak_SetVoiceByName({name!r}) failed with code {err}")
-    lib.espeak_SetParameter(_RATE, int(rate), 0)
-    lib.espeak_SetParameter(_PITCH, int(pitch), 0)
+    # Every knob on every call: espeak keeps a parameter's last value from one call to the next.
+    for parameter, value in ((_RATE, voice.rate), (_PITCH, voice.pitch), (_RANGE, voice.pitch_range),
+                             (_WORDGAP, voice.word_gap), (_INTONATION, voice.intonation)):
+        lib.espeak_SetParameter(parameter, int(value), 0)
     # espeak seeds its noise generator (breath, whisper) from the clock; fix it. The library
     # also calls libc rand(), so seed that too.
     lib.espeak_ng_SetRandSeed(1)
     _libc.srand(1)
     _chunks.clear()
     data = text.encode()
-    err = lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+    flags = _CHARS_UTF8 | (_SSML if ssml else 0)
+    err = lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, flags, None, None)
     if err != 0:
         raise RuntimeError(f"espeak_Synth failed with code {err} for {text!r}")
     samples = np.concatenate(_chunks) if _chunks else np.zeros(0, np.int16)

@@ -1,29 +1,33 @@
 """Stage synth: speak the built-in demo corpus with espeak-ng.
 
 Sentences are drawn from a template grammar (synth.grammar, a small-vocabulary
-voice-assistant task) and spoken by synthetic speakers, each an espeak English voice
-and variant at its own rate and pitch. Train, valid and test use disjoint sets of
-espeak variants, and no valid or test sentence occurs in train. Writes
-data/corpus/wav/<split>/<id>.wav (16-bit PCM mono) and data/corpus/metadata.csv;
-the same params always give byte-identical files.
+voice-assistant task) and spoken by synthetic speakers. A speaker is one espeak voice
+setting: an English dialect, a variant (m1, f3, klatt2, whisper, ...), and its own rate,
+pitch, pitch range, word gap and intonation group. Each utterance also gets random pauses
+between words and stressed words, through SSML, so its words stay the transcript's.
+Train, valid and test use disjoint sets of espeak variants, and no valid or test sentence
+occurs in train. Writes data/corpus/wav/<split>/<id>.wav (16-bit PCM mono) and
+data/corpus/metadata.csv; the same params always give byte-identical files.
 """
 
 from __future__ import annotations
 
 import csv
 import multiprocessing
+import multiprocessing.connection
 import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 from tqdm import tqdm
 
 from ctcflow import espeak
@@ -33,11 +37,22 @@ from stages.runner import StageError, stage_main
 CORPUS_DIR = Path("data/corpus")
 SPLITS = ("train", "valid", "test")
 COLUMNS = (
-    "id", "split", "path", "text", "speaker", "voice", "variant", "rate", "pitch", "duration",
+    "id", "split", "path", "text", "speaker", "voice", "variant", "rate", "pitch", "pitch_range",
+    "word_gap", "intonation", "ssml", "duration",
 )
 
 _PHRASE = re.compile(r"[a-z']+( [a-z']+)*")
 _SLOT = re.compile(r"\{(\w+)\}")
+_BREAK = re.compile(r'<break time="(\d+)ms"/>')
+
+
+def Span(low: int, high: int, what: str):
+    """A [low, high] pair inside low…high: the bounds of a random draw."""
+    def check(v: tuple[int, int]) -> tuple[int, int]:
+        if not low <= v[0] <= v[1] <= high:
+            raise ValueError(f"need {low} <= low <= high <= {high} ({what})")
+        return v
+    return Annotated[tuple[int, int], AfterValidator(check)]
 
 
 class SplitSize(Section):
@@ -62,25 +77,26 @@ class SynthParams(Section):
     grammar: Path
     max_words_per_slot: int = Field(ge=0)  # keep the first N entries of each slot; 0 = all
     sample_rate: int = Field(ge=8000, le=48000)
-    rate_wpm: tuple[int, int]
-    pitch: tuple[int, int]
+    voices: list[str] = Field(min_length=1)
     exclude_variants: list[str]
+    # espeak clamps rates outside 80–450 and pitch settings above 99.
+    rate_wpm: Span(80, 450, "words per minute")
+    pitch: Span(0, 99, "espeak pitch")
+    pitch_range: Span(0, 99, "espeak pitch range")
+    word_gap: Span(0, 50, "tens of milliseconds")
+    intonation: Span(0, 7, "espeak intonation group")
+    break_probability: float = Field(ge=0, le=1)
+    break_ms: Span(0, 2000, "milliseconds")
+    emphasis_probability: float = Field(ge=0, le=1)
     num_workers: int = Field(ge=1, le=64)
     splits: Splits
 
-    @field_validator("rate_wpm")
+    @field_validator("voices")
     @classmethod
-    def _rate_range(cls, v):
-        # espeak clamps rates outside 80–450 words per minute.
-        if not 80 <= v[0] <= v[1] <= 450:
-            raise ValueError("need 80 <= low <= high <= 450 (words per minute)")
-        return v
-
-    @field_validator("pitch")
-    @classmethod
-    def _pitch_range(cls, v):
-        if not 0 <= v[0] <= v[1] <= 100:
-            raise ValueError("need 0 <= low <= high <= 100 (espeak pitch)")
+    def _known_voices(cls, v):
+        unknown = sorted(set(name.lower() for name in v) - set(espeak.list_voices()))
+        if unknown:
+            raise ValueError(f"unknown espeak voices {unknown}")
         return v
 
     @field_validator("exclude_variants")
@@ -173,17 +189,14 @@ def draw_sentences(grammar: Grammar, splits: Splits, seed: int) -> dict[str, lis
 class Speaker:
     split: str
     name: str
-    voice: str
-    variant: str
-    rate: int
-    pitch: int
+    voice: espeak.Voice
 
 
 def draw_speakers(params: SynthParams) -> dict[str, list[Speaker]]:
     """Give each split its own espeak variants, then draw its speakers from them.
 
     Variants (m1, f3, klatt, ...) set most of a voice's timbre, so splitting variants, not
-    just (accent, variant) pairs, keeps valid and test voices truly unheard in training.
+    just (dialect, variant) pairs, keeps valid and test voices truly unheard in training.
     Variants are shared out in proportion to each split's speakers; held-out splits are
     dealt first, so resizing train leaves valid and test unchanged.
     """
@@ -196,45 +209,106 @@ def draw_speakers(params: SynthParams) -> dict[str, list[Speaker]]:
     for split in ("test", "valid", "train"):
         share = len(variants) if split == "train" else max(1, round(len(variants) * wanted[split] / total))
         mine, variants = variants[:share], variants[share:]
-        pairs = [(voice, variant) for variant in mine for voice in espeak.ENGLISH_VOICES]
+        pairs = [(voice, variant) for variant in mine for voice in params.voices]
         if wanted[split] > len(pairs):
             raise StageError(f"{split}: {wanted[split]} speakers wanted but its {len(mine)} variants "
-                             f"give only {len(pairs)} (accent, variant) pairs; ask for fewer speakers")
+                             f"give only {len(pairs)} (dialect, variant) pairs; ask for fewer speakers")
         rng.shuffle(pairs)
         out[split] = [
-            Speaker(split, f"{split}-spk{i:04d}", voice, variant,
-                    rng.randint(*params.rate_wpm), rng.randint(*params.pitch))
+            Speaker(split, f"{split}-spk{i:04d}", espeak.Voice(
+                voice, variant, rng.randint(*params.rate_wpm), rng.randint(*params.pitch),
+                rng.randint(*params.pitch_range), rng.randint(*params.word_gap), rng.randint(*params.intonation)))
             for i, (voice, variant) in enumerate(pairs[: wanted[split]])
         ]
     return out
 
 
-def _speak(job: tuple[Speaker, list[tuple[str, str]], Path, int]) -> list[dict]:
+def add_prosody(text: str, params: SynthParams, rng: random.Random) -> str:
+    """The sentence as SSML, with random pauses between words and random stressed words.
+
+    Tags go only between and around whole words, so espeak speaks exactly the transcript.
+    """
+    marked = []
+    for i, word in enumerate(text.split()):
+        if i and rng.random() < params.break_probability:
+            marked.append(f'<break time="{rng.randint(*params.break_ms)}ms"/>')
+        marked.append(f"<emphasis>{word}</emphasis>" if rng.random() < params.emphasis_probability else word)
+    return " ".join(marked)
+
+
+Job = tuple[Speaker, list[tuple[str, str, str]], Path, int]  # speaker, (id, text, ssml)s, out_dir, rate
+
+
+def _speak(job: Job) -> list[dict]:
     """Synthesize one speaker's utterances (runs in a freshly forked child, see run())."""
     spk, utterances, out_dir, sample_rate = job
     torch.set_num_threads(1)  # one process per core already; more threads only contend
     # The transform computes its sinc kernel once; functional.resample redoes it on every call.
     resample = torchaudio.transforms.Resample(espeak.initialize(), sample_rate)
+    voice = spk.voice
     rows = []
-    for utt_id, text in utterances:
-        audio, _ = espeak.synthesize(text, spk.voice, spk.variant, spk.rate, spk.pitch)
+    for utt_id, text, ssml in utterances:
+        audio, _ = espeak.synthesize(ssml, voice, ssml=True)
         audio = resample(torch.from_numpy(audio)).numpy()
         seconds = len(audio) / sample_rate
         words = len(text.split())
-        if np.abs(audio).max() < 0.01 or not 0.1 * words < seconds < 1.5 * words + 2:
+        pauses = sum(int(ms) for ms in _BREAK.findall(ssml)) / 1000
+        if np.abs(audio).max() < 0.01 or not 0.1 * words < seconds < 1.5 * words + 2 + pauses:
             raise StageError(
-                f"{spk.voice}+{spk.variant} gave {seconds:.2f} s of near-silence or of odd length"
-                f" for {text!r}; add the variant to synth.exclude_variants"
+                f"{voice.name}+{voice.variant} gave {seconds:.2f} s of near-silence or of odd length"
+                f" for {ssml!r}; add the variant to synth.exclude_variants"
             )
         pcm = np.clip(np.round(audio * 32767), -32768, 32767).astype(np.int16)
         path = f"wav/{spk.split}/{utt_id}.wav"
         sf.write(out_dir / path, pcm, sample_rate, subtype="PCM_16")
         rows.append({
             "id": utt_id, "split": spk.split, "path": path, "text": text, "speaker": spk.name,
-            "voice": spk.voice, "variant": spk.variant, "rate": spk.rate, "pitch": spk.pitch,
-            "duration": f"{seconds:.3f}",
+            "voice": voice.name, "variant": voice.variant, "rate": voice.rate, "pitch": voice.pitch,
+            "pitch_range": voice.pitch_range, "word_gap": voice.word_gap, "intonation": voice.intonation,
+            "ssml": ssml, "duration": f"{seconds:.3f}",
         })
     return rows
+
+
+def _speak_and_send(job: Job, send: multiprocessing.connection.Connection) -> None:
+    try:
+        send.send(_speak(job))
+    except StageError as err:
+        send.send(err)
+
+
+def speak_each_in_own_child(jobs: list[Job], num_workers: int):
+    """Yield each job's rows, each job spoken in a child forked for it alone, num_workers at a time.
+
+    Unlike a multiprocessing.Pool, which waits forever for a task whose worker died, this
+    stops with a StageError when espeak crashes a child (it does, rarely, on some settings).
+    """
+    fork = multiprocessing.get_context("fork")
+    waiting, running = iter(jobs), {}
+    while True:
+        while len(running) < num_workers and (job := next(waiting, None)):
+            receive, send = fork.Pipe(duplex=False)
+            child = fork.Process(target=_speak_and_send, args=(job, send), daemon=True)
+            child.start()
+            send.close()  # the child holds the other end: its exit makes recv() end
+            running[receive] = (child, job[0])
+        if not running:
+            return
+        for receive in multiprocessing.connection.wait(list(running)):
+            child, spk = running.pop(receive)
+            try:
+                outcome = receive.recv()
+            except EOFError:
+                child.join()
+                raise StageError(
+                    f"espeak crashed (exit code {child.exitcode}) speaking {spk.name}, {spk.voice}; narrow "
+                    f"synth.pitch and synth.pitch_range (a low pitch with a wide range is the known trigger), "
+                    f"add {spk.voice.variant!r} to synth.exclude_variants, or change synth.seed"
+                ) from None
+            child.join()
+            if isinstance(outcome, StageError):
+                raise outcome
+            yield outcome
 
 
 def run(params: SynthParams, out_dir: Path = CORPUS_DIR) -> None:
@@ -253,9 +327,12 @@ def run(params: SynthParams, out_dir: Path = CORPUS_DIR) -> None:
     for split in SPLITS:
         (out_dir / "wav" / split).mkdir(parents=True)
         texts, n = sentences[split], len(speakers[split])
+        # Drawn here, in sentence order, so that the draws do not depend on num_workers.
+        rng = random.Random(f"{params.seed}:prosody:{split}")
+        spoken = [add_prosody(text, params, rng) for text in texts]
         for k, spk in enumerate(speakers[split]):
             # Utterance i goes to speaker i mod n, so every speaker gets an even share.
-            utts = [(f"{spk.name}-{i:05d}", texts[i]) for i in range(k, len(texts), n)]
+            utts = [(f"{spk.name}-{i:05d}", texts[i], spoken[i]) for i in range(k, len(texts), n)]
             jobs.append((spk, utts, out_dir, params.sample_rate))
 
     # espeak carries state (its pitch-flutter phase) from one sentence into the next, so a
@@ -264,9 +341,8 @@ def run(params: SynthParams, out_dir: Path = CORPUS_DIR) -> None:
     # but has never spoken; the result then does not depend on num_workers or scheduling.
     espeak.initialize()
     rows = []
-    pool = multiprocessing.get_context("fork").Pool(params.num_workers, maxtasksperchild=1)
-    with pool, tqdm(total=sum(len(j[1]) for j in jobs), desc="synth", unit="utt") as bar:
-        for done in pool.imap_unordered(_speak, jobs):
+    with tqdm(total=sum(len(j[1]) for j in jobs), desc="synth", unit="utt") as bar:
+        for done in speak_each_in_own_child(jobs, params.num_workers):
             rows += done
             bar.update(len(done))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from conftest import merge, synth_in_fresh_process, tiny_params
+from conftest import merge, run_python, synth_in_fresh_process, tiny_params
 from ctcflow.params import ParamsError, load_section
 from stages.runner import StageError
 from stages.synth import SynthParams, _SLOT, draw_sentences, load_grammar
@@ -23,6 +25,12 @@ LETTERS = set("' abcdefghijklmnopqrstuvwxyz")
 TINY = merge(tiny_params()["synth"], {
     "grammar": str(GRAMMAR),
     "num_workers": 2,  # test_same_params_give_identical_files compares with 1
+    "voices": ["en-us", "en-us-nyc", "en-gb-scotland"],
+    "exclude_variants": ["whisper", "whisperf"],
+    "rate_wpm": [150, 230], "pitch": [20, 40], "pitch_range": [30, 80], "word_gap": [1, 2],
+    "intonation": [2, 5],
+    # Often, so that 20 short utterances surely hold several of each.
+    "break_probability": 0.3, "break_ms": [100, 200], "emphasis_probability": 0.3,
     "splits": {
         "train": {"utterances": 12, "speakers": 4},
         "valid": {"utterances": 4, "speakers": 2},
@@ -51,7 +59,8 @@ def corpus(tmp_path_factory) -> Path:
 def test_wavs_match_metadata(corpus):
     rows = read_metadata(corpus)
     assert len(rows) == 20
-    assert list(rows[0]) == ["id", "split", "path", "text", "speaker", "voice", "variant", "rate", "pitch", "duration"]
+    assert list(rows[0]) == ["id", "split", "path", "text", "speaker", "voice", "variant", "rate", "pitch",
+                             "pitch_range", "word_gap", "intonation", "ssml", "duration"]
     order = ["train", "valid", "test"]
     assert rows == sorted(rows, key=lambda r: (order.index(r["split"]), r["id"]))
     for r in rows:
@@ -74,9 +83,24 @@ def test_splits_are_speaker_and_sentence_disjoint(corpus):
     assert not texts["train"] & texts["valid"] and not texts["train"] & texts["test"]
     assert not texts["valid"] & texts["test"]
     assert {r["variant"] for r in rows}.isdisjoint({"whisper", "whisperf"})
+    assert {r["voice"] for r in rows} <= {"en-us", "en-us-nyc", "en-gb-scotland"}
     for r in rows:
-        assert 140 <= int(r["rate"]) <= 210 and 25 <= int(r["pitch"]) <= 75
-    assert len({r["speaker"] for r in rows}) == 8
+        assert 150 <= int(r["rate"]) <= 230 and 20 <= int(r["pitch"]) <= 40
+        assert 30 <= int(r["pitch_range"]) <= 80 and 1 <= int(r["word_gap"]) <= 2 and 2 <= int(r["intonation"]) <= 5
+    # A speaker is one voice setting, the same for every utterance it speaks.
+    knobs = ("voice", "variant", "rate", "pitch", "pitch_range", "word_gap", "intonation")
+    settings = {(r["speaker"], *(r[k] for k in knobs)) for r in rows}
+    assert len(settings) == len({r["speaker"] for r in rows}) == 8
+
+
+def test_ssml_adds_only_pauses_and_stress_around_the_transcripts_words(corpus):
+    rows = read_metadata(corpus)
+    breaks = [int(ms) for r in rows for ms in re.findall(r'<break time="(\d+)ms"/>', r["ssml"])]
+    emphasized = [w for r in rows for w in re.findall(r"<emphasis>([a-z']+)</emphasis>", r["ssml"])]
+    assert len(breaks) >= 5 and all(100 <= ms <= 200 for ms in breaks)
+    assert len(emphasized) >= 5
+    for r in rows:
+        assert re.sub(r"<[^>]*>", " ", r["ssml"]).split() == r["text"].split()
 
 
 def test_transcripts_use_only_the_alphabet(corpus):
@@ -130,6 +154,15 @@ def test_max_words_per_slot_shrinks_the_vocabulary():
         ({"sead": 1}, "synth.sead"),
         ({"rate_wpm": [210, 140]}, "synth.rate_wpm"),
         ({"exclude_variants": ["wisper"]}, "synth.exclude_variants"),
+        ({"voices": ["en-us", "en-xx"]}, "synth.voices"),
+        ({"voices": []}, "synth.voices"),
+        ({"pitch": [40, 100]}, "synth.pitch"),
+        ({"pitch_range": [90, 20]}, "synth.pitch_range"),
+        ({"word_gap": [0, 99]}, "synth.word_gap"),
+        ({"intonation": [0, 8]}, "synth.intonation"),
+        ({"break_probability": 1.5}, "synth.break_probability"),
+        ({"break_ms": [-10, 100]}, "synth.break_ms"),
+        ({"emphasis_probability": -0.1}, "synth.emphasis_probability"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, changes, key):
@@ -145,20 +178,176 @@ def test_espeak_binding():
     code = """
 from ctcflow import espeak
 import numpy as np
-assert {"m1", "f3", "klatt", "whisper"} <= set(espeak.list_variants())
-audio, sr = espeak.synthesize("hello world", "en-gb-x-rp", "m3", rate=200, pitch=40)
+assert {"m1", "f3", "klatt", "klatt6", "whisper"} <= set(espeak.list_variants())
+assert {"en-us", "en-us-nyc", "en-gb-x-rp", "de"} <= set(espeak.list_voices())
+voice = espeak.Voice("en-gb-x-rp", "m3", rate=200, pitch=40, pitch_range=50, word_gap=0, intonation=0)
+audio, sr = espeak.synthesize("hello world", voice, ssml=False)
 assert sr == 22050 and audio.dtype == np.float32 and 0.3 < len(audio) / sr < 3
 assert 0.05 < np.abs(audio).max() <= 1
-for voice, variant in [("xx-nope", "f3"), ("en-us", "nope")]:
+for name, variant in [("xx-nope", "f3"), ("en-us", "nope")]:
     try:
-        espeak.synthesize("hi", voice, variant)
+        espeak.synthesize("hi", espeak.Voice(name, variant, 175, 50, 50, 0, 0), ssml=False)
     except ValueError as err:
         assert "nope" in str(err), err
     else:
-        raise AssertionError(voice + "+" + variant)
+        raise AssertionError(name + "+" + variant)
 """
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+# --- what each knob does to the sound ----------------------------------------------------------
+
+SR = 22050  # espeak's own rate
+ESPEAK_DEFAULTS = {"name": "en-us", "variant": "", "rate": 175, "pitch": 50, "pitch_range": 50, "word_gap": 0,
+                   "intonation": 0}
+SENTENCE = "set the thermostat to twenty one degrees tomorrow morning"
+
+SPEAK_EACH_FRESH = """
+import ctypes, json, os, sys
+import numpy as np
+from ctcflow import espeak
+requests, out = json.loads(sys.argv[1]), sys.argv[2]
+espeak.initialize()
+libc = ctypes.CDLL(None)
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+espeak._lib.espeak_SetPhonemeTrace.argtypes = [ctypes.c_int, ctypes.c_void_p]
+for i, (text, voice, ssml) in enumerate(requests):
+    if os.fork() == 0:
+        trace = libc.fopen(f"{out}/{i}.txt".encode(), b"w")
+        espeak._lib.espeak_SetPhonemeTrace(1, trace)  # 1: the phoneme mnemonics espeak speaks
+        audio, _ = espeak.synthesize(text, espeak.Voice(**voice), ssml)
+        libc.fclose(trace)
+        np.save(f"{out}/{i}.npy", audio)
+        os._exit(0)
+    assert os.wait()[1] == 0, (text, voice)
+"""
+
+
+def speak(tmp_path: Path, *requests: tuple[str, dict, bool]) -> list[tuple[np.ndarray, str]]:
+    """(samples, phonemes spoken) for each (text, Voice fields over ESPEAK_DEFAULTS, ssml), each in a
+    child of a process that has never spoken: so two requests compare sample for sample."""
+    run_python(["-c", SPEAK_EACH_FRESH, json.dumps([(t, {**ESPEAK_DEFAULTS, **v}, s) for t, v, s in requests]),
+                str(tmp_path)], tmp_path)
+    return [(np.load(tmp_path / f"{i}.npy"), (tmp_path / f"{i}.txt").read_text()) for i in range(len(requests))]
+
+
+def f0_spread(audio: np.ndarray) -> float:
+    """How far the voice's pitch moves: 10th to 90th percentile of F0 over voiced 40 ms frames, in
+    semitones. F0 is the autocorrelation peak between 60 and 400 Hz."""
+    size, hop = int(0.04 * SR), int(0.01 * SR)
+    f0 = []
+    for start in range(0, len(audio) - size, hop):
+        frame = audio[start:start + size] - audio[start:start + size].mean()
+        if np.sqrt((frame ** 2).mean()) < 0.02:
+            continue
+        corr = np.correlate(frame, frame, "full")[size - 1:]
+        lag = SR // 400 + np.argmax(corr[SR // 400:SR // 60])
+        if corr[lag] > 0.6 * corr[0]:  # voiced: strongly periodic
+            f0.append(SR / lag)
+    semitones = 12 * np.log2(f0)
+    return float(np.percentile(semitones, 90) - np.percentile(semitones, 10))
+
+
+def longest_silence(audio: np.ndarray) -> float:
+    quiet = np.concatenate([[False], np.abs(audio) < 0.01, [False]])
+    edges = np.flatnonzero(np.diff(quiet.astype(int)))
+    return float((edges[1::2] - edges[::2]).max() / SR)
+
+
+def log_spectrogram(audio: np.ndarray) -> np.ndarray:
+    frames = np.lib.stride_tricks.sliding_window_view(audio, 512)[::256] * np.hanning(512)
+    return 20 * np.log10(np.abs(np.fft.rfft(frames)) + 1e-4)
+
+
+def test_klatt_variants_are_another_synthesizer_with_the_same_timing(tmp_path):
+    klatts = [f"klatt{n}" for n in ("", 2, 3, 4, 5, 6)]
+    default, again, *spoken = speak(tmp_path, (SENTENCE, {}, False), (SENTENCE, {}, False),
+                                    *[(SENTENCE, {"variant": k}, False) for k in klatts])
+    assert np.array_equal(default[0], again[0])  # the comparison itself: the same setting is the same audio
+    for name, (audio, _) in zip(klatts, spoken):
+        assert abs(len(audio) / len(default[0]) - 1) < 0.03, name  # the same prosody...
+        n = min(len(audio), len(default[0]))
+        gap = np.abs(log_spectrogram(audio[:n]) - log_spectrogram(default[0][:n])).mean()
+        assert gap > 6, name  # ...through a different synthesizer: 15–19 dB apart here
+    assert len({a.tobytes() for a, _ in spoken}) == len(klatts)
+
+
+def test_pitch_range_widens_the_f0_spread(tmp_path):
+    (narrow, _), (wide, _) = speak(tmp_path, (SENTENCE, {"pitch_range": 10}, False),
+                                   (SENTENCE, {"pitch_range": 90}, False))
+    assert f0_spread(narrow) < 1.5 and f0_spread(wide) > 3  # 1.0 and 4.1 semitones here
+
+
+def test_intonation_group_changes_the_tune(tmp_path):
+    (own, _), (group3, _) = speak(tmp_path, (SENTENCE, {}, False), (SENTENCE, {"intonation": 3}, False))
+    assert f0_spread(group3) < f0_spread(own) - 1  # group 3 rises and falls less: 2.3 against 4.1 here
+
+
+def test_word_gap_pauses_between_words(tmp_path):
+    text = "don't turn off the lights"
+    (plain, _), (gapped, _) = speak(tmp_path, (text, {}, False), (text, {"word_gap": 3}, False))
+    per_gap = (len(gapped) - len(plain)) / SR / 4
+    assert 0.02 < per_gap < 0.1  # 68 ms here
+
+
+def test_ssml_break_adds_its_silence_and_no_words(tmp_path):
+    plain, broken = speak(tmp_path, ("don't turn off the lights", {}, False),
+                          ("don't turn off the <break time=\"500ms\"/> lights", {}, True))
+    assert (len(broken[0]) - len(plain[0])) / SR == pytest.approx(0.5, abs=0.1)
+    assert longest_silence(plain[0]) < 0.15 and 0.45 < longest_silence(broken[0]) < 0.6
+    assert spoken_words(broken[1]) == spoken_words(plain[1])
+
+
+def spoken_words(trace: str) -> list[str]:
+    """The words in espeak's phoneme trace, without stress marks and pauses, which SSML may change."""
+    return re.sub(r"_[!:]?|[',]", "", trace).split()
+
+
+def test_ssml_speaks_exactly_the_transcript(tmp_path):
+    text = "text mom call me back at ten o'clock"
+    ssml = ("text <break time=\"300ms\"/> <emphasis>mom</emphasis> call me <break time=\"100ms\"/> back at ten"
+            " <emphasis>o'clock</emphasis>")
+    (plain, plain_trace), (marked, marked_trace), (_, other_trace) = speak(
+        tmp_path, (text, {}, False), (ssml, {}, True), (text.replace("ten", "two"), {}, False))
+    assert spoken_words(marked_trace) == spoken_words(plain_trace)
+    assert spoken_words(other_trace) != spoken_words(plain_trace)  # the check tells words apart
+    # Emphasis stretches the stressed words a little; the breaks add their 0.4 s.
+    assert 0.4 < (len(marked) - len(plain)) / SR < 0.7
+
+
+def test_a_crashed_child_stops_the_stage(tmp_path):
+    # espeak does crash now and then (a segfault in WavegenFill on a rare setting); a
+    # multiprocessing.Pool would then wait forever for the lost task.
+    code = """
+import os, signal
+from pathlib import Path
+from ctcflow.espeak import Voice
+from stages import synth
+from stages.runner import StageError
+
+def speak(job):
+    if job[0].name == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if job[0].name == "odd":
+        raise StageError("odd length")
+    return [job[0].name]
+
+synth._speak = speak
+voice = Voice("en-us", "Demonic", 175, 50, 50, 0, 0)
+jobs = lambda *names: [(synth.Speaker("train", name, voice), [], Path("."), 16000) for name in names]
+assert sorted(synth.speak_each_in_own_child(jobs("a", "b", "c"), 2)) == [["a"], ["b"], ["c"]]
+for names, message in [(("a", "crash", "b"), "espeak crashed (exit code -11) speaking crash"),
+                       (("odd", "a"), "odd length")]:
+    try:
+        list(synth.speak_each_in_own_child(jobs(*names), 2))
+    except StageError as err:
+        assert message in str(err), err
+    else:
+        raise AssertionError(names)
+"""
+    run_python(["-c", code], tmp_path)
 
 
 @pytest.mark.parametrize(
