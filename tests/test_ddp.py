@@ -42,7 +42,7 @@ def test_a_global_batch_holds_at_least_one_utterance_per_rank():
 
 # No SpecAugment and no dropout: the two runs then draw no random numbers while training, and
 # differ only in how the floating-point sums of the gradient are ordered.
-SETTINGS = {"epochs": 2, "batch_frames": 1500, "num_threads": 1, "lr": 0.003, "specaugment": {"enabled": False},
+SETTINGS = {"epochs": 2, "batch_frames": 3000, "num_threads": 1, "lr": 0.003, "specaugment": {"enabled": False},
             "model": {"dropout": 0.0}}
 
 
@@ -56,6 +56,13 @@ def train(features, root, **changes) -> tuple[pd.DataFrame, dict]:
 
 def test_two_processes_train_like_one_on_the_same_global_batches(tiny_pipeline, tmp_path):
     features = tiny_pipeline / "data/features"
+    # The comparison needs the same global batches: a one-process batch of a single utterance
+    # would be two in DDP (each rank needs one), so every batch here must hold two or more.
+    lengths = pd.read_csv(features / "train.csv")["num_frames"].to_numpy()
+    for epoch in (1, 2):
+        sampler = LengthBatchSampler(lengths, SETTINGS["batch_frames"], shuffle=True, seed=section("train", TrainParams).seed)
+        sampler.set_epoch(epoch)
+        assert min(len(batch) for batch in sampler) >= 2
     one, one_checkpoint = train(features, tmp_path / "one")
     two, two_checkpoint = train(features, tmp_path / "two", nproc=2)
 
