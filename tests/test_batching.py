@@ -1,4 +1,7 @@
+import itertools
+
 import numpy as np
+import pytest
 import torch
 
 from ctcflow.data import LengthBatchSampler, collate, frame_mask
@@ -32,6 +35,31 @@ def test_shuffling_is_seeded_and_changes_with_the_epoch():
 def test_an_utterance_longer_than_the_budget_gets_a_batch_of_its_own():
     batches = list(LengthBatchSampler(np.array([10, 5000, 20, 30]), max_frames=1000, shuffle=False))
     assert sorted(batches) == [[0, 2, 3], [1]]
+
+
+def test_an_epoch_set_to_start_at_a_batch_yields_the_batches_from_there():
+    # In length order within 1,000 frames: 100, 200 and 300 (3 × 300 = 900), 400 and 500 (2 × 500),
+    # then 600 alone.
+    sampler = LengthBatchSampler(np.array([500, 100, 600, 300, 200, 400]), max_frames=1000, shuffle=False)
+    assert list(sampler) == [[1, 4, 3], [5, 0], [2]]
+    sampler.set_epoch(0, start=1)
+    assert list(sampler) == [[5, 0], [2]] and len(sampler) == 2
+    assert sampler.batches == [[1, 4, 3], [5, 0], [2]]  # the whole epoch
+    sampler.set_epoch(0, start=3)
+    assert list(sampler) == [] and len(sampler) == 0
+    with pytest.raises(ValueError, match="cannot start epoch 0 at batch 4: it has 3 batches"):
+        sampler.set_epoch(0, start=4)
+
+
+def test_a_new_sampler_started_where_a_killed_one_stopped_neither_replays_nor_skips():
+    lengths = np.random.default_rng(2).integers(50, 400, size=100)
+    killed = LengthBatchSampler(lengths, 1500, shuffle=True, seed=7)
+    killed.set_epoch(3)
+    whole_epoch = list(killed)
+    trained = list(itertools.islice(killed, 5))  # the batches trained on before the kill
+    restarted = LengthBatchSampler(lengths, 1500, shuffle=True, seed=7)  # the resumed run's
+    restarted.set_epoch(3, start=len(trained))
+    assert trained + list(restarted) == whole_epoch and len(whole_epoch) > 5
 
 
 def test_collate_pads_and_concatenates_targets():
