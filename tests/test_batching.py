@@ -75,3 +75,13 @@ def test_collate_pads_and_concatenates_targets():
 def test_frame_mask_marks_the_real_frames_of_a_padded_batch():
     assert frame_mask(torch.tensor([5, 3, 0]), 5).tolist() == [[True] * 5, [True, True, True, False, False],
                                                                [False] * 5]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_batch_is_pinned_and_copied_to_the_gpu_without_blocking():
+    batch = collate([(torch.ones(3, 2), torch.tensor([1, 2]), 0), (torch.ones(5, 2), torch.tensor([3]), 1)])
+    pinned = batch.pin_memory()  # what DataLoader(pin_memory=True) calls
+    assert all(t.is_pinned() for t in pinned.tensors()) and pinned.indices == [0, 1]
+    on_gpu = pinned.to(torch.device("cuda"), non_blocking=True)
+    torch.cuda.synchronize()
+    assert all(t.is_cuda and torch.equal(t.cpu(), u) for t, u in zip(on_gpu.tensors(), batch.tensors()))
