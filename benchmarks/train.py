@@ -5,15 +5,18 @@ validation utterances, since the stage validates after each epoch), with the pro
 params, one epoch, in interleaved rounds, each figure the best of --rounds:
   - the stage: stages.train.run, everything included (data loader, SpecAugment, loss tally,
     non-finite checks, progress bar); its figure is the one the stage itself reports, over the
-    training loop only (not loading, validation or checkpoints, which are timed apart),
+    training loop only (not loading, validation or checkpoints, which are timed apart); once for
+    each of --loader-workers (train.loader_workers; with workers, their start is in the epoch),
   - the bare loop: the same model (same seed, so the same initial weights), the same batches
     built beforehand and held in memory, the same SpecAugment, loss, clipping, warm-up and
     AdamW, and nothing else: no logging, no metrics, no checks,
-  - the data loader alone: the same epoch's batches from the stage's DataLoader, no training.
+  - the data loader alone: the same epoch's batches from the stage's DataLoader, no training,
+    for each of --loader-workers.
 Prints input frames (real, unpadded) per second, the ratio of the stage to the bare loop, and
 the data loader's share of the stage's step time. Both loops draw the same random numbers in
-the same order, so their weights after the epoch must match bit for bit: the script checks it,
-which shows the two did the same work. Writes benchmarks/results/train.json.
+the same order, so their weights after the epoch must match bit for bit, for any number of
+loader workers: the script checks it, which shows they did the same work. Writes
+benchmarks/results/train.json.
 
 --profile instead runs the stage once under torch.profiler and cProfile and prints where the
 time goes (operators, and Python functions).
@@ -45,6 +48,7 @@ from common import demo_paths, machine, results_path, subset_store, write_result
 
 from ctcflow.checkpoint import load_checkpoint  # noqa: E402
 from ctcflow.data import FeatureSplit, LengthBatchSampler, collate, read_feature_info  # noqa: E402
+from ctcflow.distributed import World  # noqa: E402
 from ctcflow.features import spec_augment  # noqa: E402
 from ctcflow.losses import CTCObjective  # noqa: E402
 from ctcflow.model import build_model, count_parameters  # noqa: E402
@@ -111,11 +115,14 @@ def run_bare(params: train.TrainParams, store: Path) -> dict:
 
 
 def run_loader(params: train.TrainParams, store: Path) -> float:
-    """Seconds the stage's DataLoader takes to produce one epoch's batches."""
+    """Seconds the stage's DataLoader (train.loader_workers, their start included) takes to produce
+    one epoch's batches."""
     torch.set_num_threads(params.num_threads)
     train_set = FeatureSplit(store, "train", Tokenizer.load(store, blank=params.ctc.blank))
     start = time.perf_counter()
-    for _ in epoch_batches(params, train_set):
+    loader = train.make_loader(params, World(0, 1, torch.device(params.device)), train_set)
+    loader.batch_sampler.set_epoch(1)
+    for _ in loader:
         pass
     return time.perf_counter() - start
 
@@ -146,6 +153,8 @@ def main() -> None:
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads (default: train.num_threads of the project); on a machine shared with "
                              "other work, fewer threads than cores avoids the collapse that oversubscription causes")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2],
+                        help="train.loader_workers values to run the stage with, each in every round")
     parser.add_argument("--seed", type=int, default=0, help="for the sample of utterances")
     parser.add_argument("--quick", action="store_true", help="200 utterances, 1 round: a smoke test, figures are noise")
     parser.add_argument("--profile", action="store_true", help="profile the stage once instead of benchmarking")
@@ -169,47 +178,61 @@ def main() -> None:
         if args.profile:
             profile_stage(params, store, work)
             return
+        variants = {f"{n} loader workers": params.model_copy(update={"loader_workers": n})
+                    for n in args.loader_workers}
         best: dict[str, float] = {}
+        same = True
         for round_ in range(1, args.rounds + 1):
-            stage = run_stage(params, store, work / "stage")
             bare = run_bare(params, store)
-            loader_seconds = run_loader(params, store)
-            stage_seconds = bare["frames"] / stage["frames_per_second"]
-            for name, value in {"stage": stage_seconds, "bare": bare["seconds"], "loader": loader_seconds,
-                                "stage_run": stage["run_seconds"]}.items():
+            timings = {"bare": bare["seconds"]}
+            for name, variant in variants.items():
+                stage = run_stage(variant, store, work / "stage")
+                timings |= {f"stage, {name}": bare["frames"] / stage["frames_per_second"],
+                            f"stage run, {name}": stage["run_seconds"], f"loader, {name}": run_loader(variant, store)}
+                same &= stage["weights"].keys() == bare["weights"].keys() and all(
+                    torch.equal(stage["weights"][k], bare["weights"][k]) for k in bare["weights"])
+            for name, value in timings.items():
                 best[name] = min(best.get(name, value), value)
-            print(f"  round {round_}: stage {stage['frames_per_second']:,.0f} frames/s, bare loop "
-                  f"{bare['frames_per_second']:,.0f} frames/s, data loader {loader_seconds:.2f} s of the stage's "
-                  f"{stage_seconds:.1f} s", flush=True)
-        same = stage["weights"].keys() == bare["weights"].keys() and all(
-            torch.equal(stage["weights"][k], bare["weights"][k]) for k in bare["weights"])
+            print(f"  round {round_}: bare loop {bare['frames_per_second']:,.0f} frames/s; "
+                  + "; ".join(f"stage with {name} {bare['frames'] / timings[f'stage, {name}']:,.0f} frames/s, its data "
+                              f"loader alone {timings[f'loader, {name}']:.2f} s" for name in variants), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     frames = bare["frames"]
+
+    def by_variant(figure) -> dict:
+        return {name: figure(name) for name in variants}
+
     results = {
         "model": {**params.model.model_dump(), "parameters": bare["parameters"]},
         "batch_frames": params.batch_frames, "num_threads": params.num_threads, "utterances": args.utterances,
         "batches": bare["batches"], "frames": frames, "padding_share": round(1 - frames / bare["padded_frames"], 3),
         "rounds": args.rounds, "quick": args.quick, **machine(),
-        "frames_per_second": {"stage training loop": round(frames / best["stage"]),
-                              "bare PyTorch loop": round(frames / best["bare"])},
-        "ratio_stage_to_bare": round(best["bare"] / best["stage"], 3),
-        "data_loader_seconds": round(best["loader"], 2),
-        "data_loader_share_of_step_time": round(best["loader"] / best["stage"], 3),
-        "stage_run_seconds_incl_loading_validation_checkpoints": round(best["stage_run"], 1),
+        "frames_per_second": {"bare PyTorch loop": round(frames / best["bare"]),
+                              **{f"stage training loop, {name}": round(frames / best[f"stage, {name}"])
+                                 for name in variants}},
+        "ratio_stage_to_bare": by_variant(lambda name: round(best["bare"] / best[f"stage, {name}"], 3)),
+        "data_loader_seconds": by_variant(lambda name: round(best[f"loader, {name}"], 2)),
+        "data_loader_share_of_step_time": by_variant(lambda name: round(best[f"loader, {name}"]
+                                                                        / best[f"stage, {name}"], 3)),
+        "stage_run_seconds_incl_loading_validation_checkpoints": by_variant(
+            lambda name: round(best[f"stage run, {name}"], 1)),
         "weights_identical_after_the_epoch": same,
         "environment": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
     }
     print(f"\nbest of {args.rounds}: {args.utterances} utterances, {bare['batches']} batches, {frames:,} frames "
           f"({results['padding_share']:.1%} of the padded batches is padding), model {params.model.arch} "
           f"{bare['parameters'] / 1e6:.2f} M parameters, {params.num_threads} torch threads")
-    print(f"{'stage training loop':28s} {best['stage']:7.1f} s {frames / best['stage']:9,.0f} frames/s")
-    print(f"{'bare PyTorch loop':28s} {best['bare']:7.1f} s {frames / best['bare']:9,.0f} frames/s")
-    print(f"stage / bare: {results['ratio_stage_to_bare']:.3f}×; data loader {best['loader']:.2f} s = "
-          f"{results['data_loader_share_of_step_time']:.1%} of the stage's step time; whole stage run (loading, "
-          f"validation, checkpoints) {best['stage_run']:.1f} s")
-    print(f"weights after the epoch: {'identical' if same else 'DIFFERENT'} (stage against bare loop)")
+    print(f"{'bare PyTorch loop':40s} {best['bare']:7.1f} s {frames / best['bare']:9,.0f} frames/s")
+    for name in variants:
+        seconds = best[f"stage, {name}"]
+        print(f"{f'stage training loop, {name}':40s} {seconds:7.1f} s {frames / seconds:9,.0f} frames/s: "
+              f"{results['ratio_stage_to_bare'][name]:.3f}× the bare loop; data loader alone "
+              f"{results['data_loader_seconds'][name]:.2f} s = {results['data_loader_share_of_step_time'][name]:.1%} "
+              f"of the stage's step time; whole stage run (loading, validation, checkpoints) "
+              f"{best[f'stage run, {name}']:.1f} s")
+    print(f"weights after the epoch: {'identical' if same else 'DIFFERENT'} (every stage run against the bare loop)")
     print(f"({results['cpus']} CPUs, 1-minute load average {results['load_average_1min_at_end']} at the end"
           + ("; --quick: the figures are a smoke test, not a measurement)" if args.quick else ")"))
     write_results(results_path("train", args.quick, args.out), results)

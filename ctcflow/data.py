@@ -100,9 +100,16 @@ class Batch:
     target_lengths: torch.Tensor  # (batch,)
     indices: list[int]  # rows of the split's index
 
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(self.feats.to(device), self.lengths.to(device), self.targets.to(device),
-                     self.target_lengths.to(device), self.indices)
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        """On `device`; non_blocking copies from pinned memory overlap with the work already queued there."""
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()), self.indices)
+
+    def pin_memory(self) -> "Batch":
+        """In page-locked memory, which a GPU copies from without a staging copy (DataLoader's pin_memory)."""
+        return Batch(*(t.pin_memory() for t in self.tensors()), self.indices)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.feats, self.lengths, self.targets, self.target_lengths
 
 
 def frame_mask(lengths: torch.Tensor, max_frames: int) -> torch.Tensor:
@@ -128,6 +135,7 @@ class LengthBatchSampler(Sampler[list[int]]):
     dependency for one class. Lengths get a little seeded noise each epoch so batch
     membership varies, and batch order is shuffled. An utterance longer than the budget
     gets a batch of its own rather than an error.
+    `batches` holds the whole epoch; iterating yields them from `start` on (see set_epoch).
     """
 
     def __init__(self, lengths: np.ndarray, max_frames: int, shuffle: bool, seed: int = 0, min_batch: int = 1):
@@ -138,7 +146,9 @@ class LengthBatchSampler(Sampler[list[int]]):
         self.min_batch = min_batch  # a batch closes only once it holds this many utterances
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The batches of `epoch`, drawn from (seed, epoch) alone, iterated from the `start`-th (from
+        0): a run resumed after `start` batches of the epoch neither replays nor skips any."""
         rng = np.random.default_rng([self.seed, epoch])
         keys = self.lengths * (1 + 0.1 * rng.random(len(self.lengths))) if self.shuffle else self.lengths
         batches, current, longest = [], [], 0
@@ -155,13 +165,15 @@ class LengthBatchSampler(Sampler[list[int]]):
             batches.append(current)
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
-        self.batches = batches
+        if not 0 <= start <= len(batches):
+            raise ValueError(f"cannot start epoch {epoch} at batch {start}: it has {len(batches)} batches")
+        self.batches, self.start = batches, start
 
     def __iter__(self):
-        return iter(self.batches)
+        return iter(self.batches[self.start :])
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.batches) - self.start
 
 
 class DistributedLengthBatchSampler(LengthBatchSampler):
@@ -181,8 +193,8 @@ class DistributedLengthBatchSampler(LengthBatchSampler):
         self.rank, self.world_size = rank, world_size
         super().__init__(lengths, max_frames, shuffle, seed, min_batch=world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch, start)
         self.global_sizes = [len(batch) for batch in self.batches]
         self.batches = [sorted(batch, key=lambda i: self.lengths[i])[self.rank :: self.world_size]
                         for batch in self.batches]

@@ -6,17 +6,20 @@ validation pass whose loss steps ReduceLROnPlateau (unless train.scheduler.enabl
 reproduces the original recipe's never-stepped scheduler). Per-epoch metrics go to metrics/train
 through dvclive; models/best.pt (lowest validation WER) and models/last.pt are kept.
 
-Surviving crashes: after every epoch checkpoints/train/resume.pt holds the whole training state
-(weights, optimizer, scheduler, random streams, metric history). A rerun after a crash resumes
-from it when the params and the features are those of the crashed run, and starts afresh (saying
-why) when they are not; it is deleted once training finishes. A step whose loss or gradient is
-not finite is skipped and counted; train.max_consecutive_nonfinite in a row stop training.
-train.nproc > 1 runs the same command as distributed data parallel processes.
+Surviving crashes: after every epoch, and every train.checkpoint_every optimizer steps within
+one, checkpoints/train/resume.pt holds the whole training state (weights, optimizer, scheduler,
+random streams, metric history, and within an epoch the sampler's position and the epoch's sums so
+far). A rerun after a crash resumes from it when the params and the features are those of the
+crashed run, neither replaying nor skipping a batch, and starts afresh (saying why) when they are
+not; it is deleted once training finishes. A step whose loss or gradient is not finite is skipped
+and counted; train.max_consecutive_nonfinite in a row stop training. train.nproc > 1 runs the same
+command as distributed data parallel processes; train.loader_workers processes read the batches.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import math
@@ -57,7 +60,9 @@ LIVE_DIR = Path("metrics/train")
 RESUME_DIR = Path("checkpoints/train")
 # Params that may change between a killed run and its resumption: none changes the epochs done.
 RESUMABLE_CHANGES = {"epochs", "early_stopping_patience", "max_consecutive_nonfinite", "num_threads", "nproc",
-                     "device", "resume"}
+                     "device", "resume", "loader_workers", "checkpoint_every"}
+# The resume checkpoint's layout; one of another layout, written by other code, is not resumed.
+RESUME_LAYOUT = 2  # 2: checkpoints within an epoch too
 
 
 class ModelParams(Section):
@@ -112,6 +117,8 @@ class TrainParams(Section):
     resume: bool  # resume from checkpoints/train/resume.pt when it fits these params
     nproc: int = Field(ge=1)  # processes (distributed data parallel); batch_frames is per step, all together
     device: Literal["cpu", "cuda"]
+    loader_workers: int = Field(ge=0)  # DataLoader worker processes; 0 = the training process reads the batches
+    checkpoint_every: int = Field(ge=0)  # optimizer steps between resume checkpoints within an epoch; 0 = none
     model: ModelParams
     ctc: CTCParams
     blank_penalty: BlankPenaltyParams
@@ -120,7 +127,7 @@ class TrainParams(Section):
 
 
 # The run state's part of the resume checkpoint.
-CHECKPOINTED = ("step", "history", "best_wer", "best_epoch", "best_model", "nonfinite_steps")
+CHECKPOINTED = ("step", "history", "best_wer", "best_epoch", "best_model", "nonfinite_steps", "nonfinite_in_a_row")
 
 
 @dataclass
@@ -133,7 +140,7 @@ class RunState:
     best_epoch: int = 0
     best_model: dict | None = None  # the weights of best_epoch
     nonfinite_steps: int = 0  # skipped, over the whole run
-    nonfinite_in_a_row: int = 0  # not checkpointed: a resumed run counts afresh
+    nonfinite_in_a_row: int = 0
 
     @property
     def epochs_done(self) -> int:
@@ -158,6 +165,40 @@ class RunState:
     @classmethod
     def from_checkpoint(cls, checkpoint: dict) -> RunState:
         return cls(**{name: checkpoint[name] for name in CHECKPOINTED})
+
+
+@dataclass
+class EpochProgress:
+    """How far one process got through an epoch, and the sums its training metrics come from. A
+    resume checkpoint written within an epoch keeps every rank's, and the resumed epoch carries on
+    from them."""
+
+    batches_done: int = 0  # the sampler's position in the epoch, the same on every rank
+    tally: LossTally = field(default_factory=LossTally)  # over the steps taken, not those skipped
+    grad_norm_sum: float = 0.0
+    updates: int = 0  # optimizer steps taken
+    skipped: int = 0  # optimizer steps skipped (non-finite)
+    audio_seconds: float = 0.0
+    seconds: float = 0.0  # spent in training steps (not checkpoints), for the throughput
+
+    def add(self, tally: LossTally, grad_norm: float) -> None:
+        """A step taken: its losses and gradient norm."""
+        self.updates += 1
+        self.tally.utterances += tally.utterances
+        for name, value in tally.sums.items():
+            self.tally.sums[name] += value
+        self.grad_norm_sum += grad_norm
+
+    def to_checkpoint(self) -> dict:
+        saved = {name: getattr(self, name) for name in ("batches_done", "grad_norm_sum", "updates", "skipped",
+                                                         "audio_seconds", "seconds")}
+        return {**saved, "utterances": self.tally.utterances, "loss_sums": dict(self.tally.sums)}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> EpochProgress:
+        progress = cls(**{name: value for name, value in saved.items() if name not in ("utterances", "loss_sums")})
+        progress.tally.utterances, progress.tally.sums = saved["utterances"], dict(saved["loss_sums"])
+        return progress
 
 
 def seed_everything(seed: int) -> None:
@@ -198,13 +239,30 @@ def train_sampler(params: TrainParams, world: World, train_set: FeatureSplit) ->
     return LengthBatchSampler(train_set.num_frames, params.batch_frames, shuffle=True, seed=params.seed)
 
 
+def pinned(world: World) -> bool:
+    """Batches for a GPU go through page-locked memory, and are copied from it without waiting."""
+    return world.device.type == "cuda"
+
+
+def make_loader(params: TrainParams, world: World, train_set: FeatureSplit) -> DataLoader:
+    """The training batches, read and collated by train.loader_workers processes (0: by this one).
+    The workers draw no random numbers (SpecAugment masks each batch here), and the loader draws
+    their seeds from a generator of its own, not from the torch stream that SpecAugment and dropout
+    draw from: the weights are the same for any number of workers, and after a resume."""
+    workers = params.loader_workers
+    return DataLoader(train_set, batch_sampler=train_sampler(params, world, train_set), collate_fn=collate,
+                      num_workers=workers, persistent_workers=workers > 0, pin_memory=pinned(world),
+                      generator=torch.Generator().manual_seed(params.seed))
+
+
 def loss_shares(sampler: LengthBatchSampler, world: World) -> Iterable[float]:
-    """Each batch's weight on its mean loss. DDP averages the gradients over ranks; weighting each
-    rank's batch mean by its share of the global batch's utterances makes that the gradient of the
-    global batch's mean loss."""
+    """Each batch's weight on its mean loss, from the sampler's start on. DDP averages the gradients
+    over ranks; weighting each rank's batch mean by its share of the global batch's utterances makes
+    that the gradient of the global batch's mean loss."""
     if not world.distributed:
         return itertools.repeat(1.0)
-    return [len(batch) * world.world_size / size for batch, size in zip(sampler.batches, sampler.global_sizes)]
+    return [len(batch) * world.world_size / size
+            for batch, size in zip(sampler.batches[sampler.start :], sampler.global_sizes[sampler.start :])]
 
 
 def mixed_precision(params: TrainParams, world: World) -> torch.autocast:
@@ -217,10 +275,10 @@ def run_fingerprint(params: TrainParams, features_dir: Path, world_size: int) ->
     for name in ("features.json", "train.csv", "valid.csv"):
         data.update((Path(features_dir) / name).read_bytes())
     return {**flatten(params.model_dump(exclude=RESUMABLE_CHANGES)), "features": data.hexdigest()[:16],
-            "processes": world_size}
+            "processes": world_size, "layout": RESUME_LAYOUT}
 
 
-def read_resume(path: Path, fingerprint: dict) -> dict | None:
+def read_resume(path: Path, fingerprint: dict, params: TrainParams) -> dict | None:
     if not path.is_file():
         return None
     state = load_checkpoint(path)
@@ -230,58 +288,80 @@ def read_resume(path: Path, fingerprint: dict) -> dict | None:
         print(f"not resuming from {path}, written with other settings ({'; '.join(differ)}): starting afresh",
               flush=True)
         return None
+    done = RunState.from_checkpoint(state)
+    if state["progress"] and (done.epochs_done >= params.epochs
+                              or done.out_of_patience(params.early_stopping_patience)):
+        # That epoch's end, and with it models/last.pt, would never come.
+        print(f"not resuming from {path}: it was written within epoch {done.epochs_done + 1}, which "
+              f"train.epochs or train.early_stopping_patience now leave out: starting afresh", flush=True)
+        return None
     return state
 
 
 def restore(resumed: dict, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler) -> RunState:
-    """Training as the killed run left it after its last epoch, this rank's random streams included."""
+            scheduler) -> tuple[RunState, EpochProgress]:
+    """Training as the killed run left it at its last checkpoint, after an epoch or within one (then
+    with this rank's progress through it), this rank's random streams included."""
     model.load_state_dict(resumed["model"])
     optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])
     set_rng_state(resumed["rng"][world.rank])
-    return RunState.from_checkpoint(resumed)
+    within = resumed["progress"]  # every rank's, in a checkpoint written within an epoch
+    progress = EpochProgress.from_checkpoint(within[world.rank]) if within else EpochProgress()
+    return RunState.from_checkpoint(resumed), progress
 
 
 def train_one_epoch(epoch: int, params: TrainParams, world: World, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, objective: CTCObjective, loader: DataLoader, state: RunState,
-                    frame_seconds: float) -> tuple[dict, float, float]:
-    """One pass over the training batches, an optimizer step per group of train.grad_accumulation of
-    them (the epoch's last group may be smaller). Returns the epoch's training metrics over every
-    rank, the audio seconds trained on and the seconds it took."""
+                    progress: EpochProgress, frame_seconds: float,
+                    checkpoint: Callable[[EpochProgress], None]) -> tuple[dict, float, float]:
+    """The training batches from `progress`'s position on (its first, or where a killed run left
+    off), an optimizer step per group of train.grad_accumulation of them (the epoch's last group may
+    be smaller), and `checkpoint(progress)` after every train.checkpoint_every steps but the last.
+    Returns the epoch's training metrics over every rank, the audio seconds trained on and the
+    seconds it took."""
     model.train()
-    loader.batch_sampler.set_epoch(epoch)
+    sampler = loader.batch_sampler
+    sampler.set_epoch(epoch, start=progress.batches_done)
+    if not progress.batches_done:
+        # Until the loader had a generator of its own, it drew one number from the torch stream as an
+        # epoch started; drawing it keeps SpecAugment's masks and dropout, so the weights, as they were.
+        torch.empty((), dtype=torch.int64).random_()
     augment = spec_augment(**params.specaugment.model_dump(exclude={"enabled"})) if params.specaugment.enabled else None
-    tally, grad_norm_sum, updates, skipped, audio_seconds = LossTally(), 0.0, 0, 0, 0.0
-    started = time.perf_counter()
     quiet = {} if world.master else {"disable": True}  # rank 0 shows progress; TQDM_DISABLE still works
-    progress = tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", unit="batch", leave=False, **quiet)
-    for group in chunked(zip(progress, loss_shares(loader.batch_sampler, world)), params.grad_accumulation):
+    bar = tqdm(loader, desc=f"epoch {epoch}/{params.epochs}", unit="batch", leave=False, initial=sampler.start,
+               total=len(sampler.batches), **quiet)
+    started = time.perf_counter()
+    for group in chunked(zip(bar, loss_shares(sampler, world)), params.grad_accumulation):
         group_tally, rows = accumulate_gradients(group, params, world, model, objective, augment)
+        progress.batches_done += len(group)
         for batch, _ in group:
-            audio_seconds += batch.lengths.sum().item() * frame_seconds
+            progress.audio_seconds += batch.lengths.sum().item() * frame_seconds
         grad_norm = optimizer_step(params, world, model, optimizer, state, group_tally.sums["loss"])
         if grad_norm is None:
-            skipped += 1
+            progress.skipped += 1
             skip_step(epoch, params, world, state,
                       [u for rank_rows in all_gather(world, rows) for u in loader.dataset.index["id"].iloc[rank_rows]])
-            continue
-        updates += 1
-        tally.utterances += group_tally.utterances
-        for name, value in group_tally.sums.items():
-            tally.sums[name] += value
-        grad_norm_sum += grad_norm
-        progress.set_postfix(loss=f"{tally.means()['loss']:.3f}")
-    seconds = time.perf_counter() - started
+        else:
+            progress.add(group_tally, grad_norm)
+            bar.set_postfix(loss=f"{progress.tally.means()['loss']:.3f}")
+        steps, epoch_over = progress.updates + progress.skipped, progress.batches_done == len(sampler.batches)
+        if params.checkpoint_every and steps % params.checkpoint_every == 0 and not epoch_over:
+            progress.seconds += time.perf_counter() - started
+            checkpoint(progress)
+            started = time.perf_counter()
+    progress.seconds += time.perf_counter() - started
 
     # Every rank's share of the epoch (a no-op in one process).
-    tally.utterances, *sums, audio_seconds = all_sum(world, [tally.utterances, *tally.sums.values(), audio_seconds])
+    tally = progress.tally
+    tally.utterances, *sums, audio_seconds = all_sum(world, [tally.utterances, *tally.sums.values(),
+                                                             progress.audio_seconds])
     tally.sums = dict(zip(tally.sums, sums))
     means = tally.means() if tally.utterances else dict.fromkeys(tally.sums, math.nan)  # every step skipped
     metrics = {**{f"train/{name}": value for name, value in means.items()},
-               "train/grad_norm": grad_norm_sum / updates if updates else math.nan,
-               "train/nonfinite_steps": skipped}
-    return metrics, audio_seconds, seconds
+               "train/grad_norm": progress.grad_norm_sum / progress.updates if progress.updates else math.nan,
+               "train/nonfinite_steps": progress.skipped}
+    return metrics, audio_seconds, progress.seconds
 
 
 def accumulate_gradients(group: list, params: TrainParams, world: World, model: torch.nn.Module,
@@ -290,7 +370,7 @@ def accumulate_gradients(group: list, params: TrainParams, world: World, model: 
     gradients add up to that of the step's mean loss. Returns the loss tally and the batches' rows."""
     tally, rows = LossTally(), []
     for position, (batch, share) in enumerate(group, 1):
-        batch = batch.to(world.device)
+        batch = batch.to(world.device, non_blocking=pinned(world))
         feats = augment(batch.feats.transpose(1, 2)).transpose(1, 2) if augment is not None else batch.feats
         # Gradients are exchanged between ranks once per optimizer step, on its last batch.
         last = position == len(group)
@@ -380,19 +460,42 @@ def save_epoch(live: Live, model_dir: Path, resume_path: Path, meta: dict, finge
         save_best(live, model_dir, weights, state, meta)
     training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     save_model(model_dir / "last.pt", weights, record["epoch"], record["metrics"]["valid/wer"], meta, **training)
-    save_model(resume_path, weights, record["epoch"], record["metrics"]["valid/wer"], meta, **training, rng=rngs,
-               **state.to_checkpoint(), fingerprint=fingerprint)
+    save_resume(resume_path, meta, fingerprint, state, model, optimizer, scheduler, rngs, progress=None)
+
+
+def save_resume(path: Path, meta: dict, fingerprint: dict, state: RunState, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler, rngs: list, progress: list[dict] | None) -> None:
+    """The resume checkpoint: the weights with what rebuilds their model, the optimizer and scheduler,
+    every rank's random streams, the run state, and every rank's progress through the epoch when it
+    is written within one (None after an epoch)."""
+    save_checkpoint(path, model=model.state_dict(), **meta, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), rng=rngs, **state.to_checkpoint(), progress=progress,
+                    fingerprint=fingerprint)
+
+
+def checkpoint_within_epoch(progress: EpochProgress, world: World, path: Path, meta: dict, fingerprint: dict,
+                            state: RunState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            scheduler) -> None:
+    """The resume checkpoint between two steps of an epoch. Every rank calls it at the same step:
+    gathering their random streams and progress is a collective; rank 0 writes them."""
+    rngs, progresses = all_gather(world, rng_state()), all_gather(world, progress.to_checkpoint())
+    if world.master:
+        save_resume(path, meta, fingerprint, state, model, optimizer, scheduler, rngs, progresses)
 
 
 def rewrite_outputs(live: Live, model_dir: Path, resumed: dict, state: RunState, meta: dict) -> None:
     """The outputs of the epochs a resumed run inherits, rewritten from its checkpoint: DVC deletes a
     stage's outputs before it reruns it, and a kill may leave an epoch that the checkpoint lacks.
-    So the history holds every epoch exactly once."""
+    So the history holds every epoch exactly once. From a checkpoint written within an epoch,
+    models/last.pt comes back when that epoch ends."""
     for record in state.history:
         log_epoch(live, record["epoch"], record["metrics"])
-    save_best(live, model_dir, state.best_model, state, meta)
-    save_model(model_dir / "last.pt", resumed["model"], resumed["epoch"], state.history[-1]["metrics"]["valid/wer"],
-               meta, optimizer=resumed["optimizer"], scheduler=resumed["scheduler"])
+    if state.history:
+        save_best(live, model_dir, state.best_model, state, meta)
+    if not resumed["progress"]:
+        save_model(model_dir / "last.pt", resumed["model"], state.epochs_done,
+                   state.history[-1]["metrics"]["valid/wer"], meta, optimizer=resumed["optimizer"],
+                   scheduler=resumed["scheduler"])
 
 
 def summarize(live: Live, state: RunState, resumed_from: int, early_stopped: int) -> None:
@@ -446,25 +549,32 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=params.scheduler.factor, patience=params.scheduler.patience)
-    loader = DataLoader(train_set, batch_sampler=train_sampler(params, world, train_set), collate_fn=collate)
+    loader = make_loader(params, world, train_set)
     frame_seconds = feature_info["logmel"]["hop_length"] / feature_info["logmel"]["sample_rate"]
 
     meta = {"model_config": model_config, "tokenizer": tokenizer.to_dict(), "n_mels": n_mels,
             "logmel": feature_info["logmel"], "mean": feature_info["mean"], "std": feature_info["std"],
             "normalize": normalization(feature_info)}
 
-    # Resume from the last completed epoch of a killed run, if there is one and it fits.
+    # Resume where the last checkpoint of a killed run left off, if there is one and it fits.
     resume_path = resume_dir / "resume.pt"
     fingerprint = run_fingerprint(params, features_dir, world.world_size)
-    resumed = broadcast(world, read_resume(resume_path, fingerprint) if world.master and params.resume else None)
+    resumed = broadcast(world, read_resume(resume_path, fingerprint, params) if world.master and params.resume
+                        else None)
     if resumed:
         check_compatible(resumed, model_config, tokenizer, n_mels, str(resume_path))
-    state = restore(resumed, world, raw_model, optimizer, scheduler) if resumed else RunState()
+    state, progress = restore(resumed, world, raw_model, optimizer, scheduler) if resumed \
+        else (RunState(), EpochProgress())
     resumed_from = state.epochs_done
+    checkpoint = functools.partial(checkpoint_within_epoch, world=world, path=resume_path, meta=meta,
+                                   fingerprint=fingerprint, state=state, model=raw_model, optimizer=optimizer,
+                                   scheduler=scheduler)
 
     with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) if world.master else contextlib.nullcontext() as live:
         if resumed and world.master:
-            print(f"resuming after epoch {resumed_from} from {resume_path}", flush=True)
+            where = (f"epoch {resumed_from + 1} at its batch {progress.batches_done + 1}" if progress.batches_done
+                     else f"after epoch {resumed_from}")
+            print(f"resuming {where} from {resume_path}", flush=True)
             rewrite_outputs(live, model_dir, resumed, state, meta)
         early_stopped = 0
         for epoch in range(resumed_from + 1, params.epochs + 1):
@@ -474,7 +584,8 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
                     print(f"early stop: no better validation WER since epoch {state.best_epoch}", flush=True)
                 break
             train_metrics, audio_seconds, seconds = train_one_epoch(epoch, params, world, model, optimizer, objective,
-                                                                    loader, state, frame_seconds)
+                                                                    loader, state, progress, frame_seconds, checkpoint)
+            progress = EpochProgress()  # the next epoch starts at its first batch
             valid_metrics = validate(raw_model, valid_set, tokenizer, objective, params, world)
             if params.scheduler.enabled:
                 scheduler.step(valid_metrics["valid/ctc_loss"])

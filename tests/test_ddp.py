@@ -11,7 +11,8 @@ import torch
 from conftest import section
 from ctcflow.checkpoint import load_checkpoint
 from ctcflow.data import DistributedLengthBatchSampler, LengthBatchSampler
-from stages.train import TrainParams, run
+from ctcflow.distributed import World
+from stages.train import TrainParams, loss_shares, run
 
 
 def test_ranks_share_each_global_batch_and_run_the_same_number_of_steps():
@@ -30,6 +31,23 @@ def test_ranks_share_each_global_batch_and_run_the_same_number_of_steps():
             # Every rank's padded size is at most a third of the global one, plus one utterance.
             padded = [max(lengths[share]) * len(share) for share in shares]
             assert max(padded) <= max(lengths[batch]) * (len(batch) // 3 + 1)
+
+
+def test_every_rank_resumes_an_epoch_at_the_same_global_batch_with_its_loss_shares():
+    lengths = np.random.default_rng(0).integers(50, 400, size=203)
+
+    def ranks(start: int) -> list[DistributedLengthBatchSampler]:
+        samplers = [DistributedLengthBatchSampler(lengths, 3000, shuffle=True, seed=5, rank=r, world_size=2)
+                    for r in range(2)]
+        for sampler in samplers:
+            sampler.set_epoch(2, start=start)
+        return samplers
+
+    whole_epoch, resumed = ranks(0), ranks(4)
+    for rank in range(2):
+        world = World(rank, 2, torch.device("cpu"))
+        assert list(resumed[rank]) == list(whole_epoch[rank])[4:] and len(resumed[rank]) == len(whole_epoch[rank]) - 4
+        assert loss_shares(resumed[rank], world) == loss_shares(whole_epoch[rank], world)[4:]
 
 
 def test_a_global_batch_holds_at_least_one_utterance_per_rank():

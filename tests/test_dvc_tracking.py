@@ -36,6 +36,8 @@ RUNTIME_KNOBS = {
     "train.num_threads": 1,
     "train.nproc": 2,
     "train.device": "cuda",
+    "train.loader_workers": 2,
+    "train.checkpoint_every": 7,
     "evaluate.num_threads": 1,
 }
 

@@ -111,6 +111,17 @@ def test_same_seed_same_metrics(tiny_pipeline, tmp_path):
     assert not first.equals(other)  # the seed does reach the training
 
 
+def test_loader_workers_train_the_same_weights(tiny_pipeline, tmp_path):
+    # Two epochs: without workers the loader makes an iterator each epoch, with persistent workers
+    # only once; neither may draw from the stream SpecAugment and dropout draw from.
+    train(tiny_pipeline, tmp_path / "in_process", epochs=2, batch_frames=1500, loader_workers=0)
+    train(tiny_pipeline, tmp_path / "workers", epochs=2, batch_frames=1500, loader_workers=2)
+    (series_a, summary_a, weights_a), (series_b, summary_b, weights_b) = (run_files(tmp_path / "in_process"),
+                                                                          run_files(tmp_path / "workers"))
+    assert len(series_a) == 13 and series_a == series_b and summary_a == summary_b  # bit for bit, as text
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
 def test_gradient_accumulation_steps_once_per_group_of_batches(tiny_pipeline, tmp_path):
     assert len(pd.read_csv(tiny_pipeline / "data/features/train.csv")) == TRAINING_UTTERANCES
     # During a long warm-up the learning rate counts optimizer steps: lr × steps / warmup_steps.
@@ -138,7 +149,8 @@ def test_early_stopping_on_validation_wer(tiny_pipeline, tmp_path):
 
 def test_bad_new_params_name_the_key():
     for key, value in (("precision", "fp16"), ("grad_accumulation", 0), ("nproc", 0), ("device", "tpu"),
-                       ("early_stopping_patience", -1), ("max_consecutive_nonfinite", 0)):
+                       ("early_stopping_patience", -1), ("max_consecutive_nonfinite", 0), ("loader_workers", -1),
+                       ("checkpoint_every", -1)):
         with pytest.raises(ValidationError) as err:
             section("train", TrainParams, **{key: value})
         assert [e["loc"] for e in err.value.errors()] == [(key,)]
