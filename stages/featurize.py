@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
@@ -58,7 +57,7 @@ from ctcflow.augment import (AugmentConfig, ChannelConfig, NoiseConfig, PitchCon
 from ctcflow.data import Normalize, SplitWriter
 from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array
 from ctcflow.errors import Rejected
-from ctcflow.manifest import SPLITS, Reject, read_manifest, read_test_set_names, tally_rejects, write_test_set_names
+from ctcflow.manifest import SPLITS, Reject, iter_manifest, read_test_set_names, tally_rejects, write_test_set_names
 from ctcflow.params import Section
 from ctcflow.workers import ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
@@ -110,9 +109,9 @@ class FeaturizeParams(Section):
         return self
 
 
-def input_kind(manifests: dict[str, pd.DataFrame]) -> str:
+def input_kind(manifests: dict[str, Path]) -> str:
     """"features" when every row points to a .npy array, "audio" when none does."""
-    flags = {is_feature_file(p) for m in manifests.values() for p in m["audio_path"]}
+    flags = {is_feature_file(utt.audio_path) for path in manifests.values() for utt in iter_manifest(path)}
     if len(flags) > 1:
         raise StageError("the manifests mix audio files and .npy feature arrays; set manifest.input and rerun manifest")
     return "features" if flags == {True} else "audio"
@@ -224,14 +223,16 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
         metrics_file: Path = METRICS_FILE) -> dict:
     torch.set_num_threads(params.num_threads)
     test_sets = read_test_set_names(manifest_dir)
-    manifests = {name: read_manifest(manifest_dir / f"{name}.jsonl") for name in (*SPLITS, *test_sets)}
+    # Read a chunk at a time, never whole: a split's manifest is as long as the corpus.
+    manifests = {name: manifest_dir / f"{name}.jsonl" for name in (*SPLITS, *test_sets)}
     precomputed = input_kind(manifests) == "features"
     if precomputed and params.augment.copies:
         raise StageError("featurize.augment.copies: augmentation works on audio; precomputed feature arrays "
                          "cannot be augmented (set copies: 0)")
     if precomputed:
-        dims = int(manifests["train"]["num_channels"].iloc[0]) if len(manifests["train"]) else 0
-        frame_rate = float(manifests["train"]["sample_rate"].iloc[0]) if len(manifests["train"]) else 0.0
+        first = next(iter_manifest(manifests["train"]), None)
+        dims = int(first.num_channels) if first else 0
+        frame_rate = float(first.sample_rate) if first else 0.0
     else:
         config = params.logmel
         dims = params.n_mels
@@ -250,11 +251,12 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
             augmenting = split == "train" and params.augment.copies > 0
             accepted = []  # (manifest position, row) of each utterance kept, when copies are made of them
             tally = Tally()
+            paths = [utt.audio_path for utt in iter_manifest(manifest)]
             results = map_files(partial(extract, params=params, precomputed=precomputed, with_stats=split == "train"),
-                                manifest["audio_path"].tolist())
+                                paths)
             with SplitWriter(out_dir / split, dims, store_dtype, int(params.shard_mb * 1e6)) as writer:
-                for position, (utt, result) in enumerate(tqdm(zip(manifest.itertuples(), results),
-                                                              total=len(manifest), desc=f"featurize {split}", unit="utt")):
+                for position, (utt, result) in enumerate(tqdm(zip(iter_manifest(manifest), results),
+                                                              total=len(paths), desc=f"featurize {split}", unit="utt")):
                     try:
                         if isinstance(result, Rejected):
                             raise result

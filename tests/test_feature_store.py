@@ -13,7 +13,8 @@ import torch
 
 from conftest import section, tiny_tokenizer
 from ctcflow.data import FeatureSplit, SplitWriter, map_shards, read_index, shard_path
-from ctcflow.manifest import read_manifest
+from ctcflow import manifest
+from ctcflow.manifest import iter_manifest, read_manifest
 from stages import featurize
 
 DIMS = 4  # float16: 8 bytes a frame
@@ -123,3 +124,11 @@ def test_a_pickled_split_maps_its_shards_again(small_shards):
     copy = pickle.loads(pickled)
     assert all(isinstance(shard, np.memmap) for shard in copy.shards)
     assert all(torch.equal(copy[i][0], split[i][0]) for i in range(len(split)))
+
+
+def test_a_manifest_read_a_chunk_at_a_time_gives_the_rows_read_whole(tiny_pipeline, monkeypatch):
+    monkeypatch.setattr(manifest, "CHUNK_ROWS", 7)  # 30 training rows: chunks of 7, 7, 7, 7 and 2
+    path = tiny_pipeline / "data/manifests/train.jsonl"
+    rows = list(iter_manifest(path))
+    assert len(rows) == 30
+    assert rows == list(read_manifest(path).itertuples(index=False))
