@@ -205,12 +205,13 @@ def measure_size(hours: float, args: argparse.Namespace, params: dict, work: Pat
                                     work / "featurize.log")
     sizes = json.loads((project / "metrics" / "featurize.json").read_text())
     loader_cmd = [*python, str(Path(__file__).resolve()), "--load-epoch", "data/features"]
-    (loader,), loader["node_total_peak_mib"] = run_processes([loader_cmd], project, work / "loader.log")
+    (loader,), node_total = run_processes([loader_cmd], project, work / "loader.log")
+    train_store = sum(p.stat().st_size for p in (project / "data/features/train").iterdir())
     result = {"hours_asked": hours,
               "audio_hours": round(sum(sizes[s]["hours"] for s in ("train", "valid", "test")), 2),
               "train_hours": sizes["train"]["hours"], "train_utterances": sizes["train"]["utterances"],
-              "train_store_mib": round(sum(p.stat().st_size for p in (project / "data/features/train").iterdir()) / MIB, 1),
-              "featurize": featurize, "train_data_loading": loader}
+              "train_store_mib": round(train_store / MIB, 1),
+              "featurize": featurize, "train_data_loading": {**loader, "node_total_peak_mib": node_total}}
     if ddp:
         ranks, node_total = run_processes([[*loader_cmd, "--rank", str(r), "--world-size", "2"] for r in (0, 1)],
                                           project, work / "ddp.log")
