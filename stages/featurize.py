@@ -2,9 +2,10 @@
 
 Audio is down-mixed to mono and resampled to featurize.sample_rate, then turned into
 torchaudio log-mel frames. Each split is stored as float16 shards of at most featurize.shard_mb
-plus an index, written as the utterances are computed, so the stage's memory does not grow with
-the corpus (see ctcflow/data.py); features.json holds the settings and the training split's per-bin mean and
-std, which train and evaluate apply when they load features. A manifest of precomputed feature
+plus an index, written as the utterances are computed; the manifests are read a chunk at a time,
+so the stage's memory does not grow with the corpus (see ctcflow/data.py). features.json holds
+the settings and the training split's per-bin mean and std (running float64 sums), which train
+and evaluate apply when they load features. A manifest of precomputed feature
 arrays (.npy) is only normalized: the arrays are stored as they are, in float32.
 
 This is the first stage that reads the samples, so it rejects audio that cannot be decoded,
