@@ -66,7 +66,7 @@ class SplitWriter:
     Use as a context manager: leaving it closes the last shard and the index.
     """
 
-    def __init__(self, folder: Path, dims: int, dtype: type, shard_bytes: int):
+    def __init__(self, folder: Path, dims: int, dtype: np.dtype | type, shard_bytes: int):
         shutil.rmtree(folder, ignore_errors=True)  # a previous run's shards, which may outnumber this one's
         folder.mkdir(parents=True)
         self.folder, self.dims, self.dtype = folder, dims, np.dtype(dtype)

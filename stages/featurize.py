@@ -33,8 +33,8 @@ train, evaluate and (through the checkpoint) `ctcflow transcribe` apply it after
 statistics (ctcflow.data.normalize_utterance).
 
 Files are read and turned into features in featurize.num_workers processes (ctcflow/workers.py).
-The shards, statistics (running float64 sums), rejects and warnings are written here in manifest
-order, so any number of workers writes the same bytes.
+The shards, statistics, rejects and warnings are written here in manifest order, so any number
+of workers writes the same bytes.
 """
 
 from __future__ import annotations
