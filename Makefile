@@ -44,8 +44,8 @@ flow: $(STAMP)
 sweep: $(STAMP)
 	$(BIN)/python -m pipeline sweep
 
-# Every benchmark on this project's demo outputs (run `make demo` first), ~15 min on an idle
-# 2-core machine; figures in benchmarks/results/ (docs/performance.md). QUICK=1: a ~4-minute
+# Every benchmark on this project's demo outputs (run `make demo` first), ~30 min on an idle
+# 2-core machine; figures in benchmarks/results/ (docs/performance.md). QUICK=1: a ~5-minute
 # smoke test whose figures are noise, written to benchmarks/results/quick/.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --project-dir . $(if $(QUICK),--quick)

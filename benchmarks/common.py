@@ -65,20 +65,16 @@ def write_results(path: Path, results: dict) -> None:
 
 def subset_store(source: Path, target: Path, counts: dict[str, int], seed: int) -> None:
     """A feature store holding a seeded sample of each split (the same statistics and label unit)."""
-    import numpy as np
-    import pandas as pd
-
-    from ctcflow.data import read_feature_info, write_split
+    from ctcflow.data import SplitWriter, map_shards, read_index
 
     target.mkdir(parents=True, exist_ok=True)
-    info = read_feature_info(source)
     for split, count in counts.items():
-        index = pd.read_csv(source / f"{split}.csv", dtype={"id": str, "speaker": str}, keep_default_na=False)
-        frames = np.load(source / f"{split}.npy", mmap_mode="r")
+        index = read_index(source / split)
         keep = index.sample(n=count, random_state=seed).sort_index() if count < len(index) else index
-        parts = [np.asarray(frames[o : o + n]) for o, n in zip(keep["offset"], keep["num_frames"])]
-        keep = keep.assign(offset=np.concatenate([[0], np.cumsum(keep["num_frames"])[:-1]]))
-        write_split(target, split, keep, parts, info["logmel"]["n_mels"], frames.dtype)
+        shards = map_shards(source / split, index)
+        with SplitWriter(target / split, shards[0].shape[1], shards[0].dtype, shard_bytes=64_000_000) as writer:
+            for row in keep.itertuples():
+                writer.add(row._asdict(), shards[row.shard][row.offset : row.offset + row.num_frames])
     for name in ("features.json", "tokens.json"):
         shutil.copy(source / name, target / name)
 

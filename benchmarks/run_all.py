@@ -4,6 +4,8 @@
   featurize          audio-s/s of the stage (1 and 2 workers) against a soundfile + log-mel loop
   train              frames/s of the training loop against a bare PyTorch loop; the data loader's share
   memory             peak RSS of each stage on the demo corpus
+  memory_scale       peak memory of featurize and of train's data loading at 2.5, 20 and 50 h of
+                     audio (the demo corpus listed over and over), and of two DDP ranks at 20 h
   orchestration      no-op `dvc repro` against the no-op Prefect flow; skipped, with the reason,
                      unless the project's pipeline is up to date (this never runs the pipeline)
   time_to_accuracy   test WER against wall-clock time, default config against the recipe's (--budget each)
@@ -12,9 +14,9 @@ They read the project's demo outputs (data/corpus, data/manifests, data/features
 first) and leave them as they are: the work happens in temporary folders, and the figures go to
 benchmarks/results/ of this repository. Each runs in its own
 process; one that fails is reported and the others still run. Roughly: 1 min manifest,
-1.5 featurize, 2 train, 2–3 memory, 1 orchestration, 2 × --budget + 0.5 time to accuracy; with
-the default --budget of 240 s, about 15 minutes on an idle 2-core machine (an estimate;
-bench.json records the real time). Writes each benchmark's benchmarks/results/<name>.json and
+1.5 featurize, 2 train, 2–3 memory, 15 memory_scale, 1 orchestration, 2 × --budget + 0.5 time to
+accuracy; with the default --budget of 240 s, about 30 minutes on an idle 2-core machine (an
+estimate; bench.json records the real time). Writes each benchmark's benchmarks/results/<name>.json and
 benchmarks/results/bench.json (status, wall time and results of each). The figures need an
 otherwise idle machine: other work on the same cores (above all another torch process) makes
 them meaningless.
@@ -40,7 +42,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 from common import QUICK_RESULTS_DIR, RESULTS_DIR, machine  # noqa: E402
 
-NAMES = ("manifest", "featurize", "train", "memory", "orchestration", "time_to_accuracy")
+NAMES = ("manifest", "featurize", "train", "memory", "memory_scale", "orchestration", "time_to_accuracy")
 
 
 def pipeline_state(project: Path, env: dict) -> str | None:
@@ -66,6 +68,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
         "train": ["train.py", "--project-dir", project, *quick,
                   *(["--num-threads", str(args.num_threads)] if args.num_threads else [])],
         "memory": ["memory.py", "--project-dir", project, *quick, *threads],
+        "memory_scale": ["memory_scale.py", "--project-dir", project, *quick, *threads],
         "orchestration": ["orchestration.py", "--project-dir", project, *quick],
         "time_to_accuracy": ["time_to_accuracy.py", "--project-dir", project, "--budget", str(args.budget),
                              *quick, *threads],

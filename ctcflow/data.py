@@ -1,16 +1,26 @@
 """The feature store written by featurize, and batching for train and evaluate.
 
-A split is `<split>.npy` (all frames of all utterances, float16, frames × n_mels; float32 for
-precomputed features) and `<split>.csv` (id, speaker, duration, text_normalized, offset,
-num_frames). `features.json` holds the log-mel settings (for precomputed features: `"input":
-"precomputed"` and the frame layout), the training split's per-bin mean and std and the
-normalization applied after them (`"normalize"`, see normalize_utterance);
-`tokens.json` the label unit (see ctcflow.text.Tokenizer.load).
+Each split (train, valid, test and every extra test set) is a folder `<split>/` of the store:
+`shard-00000.npy`, `shard-00001.npy`, … hold the frames of consecutive utterances (float16, frames ×
+n_mels; float32 for precomputed features), and `index.csv` one row per utterance (id, speaker,
+duration, text_normalized, shard, offset, num_frames: its frames are rows offset … offset +
+num_frames - 1 of that shard). An utterance is never cut: a shard closes before the utterance that
+would take it past its bound (featurize.shard_mb), and an utterance larger than the bound has a
+shard of its own. featurize writes each shard as its utterances are computed (SplitWriter), so no
+split is ever held in memory; readers memory-map the shards (FeatureSplit), so a process keeps
+only the pages it reads, and the processes of one node share them in the page cache.
+`features.json` holds the log-mel settings (for precomputed features: `"input": "precomputed"` and
+the frame layout), the training split's per-bin mean and std and the normalization applied after
+them (`"normalize"`, see normalize_utterance); `tokens.json` the label unit (see
+ctcflow.text.Tokenizer.load).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -22,7 +32,8 @@ from torch.utils.data import Dataset, Sampler
 
 from ctcflow.text import Tokenizer
 
-INDEX_COLUMNS = ["id", "speaker", "duration", "text_normalized", "offset", "num_frames"]
+INDEX_FILE = "index.csv"
+INDEX_COLUMNS = ["id", "speaker", "duration", "text_normalized", "shard", "offset", "num_frames"]
 
 # How features are normalized after the training split's per-bin mean and std (featurize.normalize).
 Normalize = Literal["global", "utterance_mean", "utterance_mean_var"]
@@ -30,11 +41,76 @@ NORMALIZE_MODES = get_args(Normalize)
 VARIANCE_FLOOR = 1e-8  # keeps a bin that never changes within an utterance (digital silence, one frame) finite
 
 
-def write_split(directory: Path, split: str, index: pd.DataFrame, frames: list[np.ndarray], n_mels: int,
-                dtype: type = np.float16) -> None:
-    stacked = np.concatenate(frames) if frames else np.zeros((0, n_mels))
-    np.save(directory / f"{split}.npy", stacked.astype(dtype, copy=False))
-    index[INDEX_COLUMNS].to_csv(directory / f"{split}.csv", index=False)
+def shard_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:05d}.npy"
+
+
+def read_index(folder: Path) -> pd.DataFrame:
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (run the featurize stage first)")
+    return pd.read_csv(path, dtype={"id": str, "speaker": str}, keep_default_na=False)
+
+
+def map_shards(folder: Path, index: pd.DataFrame) -> list[np.ndarray]:
+    """The shards the index names, memory-mapped read-only, in order."""
+    return [np.load(shard_path(folder, k), mmap_mode="r") for k in range(int(index["shard"].max()) + 1)]
+
+
+class SplitWriter:
+    """Writes one split of the store, utterance by utterance, in the order given.
+
+    Frames go straight to the open shard's file; its .npy header, which holds the number of
+    frames, is written again when the shard closes. numpy leaves room in the header for that
+    number to grow, so the header keeps its length and the file reads as np.save would write it.
+    Use as a context manager: leaving it closes the last shard and the index.
+    """
+
+    def __init__(self, folder: Path, dims: int, dtype: np.dtype | type, shard_bytes: int):
+        shutil.rmtree(folder, ignore_errors=True)  # a previous run's shards, which may outnumber this one's
+        folder.mkdir(parents=True)
+        self.folder, self.dims, self.dtype = folder, dims, np.dtype(dtype)
+        self.shard_frames = max(1, shard_bytes // (dims * self.dtype.itemsize))  # the bound, in frames
+        self.index_file = (folder / INDEX_FILE).open("w", newline="")
+        self.index = csv.writer(self.index_file, lineterminator="\n")
+        self.index.writerow(INDEX_COLUMNS)
+        # The open shard, the frames written to it, its file and where its frames start in it.
+        self.shard, self.frames, self.file, self.data_start = -1, 0, None, 0
+
+    def add(self, row: dict, frames: np.ndarray) -> None:
+        """One utterance: its index row (id, speaker, duration, text_normalized) and frames × dims."""
+        if frames.ndim != 2 or frames.shape[1] != self.dims:
+            raise ValueError(f"{row['id']}: frames of shape {frames.shape}, the store holds {self.dims} dims")
+        if self.file is None or (self.frames and self.frames + len(frames) > self.shard_frames):
+            self._close_shard()
+            self.shard, self.frames = self.shard + 1, 0
+            self.file = shard_path(self.folder, self.shard).open("wb")
+            self.data_start = self._write_header()
+        self.index.writerow([row["id"], row["speaker"], row["duration"], row["text_normalized"], self.shard,
+                             self.frames, len(frames)])
+        self.file.write(np.ascontiguousarray(frames, dtype=self.dtype).tobytes())
+        self.frames += len(frames)
+
+    def _write_header(self) -> int:
+        """Writes the header at the file's position; returns where the frames start."""
+        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                         "fortran_order": False, "shape": (self.frames, self.dims)})
+        return self.file.tell()
+
+    def _close_shard(self) -> None:
+        if self.file is None:
+            return
+        self.file.seek(0)
+        if self._write_header() != self.data_start:  # would overwrite frames: numpy no longer pads its headers
+            raise RuntimeError(f"the .npy header of {self.file.name} changed length when its frame count was written")
+        self.file.close()
+
+    def __enter__(self) -> "SplitWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close_shard()
+        self.index_file.close()
 
 
 def read_feature_info(directory: str | Path) -> dict:
@@ -67,8 +143,11 @@ def normalize_utterance(feats: torch.Tensor, mode: Normalize) -> torch.Tensor:
 
 
 class FeatureSplit(Dataset):
-    """Normalized features and token ids of one split, held in memory as float16 (float32 for
-    precomputed features), normalized as features.json says when an utterance is read."""
+    """Normalized features and token ids of one split, read from the memory-mapped shards as stored
+    (float16; float32 for precomputed features), normalized as features.json says when an utterance
+    is read. The token ids of all transcripts are one array, encoded once (an error names a text
+    outside the label unit before any work). Pickled (for DataLoader workers), it carries the
+    paths, not the frames: each process maps the shards itself."""
 
     def __init__(self, directory: str | Path, split: str, tokenizer: Tokenizer):
         directory = Path(directory)
@@ -76,20 +155,37 @@ class FeatureSplit(Dataset):
         self.mean = np.asarray(info["mean"], dtype=np.float32)
         self.std = np.asarray(info["std"], dtype=np.float32)
         self.normalize = normalization(info)
-        self.index = pd.read_csv(directory / f"{split}.csv", dtype={"id": str, "speaker": str},
-                                 keep_default_na=False)
-        self.frames = np.load(directory / f"{split}.npy")
-        self.tokens = [torch.tensor(tokenizer.encode(t), dtype=torch.long) for t in self.index["text_normalized"]]
+        self.folder = directory / split
+        self.index = read_index(self.folder)
         self.num_frames = self.index["num_frames"].to_numpy()
+        self.shard = self.index["shard"].to_numpy()
         self.offsets = self.index["offset"].to_numpy()
+        token_ids, self.token_bounds = array("i"), array("q", [0])  # 4 bytes a token, no object per utterance
+        for text in self.index["text_normalized"]:
+            token_ids.extend(tokenizer.encode(text))
+            self.token_bounds.append(len(token_ids))
+        self.token_ids = np.frombuffer(token_ids, dtype=np.int32)
+        self.shards = map_shards(self.folder, self.index)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "shards": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.shards = map_shards(self.folder, self.index)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def stored(self, i: int) -> np.ndarray:
+        """Utterance i's frames as stored (a read-only view of its shard)."""
         start = self.offsets[i]
-        feats = (self.frames[start : start + self.num_frames[i]].astype(np.float32) - self.mean) / self.std
-        return normalize_utterance(torch.from_numpy(feats), self.normalize), self.tokens[i], i
+        return self.shards[self.shard[i]][start : start + self.num_frames[i]]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        feats = (self.stored(i).astype(np.float32) - self.mean) / self.std
+        tokens = torch.from_numpy(self.token_ids[self.token_bounds[i] : self.token_bounds[i + 1]]).long()
+        return normalize_utterance(torch.from_numpy(feats), self.normalize), tokens, i
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -60,17 +61,41 @@ def write_jsonl(rows: list, columns: list[str], path: Path) -> None:
     frame.to_json(path, orient="records", lines=True, force_ascii=False)
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
+STRING_COLUMNS = {"id": str, "speaker": str, "text": str, "text_normalized": str}
+CHUNK_ROWS = 2000  # rows iter_manifest parses at a time
+
+
+def _manifest_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} not found (run the manifest stage first)")
-    if path.stat().st_size == 0:
-        return pd.DataFrame(columns=COLUMNS)
-    frame = pd.read_json(path, lines=True, dtype={"id": str, "speaker": str, "text": str, "text_normalized": str})
+    return path
+
+
+def _columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     missing = set(COLUMNS) - set(frame.columns)
     if missing:
         raise ValueError(f"manifest {path} lacks columns {sorted(missing)}")
     return frame[COLUMNS]
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    path = _manifest_file(path)
+    if path.stat().st_size == 0:
+        return pd.DataFrame(columns=COLUMNS)
+    return _columns(pd.read_json(path, lines=True, dtype=STRING_COLUMNS), path)
+
+
+def iter_manifest(path: str | Path) -> Iterator[tuple]:
+    """The rows of a manifest in order, as read_manifest reads them (named tuples of its columns),
+    parsed CHUNK_ROWS at a time: for featurize, whose memory must not grow with the corpus (a whole
+    50-hour manifest took 140 MB to parse)."""
+    path = _manifest_file(path)
+    if path.stat().st_size == 0:
+        return
+    with pd.read_json(path, lines=True, dtype=STRING_COLUMNS, chunksize=CHUNK_ROWS) as chunks:
+        for chunk in chunks:
+            yield from _columns(chunk, path).itertuples(index=False)
 
 
 def read_test_set_names(directory: str | Path) -> list[str]:

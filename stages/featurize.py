@@ -1,9 +1,11 @@
 """Stage featurize: features for every accepted utterance, normalized by training statistics.
 
 Audio is down-mixed to mono and resampled to featurize.sample_rate, then turned into
-torchaudio log-mel frames. Each split is stored as one float16 array plus an index (see
-ctcflow/data.py); features.json holds the settings and the training split's per-bin mean and
-std, which train and evaluate apply when they load features. A manifest of precomputed feature
+torchaudio log-mel frames. Each split is stored as float16 shards of at most featurize.shard_mb
+plus an index, written as the utterances are computed; the manifests are read a chunk at a time,
+so the stage's memory does not grow with the corpus (see ctcflow/data.py). features.json holds
+the settings and the training split's per-bin mean and std (running float64 sums), which train
+and evaluate apply when they load features. A manifest of precomputed feature
 arrays (.npy) is only normalized: the arrays are stored as they are, in float32.
 
 This is the first stage that reads the samples, so it rejects audio that cannot be decoded,
@@ -12,7 +14,7 @@ to data/features/rejects.jsonl and are counted in metrics/featurize.json, so not
 accepted disappears uncounted. Clipped audio is kept and listed in data/features/warnings.jsonl.
 The label unit (data/manifests/tokens.json) is copied to data/features/tokens.json for train.
 The extra test sets the manifest lists (data/manifests/test_sets.json) are featurized like the test
-split, to data/features/<name>.npy/.csv, their names copied to data/features/test_sets.json (not
+split, to data/features/<name>/, their names copied to data/features/test_sets.json (not
 to features.json, which train reads: a new test set must not retrain).
 
 Augmented copies (featurize.augment, Kaldi's speed-perturbation way, with ctcflow/augment.py's
@@ -31,8 +33,8 @@ train, evaluate and (through the checkpoint) `ctcflow transcribe` apply it after
 statistics (ctcflow.data.normalize_utterance).
 
 Files are read and turned into features in featurize.num_workers processes (ctcflow/workers.py).
-The statistics, rejects and warnings are gathered here in manifest order, so any number of workers
-writes the same bytes.
+The shards, statistics, rejects and warnings are written here in manifest order, so any number
+of workers writes the same bytes.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
@@ -53,10 +55,10 @@ from tqdm import tqdm
 from ctcflow.audio import decode_audio
 from ctcflow.augment import (AugmentConfig, ChannelConfig, NoiseConfig, PitchConfig, ReverbConfig, SpeedConfig,
                              augment)
-from ctcflow.data import Normalize, write_split
+from ctcflow.data import Normalize, SplitWriter
 from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array
 from ctcflow.errors import Rejected
-from ctcflow.manifest import SPLITS, Reject, read_manifest, read_test_set_names, tally_rejects, write_test_set_names
+from ctcflow.manifest import SPLITS, Reject, iter_manifest, read_test_set_names, tally_rejects, write_test_set_names
 from ctcflow.params import Section
 from ctcflow.workers import ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
@@ -94,6 +96,7 @@ class FeaturizeParams(Section):
     clip_warn_fraction: float = Field(gt=0, le=1)  # share of full-scale samples → clipped_audio warning
     strict: bool  # true: any reject fails the stage
     normalize: Normalize  # after the training statistics: global (nothing more) or per utterance
+    shard_mb: float = Field(gt=0)  # the most frames a shard file of the store holds, in MB (10**6 bytes)
     augment: AugmentParams
 
     @property
@@ -107,9 +110,9 @@ class FeaturizeParams(Section):
         return self
 
 
-def input_kind(manifests: dict[str, pd.DataFrame]) -> str:
+def input_kind(manifests: dict[str, Path]) -> str:
     """"features" when every row points to a .npy array, "audio" when none does."""
-    flags = {is_feature_file(p) for m in manifests.values() for p in m["audio_path"]}
+    flags = {is_feature_file(utt.audio_path) for path in manifests.values() for utt in iter_manifest(path)}
     if len(flags) > 1:
         raise StageError("the manifests mix audio files and .npy feature arrays; set manifest.input and rerun manifest")
     return "features" if flags == {True} else "audio"
@@ -189,7 +192,7 @@ def extract_copy(job: CopyJob, params: FeaturizeParams, originals: tuple[str, ..
 
 def augmented_copies(map_files: Callable, params: FeaturizeParams, originals: list[tuple[int, tuple]]
                      ) -> Iterator[tuple[dict, np.ndarray]]:
-    """Index row (without offset) and frames of every augmented copy of the accepted training
+    """Index row (as SplitWriter takes it) and frames of every augmented copy of the accepted training
     utterances, given as (manifest position, manifest row): copy 1 of each in order, then copy 2, ..."""
     jobs = [CopyJob(copy, position, original) for copy in range(1, params.augment.copies + 1)
             for original, (position, _) in enumerate(originals)]
@@ -201,23 +204,36 @@ def augmented_copies(map_files: Callable, params: FeaturizeParams, originals: li
                 "text_normalized": utt.text_normalized, "num_frames": len(result.frames)}, result.frames)
 
 
-def split_metrics(rows: list[dict]) -> dict:
-    return {"utterances": len(rows), "frames": sum(r["num_frames"] for r in rows),
-            "hours": round(sum(r["duration"] for r in rows) / 3600, 4)}
+@dataclass
+class Tally:
+    """A split's size as metrics/featurize.json reports it, summed as its utterances are written."""
+    utterances: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+
+    def add(self, row: dict) -> None:
+        self.utterances += 1
+        self.frames += row["num_frames"]
+        self.seconds += row["duration"]
+
+    def metrics(self) -> dict:
+        return {"utterances": self.utterances, "frames": self.frames, "hours": round(self.seconds / 3600, 4)}
 
 
 def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT_DIR,
         metrics_file: Path = METRICS_FILE) -> dict:
     torch.set_num_threads(params.num_threads)
     test_sets = read_test_set_names(manifest_dir)
-    manifests = {name: read_manifest(manifest_dir / f"{name}.jsonl") for name in (*SPLITS, *test_sets)}
+    # Read a chunk at a time, never whole: a split's manifest is as long as the corpus.
+    manifests = {name: manifest_dir / f"{name}.jsonl" for name in (*SPLITS, *test_sets)}
     precomputed = input_kind(manifests) == "features"
     if precomputed and params.augment.copies:
         raise StageError("featurize.augment.copies: augmentation works on audio; precomputed feature arrays "
                          "cannot be augmented (set copies: 0)")
     if precomputed:
-        dims = int(manifests["train"]["num_channels"].iloc[0]) if len(manifests["train"]) else 0
-        frame_rate = float(manifests["train"]["sample_rate"].iloc[0]) if len(manifests["train"]) else 0.0
+        first = next(iter_manifest(manifests["train"]), None)
+        dims = int(first.num_channels) if first else 0
+        frame_rate = float(first.sample_rate) if first else 0.0
     else:
         config = params.logmel
         dims = params.n_mels
@@ -233,42 +249,45 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
     with ordered_map(params.num_workers, "featurize.num_workers", __name__, max_chunk=32,
                      initializer=torch.set_num_threads, initargs=(params.num_threads,)) as map_files:
         for split, manifest in manifests.items():
-            frames, rows = [], []
-            accepted = []  # (manifest position, row) of each utterance kept
+            augmenting = split == "train" and params.augment.copies > 0
+            accepted = []  # (manifest position, row) of each utterance kept, when copies are made of them
+            tally = Tally()
+            paths = [utt.audio_path for utt in iter_manifest(manifest)]
             results = map_files(partial(extract, params=params, precomputed=precomputed, with_stats=split == "train"),
-                                manifest["audio_path"].tolist())
-            for position, (utt, result) in enumerate(tqdm(zip(manifest.itertuples(), results), total=len(manifest),
-                                                          desc=f"featurize {split}", unit="utt")):
-                try:
-                    if isinstance(result, Rejected):
-                        raise result
-                    feats = result.frames
-                    if precomputed and feats.shape[1] != dims:
-                        raise Rejected("feature_dims_mismatch", f"{feats.shape[1]} dims, the corpus has {dims}")
-                    if result.clipped_fraction >= params.clip_warn_fraction:
-                        warnings.append(Reject(utt.id, split, utt.audio_path, utt.text, "clipped_audio",
-                                               f"{result.clipped_fraction:.2%} of samples at full scale (kept)"))
-                except Rejected as err:
-                    rejects.append(Reject(utt.id, split, utt.audio_path, utt.text, err.reason, err.detail))
-                    continue
-                if split == "train":
-                    stats.add(result.sums)
-                frames.append(feats)  # already in the store's dtype, so the split is never held in float32
-                rows.append({"id": utt.id, "speaker": utt.speaker, "duration": utt.duration,
-                             "text_normalized": utt.text_normalized, "num_frames": len(feats)})
-                accepted.append((position, utt))
-            if not rows:
-                tally_rejects(rejects, rejects_file, "rejected")
-                raise StageError(f"no utterance of split '{split}' could be featurized; see {rejects_file}")
-            metrics[split] = split_metrics(rows)
-            if split == "train" and params.augment.copies:
-                copies = list(augmented_copies(map_files, params, accepted))
-                rows += [row for row, _ in copies]
-                frames += [feats for _, feats in copies]
-                metrics["train_augmented"] = {"copies": params.augment.copies, **split_metrics([r for r, _ in copies])}
-            offsets = np.cumsum([0] + [row["num_frames"] for row in rows[:-1]])
-            index = pd.DataFrame(rows).assign(offset=offsets)
-            write_split(out_dir, split, index, frames, dims, store_dtype)
+                                paths)
+            with SplitWriter(out_dir / split, dims, store_dtype, int(params.shard_mb * 1e6)) as writer:
+                for position, (utt, result) in enumerate(tqdm(zip(iter_manifest(manifest), results),
+                                                              total=len(paths), desc=f"featurize {split}", unit="utt")):
+                    try:
+                        if isinstance(result, Rejected):
+                            raise result
+                        feats = result.frames
+                        if precomputed and feats.shape[1] != dims:
+                            raise Rejected("feature_dims_mismatch", f"{feats.shape[1]} dims, the corpus has {dims}")
+                        if result.clipped_fraction >= params.clip_warn_fraction:
+                            warnings.append(Reject(utt.id, split, utt.audio_path, utt.text, "clipped_audio",
+                                                   f"{result.clipped_fraction:.2%} of samples at full scale (kept)"))
+                    except Rejected as err:
+                        rejects.append(Reject(utt.id, split, utt.audio_path, utt.text, err.reason, err.detail))
+                        continue
+                    if split == "train":
+                        stats.add(result.sums)
+                    row = {"id": utt.id, "speaker": utt.speaker, "duration": utt.duration,
+                           "text_normalized": utt.text_normalized, "num_frames": len(feats)}
+                    writer.add(row, feats)
+                    tally.add(row)
+                    if augmenting:
+                        accepted.append((position, utt))
+                if not tally.utterances:
+                    tally_rejects(rejects, rejects_file, "rejected")
+                    raise StageError(f"no utterance of split '{split}' could be featurized; see {rejects_file}")
+                metrics[split] = tally.metrics()
+                if augmenting:
+                    copies = Tally()
+                    for row, feats in augmented_copies(map_files, params, accepted):
+                        writer.add(row, feats)
+                        copies.add(row)
+                    metrics["train_augmented"] = {"copies": params.augment.copies, **copies.metrics()}
     if test_sets:  # only then: a project without them keeps the metrics it had
         metrics["test_sets"] = {name: metrics.pop(name) for name in test_sets}
 

@@ -272,7 +272,7 @@ def mixed_precision(params: TrainParams, world: World) -> torch.autocast:
 def run_fingerprint(params: TrainParams, features_dir: Path, world_size: int) -> dict:
     """What a run must share with the crashed run whose checkpoint it resumes."""
     data = hashlib.sha256()
-    for name in ("features.json", "train.csv", "valid.csv"):
+    for name in ("features.json", "train/index.csv", "valid/index.csv"):
         data.update((Path(features_dir) / name).read_bytes())
     return {**flatten(params.model_dump(exclude=RESUMABLE_CHANGES)), "features": data.hexdigest()[:16],
             "processes": world_size, "layout": RESUME_LAYOUT}

@@ -76,7 +76,7 @@ def test_two_processes_train_like_one_on_the_same_global_batches(tiny_pipeline, 
     features = tiny_pipeline / "data/features"
     # The comparison needs the same global batches: a one-process batch of a single utterance
     # would be two in DDP (each rank needs one), so every batch here must hold two or more.
-    lengths = pd.read_csv(features / "train.csv")["num_frames"].to_numpy()
+    lengths = pd.read_csv(features / "train/index.csv")["num_frames"].to_numpy()
     for epoch in (1, 2):
         sampler = LengthBatchSampler(lengths, SETTINGS["batch_frames"], shuffle=True, seed=section("train", TrainParams).seed)
         sampler.set_epoch(epoch)

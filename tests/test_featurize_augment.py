@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from conftest import REPO, run_python, section
 from stages import featurize
 from stages.runner import StageError
 
-SPLIT_FILES = ["train.npy", "train.csv", "valid.npy", "valid.csv", "test.npy", "test.csv", "features.json"]
 
 
 def featurize_tiny(root: Path, out: Path, **overrides) -> dict[str, bytes]:
@@ -24,16 +24,26 @@ def featurize_tiny(root: Path, out: Path, **overrides) -> dict[str, bytes]:
     params = section("featurize", featurize.FeaturizeParams, **overrides)
     featurize.run(params, manifest_dir=root / "data/manifests", out_dir=out / "features",
                   metrics_file=out / "featurize.json")
-    files = {name: (out / "features" / name).read_bytes() for name in SPLIT_FILES}
-    return {**files, "metrics": (out / "featurize.json").read_bytes()}
+    return {**store_files(out / "features"), "metrics": (out / "featurize.json").read_bytes()}
+
+
+def store_files(features: Path) -> dict[str, bytes]:
+    """features.json and every file of the three splits (index and shards), by path in the store."""
+    paths = [features / "features.json", *(p for split in ("train", "valid", "test")
+                                           for p in sorted((features / split).iterdir()))]
+    return {str(p.relative_to(features)): p.read_bytes() for p in paths}
 
 
 def index(files: dict[str, bytes], split: str) -> pd.DataFrame:
-    return pd.read_csv(BytesIO(files[f"{split}.csv"]), dtype={"id": str, "speaker": str}, keep_default_na=False)
+    return pd.read_csv(BytesIO(files[f"{split}/index.csv"]), dtype={"id": str, "speaker": str}, keep_default_na=False)
 
 
-def frames(files: dict[str, bytes], split: str) -> np.ndarray:
-    return np.load(BytesIO(files[f"{split}.npy"]))
+def utterances(files: dict[str, bytes], split: str) -> Iterator[np.ndarray]:
+    """Each utterance's stored frames, in index order."""
+    shards = {}
+    for row in index(files, split).itertuples():
+        shards.setdefault(row.shard, np.load(BytesIO(files[f"{split}/shard-{row.shard:05d}.npy"])))
+        yield shards[row.shard][row.offset : row.offset + row.num_frames]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +55,7 @@ def two_copies(tiny_pipeline, tmp_path_factory) -> dict[str, bytes]:
 
 
 def stage_files(root: Path) -> dict[str, bytes]:
-    files = {name: (root / "data/features" / name).read_bytes() for name in SPLIT_FILES}
-    return {**files, "metrics": (root / "metrics/featurize.json").read_bytes()}
+    return {**store_files(root / "data/features"), "metrics": (root / "metrics/featurize.json").read_bytes()}
 
 
 def test_two_copies_add_two_augmented_versions_of_every_training_utterance(tiny_pipeline, two_copies):
@@ -59,12 +68,12 @@ def test_two_copies_add_two_augmented_versions_of_every_training_utterance(tiny_
         assert augmented[column].tolist() == originals[column].tolist() * 3
     # The originals come first, as they are: the clean split's rows and frames, byte for byte.
     pd.testing.assert_frame_equal(augmented.iloc[:30], originals)
-    store = frames(two_copies, "train")
-    assert np.array_equal(store[: len(frames(clean, "train"))], frames(clean, "train"))
-    assert len(store) == augmented["num_frames"].sum() and augmented["offset"].is_monotonic_increasing
+    store = list(utterances(two_copies, "train"))
+    assert all(np.array_equal(a, b) for a, b in zip(store[:30], utterances(clean, "train")))
+    assert [len(u) for u in store] == augmented["num_frames"].tolist()
     # Each copy is its own: no two versions of an utterance hold the same frames.
     for i in range(30):
-        versions = [store[o : o + n] for o, n in augmented.iloc[[i, i + 30, i + 60]][["offset", "num_frames"]].values]
+        versions = [store[i], store[i + 30], store[i + 60]]
         assert all(a.shape != b.shape or not np.array_equal(a, b) for a, b in
                    [(versions[0], versions[1]), (versions[0], versions[2]), (versions[1], versions[2])])
     # Speed perturbation: a copy's duration is its own, and its frames follow it (10 ms hop, centred frames).
@@ -75,7 +84,8 @@ def test_two_copies_add_two_augmented_versions_of_every_training_utterance(tiny_
 
 def test_two_copies_leave_valid_test_and_the_statistics_as_they_were(tiny_pipeline, two_copies):
     clean = stage_files(tiny_pipeline)
-    for name in ("valid.npy", "valid.csv", "test.npy", "test.csv", "features.json"):
+    for name in ("valid/index.csv", "valid/shard-00000.npy", "test/index.csv", "test/shard-00000.npy",
+                 "features.json"):
         assert two_copies[name] == clean[name], name
     metrics, clean_metrics = json.loads(two_copies["metrics"]), json.loads(clean["metrics"])
     assert metrics["train"] == clean_metrics["train"]  # the clean utterances
@@ -89,9 +99,9 @@ def test_copies_are_a_function_of_the_seed_not_of_the_workers(tiny_pipeline, two
     assert featurize_tiny(tiny_pipeline, tmp_path / "w2", augment={"copies": 2}, num_workers=2) == two_copies
     other_seed = featurize_tiny(tiny_pipeline, tmp_path / "seed1", augment={"copies": 2, "seed": 1})
     assert index(other_seed, "train")["id"].tolist() == index(two_copies, "train")["id"].tolist()
-    clean_rows = index(two_copies, "train").iloc[:30]["num_frames"].sum()
-    assert np.array_equal(frames(other_seed, "train")[:clean_rows], frames(two_copies, "train")[:clean_rows])
-    assert other_seed["train.npy"] != two_copies["train.npy"]
+    pairs = list(zip(utterances(other_seed, "train"), utterances(two_copies, "train")))
+    assert all(np.array_equal(a, b) for a, b in pairs[:30])  # the clean utterances
+    assert not any(a.shape == b.shape and np.array_equal(a, b) for a, b in pairs[30:])
 
 
 def test_copies_need_audio(tmp_path):

@@ -135,7 +135,7 @@ def test_every_hostile_input_is_handled_and_counted(tmp_path):
     assert list(zip(warnings["id"], warnings["reason"])) == [("clipped", "clipped_audio")]
     assert f_metrics["warnings"] == {"total": 1, "clipped_audio": 1}
 
-    stored = pd.concat([pd.read_csv(features / f"{s}.csv", dtype={"id": str}) for s in ("train", "valid", "test")])
+    stored = pd.concat([pd.read_csv(features / s / "index.csv", dtype={"id": str}) for s in ("train", "valid", "test")])
     # Nothing the manifest accepted vanished: each is featurized or rejected with a reason.
     assert sorted(stored["id"]) == sorted(set(accepted.index) - set(featurize_reasons))
     assert sum(f_metrics[s]["utterances"] for s in ("train", "valid", "test")) + 3 == len(accepted)
@@ -181,7 +181,7 @@ def test_two_featurize_workers_write_the_same_bytes_as_one(tmp_path):
         featurize.run(section("featurize", featurize.FeaturizeParams, num_workers=workers), manifest_dir=tmp_path / "m",
                       out_dir=out / "features", metrics_file=out / "featurize.json")
         outputs[workers] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    # 3 splits × (.npy, .csv), features.json, tokens.json, test_sets.json, rejects, warnings, metrics
+    # 3 splits × (index.csv, one shard), features.json, tokens.json, test_sets.json, rejects, warnings, metrics
     assert len(outputs[1]) == 12
     assert outputs[2] == outputs[1]
     assert b"silent_audio" in outputs[2][Path("features/rejects.jsonl")]

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import merge, section, tiny_params
 from ctcflow.checkpoint import load_checkpoint
-from ctcflow.data import LengthBatchSampler
+from ctcflow.data import LengthBatchSampler, read_index, shard_path
 from stages.train import TrainParams, main, run
 
 TINY = {"epochs": 2, "batch_frames": 1500, "num_threads": 1}
@@ -24,17 +24,17 @@ def poisoned_features(tiny_pipeline, root, ids=None):
     """A copy of the tiny feature store whose utterances `ids` (all if None) have NaN frames."""
     features = root / "data/features"
     shutil.copytree(tiny_pipeline / "data/features", features)
-    index = pd.read_csv(features / "train.csv", dtype={"id": str})
-    frames = np.load(features / "train.npy")
+    index = read_index(features / "train")
     for row in index.itertuples():
         if ids is None or row.id in ids:
-            frames[row.offset : row.offset + row.num_frames, :5] = np.nan
-    np.save(features / "train.npy", frames)
+            shard = np.load(shard_path(features / "train", row.shard), mmap_mode="r+")
+            shard[row.offset : row.offset + row.num_frames, :5] = np.nan
+            shard.flush()
     return features, index
 
 
 def test_a_nan_batch_is_skipped_and_counted(tiny_pipeline, tmp_path):
-    index = pd.read_csv(tiny_pipeline / "data/features/train.csv", dtype={"id": str})
+    index = read_index(tiny_pipeline / "data/features/train")
     features, _ = poisoned_features(tiny_pipeline, tmp_path, ids={index["id"].iloc[0]})
     live = tmp_path / "metrics/train"
     metrics = run(section("train", TrainParams, **TINY, max_consecutive_nonfinite=2), features_dir=features,

@@ -4,12 +4,11 @@ import json
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from conftest import section, tiny_tokenizer
-from ctcflow.data import FeatureSplit, normalization, normalize_utterance, write_split
+from ctcflow.data import FeatureSplit, SplitWriter, normalization, normalize_utterance
 from stages.featurize import FeaturizeParams
 
 R = 3 / math.sqrt(6)  # ±3 around a mean, over three frames: variance (9 + 0 + 9) / 3 = 6
@@ -37,9 +36,8 @@ def store(directory, **info) -> FeatureSplit:
     """One utterance of three frames: bins stored as 1, 5, 9 and 4, 8, 12, training mean (1, 0), std (2, 1)."""
     directory.mkdir()
     frames = np.array([[1, 4], [5, 8], [9, 12]], dtype=np.float16)
-    index = pd.DataFrame([{"id": "u", "speaker": "s", "duration": 0.03, "text_normalized": "a", "offset": 0,
-                           "num_frames": 3}])
-    write_split(directory, "test", index, [frames], 2)
+    with SplitWriter(directory / "test", 2, np.float16, shard_bytes=1000) as writer:
+        writer.add({"id": "u", "speaker": "s", "duration": 0.03, "text_normalized": "a"}, frames)
     (directory / "features.json").write_text(json.dumps({"mean": [1.0, 0.0], "std": [2.0, 1.0], **info}))
     return FeatureSplit(directory, "test", tiny_tokenizer())
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import make_project, merge, section, tiny_params
 from ctcflow.checkpoint import load_checkpoint
-from ctcflow.data import read_feature_info
+from ctcflow.data import read_feature_info, read_index, shard_path
 from stages.runner import StageError
 from stages import evaluate, featurize, manifest, plots, train
 
@@ -86,13 +86,13 @@ def test_gloss_manifest_and_features(sign_project):
     assert units == {"unit": "word", "alphabet": [g.lower() for g in GLOSSES]}
     info = read_feature_info(sign_project / "data/features")
     assert info["input"] == "precomputed" and info["logmel"] == {"sample_rate": 25.0, "hop_length": 1, "n_mels": DIMS}
-    stored = np.load(sign_project / "data/features/train.npy")
+    train = sign_project / "data/features/train"
+    stored = np.concatenate([np.load(p) for p in sorted(train.glob("shard-*.npy"))])
     assert stored.dtype == np.float32 and stored.shape[1] == DIMS
     assert np.allclose(info["mean"], stored.mean(axis=0), atol=1e-3)  # only normalized, never transformed
-    index = pd.read_csv(sign_project / "data/features/train.csv", dtype={"id": str})
-    first = index.iloc[0]
+    first = read_index(train).iloc[0]
     source = np.load(sign_project / "data/signs" / (first.id.replace("_", "/", 1) + ".npy"))
-    assert np.array_equal(stored[first.offset: first.offset + first.num_frames], source)
+    assert np.array_equal(np.load(shard_path(train, first.shard))[first.offset: first.offset + first.num_frames], source)
 
 
 def test_gloss_model_trains_and_is_scored_by_glosses(sign_project):

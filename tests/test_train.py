@@ -45,7 +45,7 @@ def test_disabled_scheduler_keeps_the_learning_rate_like_the_recipe(tiny_pipelin
 
 
 def test_warmup_rises_linearly_to_the_base_rate(tiny_pipeline, tmp_path):
-    assert len(pd.read_csv(tiny_pipeline / "data/features/train.csv")) == TRAINING_UTTERANCES
+    assert len(pd.read_csv(tiny_pipeline / "data/features/train/index.csv")) == TRAINING_UTTERANCES
     # 30 steps an epoch; the k-th step of the warm-up runs at lr × k / 75, then lr stays (the plateau
     # scheduler, off here, is the only other thing that moves it).
     history = train(tiny_pipeline, tmp_path, epochs=3, lr=1e-3, warmup_steps=75, scheduler={"enabled": False},
@@ -123,7 +123,7 @@ def test_loader_workers_train_the_same_weights(tiny_pipeline, tmp_path):
 
 
 def test_gradient_accumulation_steps_once_per_group_of_batches(tiny_pipeline, tmp_path):
-    assert len(pd.read_csv(tiny_pipeline / "data/features/train.csv")) == TRAINING_UTTERANCES
+    assert len(pd.read_csv(tiny_pipeline / "data/features/train/index.csv")) == TRAINING_UTTERANCES
     # During a long warm-up the learning rate counts optimizer steps: lr × steps / warmup_steps.
     # 30 batches in groups of 4: 7 full groups and a last one of 2, so 8 steps.
     history = train(tiny_pipeline, tmp_path, lr=1.0, warmup_steps=1000, grad_accumulation=4, batch_frames=1)
