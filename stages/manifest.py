@@ -62,7 +62,8 @@ TEST_SETS_DIR = "data/test_sets"
 TEST_SET_SOURCES = ("demo", "librispeech", "common_voice", "ljspeech", "table", "fsdd")
 SOURCES = (*TEST_SET_SOURCES, "recipe_json")
 TEST_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-RESERVED_NAMES = (*SPLITS, "rejects")  # data/manifests/<name>.jsonl must not overwrite these
+# data/manifests/<name>.jsonl and the data/features/<name>/ store folder must not overwrite these files
+RESERVED_NAMES = (*SPLITS, "rejects", "features.json", "tokens.json", "test_sets.json", "rejects.jsonl", "warnings.jsonl")
 
 
 def inside(root: str, path: str) -> bool:

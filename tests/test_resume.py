@@ -105,7 +105,7 @@ def killed(tiny_pipeline, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def batches_in_epoch(features: Path, epoch: int) -> int:
-    sampler = LengthBatchSampler(pd.read_csv(features / "train.csv")["num_frames"].to_numpy(), TRAIN["batch_frames"],
+    sampler = LengthBatchSampler(pd.read_csv(features / "train" / "index.csv")["num_frames"].to_numpy(), TRAIN["batch_frames"],
                                  shuffle=True, seed=section("train", TrainParams).seed)
     sampler.set_epoch(epoch)
     return len(sampler)

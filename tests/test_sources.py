@@ -395,6 +395,7 @@ def test_a_small_corpus_holds_out_usable_utterances(tmp_path):
 @pytest.mark.parametrize("test_sets, message", [
     ({"test": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['test'\]"),
     ({"rejects": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['rejects'\]"),
+    ({"features.json": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['features.json'\]"),
     ({"../up": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['../up'\]"),
     ({"fsdd": {"source": "fsdd", "corpus_dir": "/data/fsdd"}}, "corpus_dir /data/fsdd must lie under data/test_sets/"),
     ({"fsdd": {"source": "fsdd", "corpus_dir": "data/test_sets/../fsdd"}}, "must lie under data/test_sets/"),
