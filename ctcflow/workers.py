@@ -51,7 +51,10 @@ def ordered_map(num_workers: int, setting: str, preload: str, max_chunk: int,
         yield map
         return
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([preload])
+    # A module run with `python -m` is run again in each worker by multiprocessing itself (as
+    # __mp_main__): preloading it as well would run it twice, and runpy warns.
+    if preload != getattr(sys.modules["__main__"].__spec__, "name", None):
+        context.set_forkserver_preload([preload])
     pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer, initargs=initargs)
 
     def ordered(fn: Callable, items: list) -> Iterator:
@@ -104,6 +107,8 @@ def dask_map(address: str | None, num_workers: int, section: str, preload: str, 
                                                        host="127.0.0.1", dashboard_address=None))
             client = stack.enter_context(Client(cluster))
         check_same_code(client, preload, where)
+        print(f"{section}: on the Dask cluster at {client.scheduler.address} ({len(client.nthreads())} workers)",
+              file=sys.stderr)
         yield partial(_ordered_on_cluster, client, where, max_chunk, initializer, initargs)
 
 

@@ -306,4 +306,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # As the module stages.featurize, not as __main__: Dask sends the mapped functions to its
+    # workers by module and name, and a worker can import stages.featurize but not our __main__.
+    from stages.featurize import main
+
     main()
