@@ -102,9 +102,10 @@ def dask_map(address: str | None, num_workers: int, section: str, preload: str, 
                 print(f"waiting for a Dask worker to join the scheduler at {address}", file=sys.stderr)
                 client.wait_for_workers(1)
         else:
-            # One thread per worker process: reading and featurizing a file holds the GIL.
+            # One thread per worker process: reading and featurizing a file holds the GIL. The web
+            # page on a free port, so that two runs at once do not compete for Dask's 8787.
             cluster = stack.enter_context(LocalCluster(n_workers=num_workers, threads_per_worker=1,
-                                                       host="127.0.0.1", dashboard_address=None))
+                                                       host="127.0.0.1", dashboard_address="127.0.0.1:0"))
             client = stack.enter_context(Client(cluster))
         check_same_code(client, preload, where)
         print(f"{section}: on the Dask cluster at {client.scheduler.address} ({len(client.nthreads())} workers)",
@@ -146,7 +147,9 @@ def _ordered_on_cluster(client, where: str, max_chunk: int, initializer: Callabl
     shared_fn = client.submit(_same, fn, pure=False)
     submit = partial(client.submit, _run_chunk, shared_fn, where=where, directory=os.getcwd(),
                      initializer=initializer, initargs=initargs, pure=False)
-    pending = deque(submit(chunk) for chunk in itertools.islice(chunks, 2 * threads))
+    # 8 chunks per worker thread: enough that a worker never waits for this process to take a result
+    # and send the next chunk (2 left it idle a third of the time), few enough to hold little.
+    pending = deque(submit(chunk) for chunk in itertools.islice(chunks, 8 * threads))
     while pending:
         try:
             results = pending.popleft().result()
