@@ -354,3 +354,17 @@ def test_a_dask_address_featurizes_on_the_cluster_and_changes_no_stage_state(pre
     # The local executor writes the bytes the cluster wrote: dvc.lock records the same hashes.
     dvc("repro", "--force", "--single-item", "featurize", cwd=repo)
     assert git("status", "--porcelain", cwd=repo) == ""
+
+    # An experiment gets them as `dvc exp run -S`, and they rerun nothing: featurize comes from the
+    # run-cache (the cluster is gone by now, so a featurize run would fail).
+    done = run_flow(prefect_env, repo, "--set", "train.clip_grad_norm=0.5", "--name", "on_dask", "--dask-address",
+                    address)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Running stage 'train'" in output
+    assert not any(f"Running stage '{stage}'" in output for stage in ("synth", "manifest", "featurize")), output
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo))
+    experiments = {rev["name"]: rev["data"] for baseline in shown for exp in baseline.get("experiments") or []
+                   for rev in exp["revs"]}
+    assert experiments["on_dask"]["params"]["params.yaml"]["data"]["featurize"]["scheduler_address"] == address
+    assert git("status", "--porcelain", cwd=repo) == ""
