@@ -3,9 +3,10 @@
 Over the demo corpus's manifests (or a seeded sample of --utterances of them), in one run, in
 interleaved rounds, each figure the best of --rounds, the featurize stage (featurize.run) with:
   - featurize.executor local: 1 worker (the stage's own process), and --workers processes,
-  - featurize.executor dask: a Dask cluster of 1 and of --workers workers (distributed.LocalCluster
-    on 127.0.0.1, one thread each), started before the rounds and reached through
-    featurize.scheduler_address, as a standing cluster on other machines would be.
+  - featurize.executor dask: Dask clusters of 1 and of --workers workers (the local cluster the
+    stage starts with scheduler_address null: processes on 127.0.0.1, one thread each), started
+    before the rounds and reached through featurize.scheduler_address, as a standing cluster on
+    other machines would be.
 Prints audio-seconds per wall-second, and each run's ratio to the local executor with as many
 workers and to the local executor's 1 worker. Starting a cluster (its processes, and the stage's
 import in each worker) is timed apart: a run with scheduler_address null pays it every time.
@@ -33,13 +34,15 @@ from common import demo_paths, machine, results_path, timed, write_results  # no
 from featurize import run_stage, sample_manifests  # noqa: E402  (benchmarks/featurize.py)
 
 from ctcflow.params import load_section  # noqa: E402
+from ctcflow.workers import local_cluster  # noqa: E402
 from stages import featurize  # noqa: E402
 
 
 def start_cluster(workers: int) -> tuple[LocalCluster, Client, float]:
-    """A local Dask cluster whose workers have imported the stage, and the seconds that took."""
+    """The local Dask cluster the stage starts itself, whose workers have imported the stage, and
+    the seconds that took."""
     start = time.perf_counter()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+    cluster = local_cluster(workers)
     client = Client(cluster)
     client.run(__import__, "stages.featurize")
     return cluster, client, time.perf_counter() - start
