@@ -80,9 +80,9 @@ def dask_map(address: str | None, num_workers: int, section: str, preload: str, 
 
     section: the params section whose `executor`, `scheduler_address` and `num_workers` the errors
     name. preload: the module that holds the mapped functions; each worker imports it, checked up
-    front. max_chunk: the most items in one Dask task (a task costs about a millisecond of the
-    scheduler's time, so each carries several files). initializer(*initargs) runs in the worker
-    thread before each task.
+    front. max_chunk: the most items in one Dask task (Dask's docs put a task's overhead near a
+    millisecond, so each carries several files). initializer(*initargs) runs in the worker thread
+    before each task.
     """
     # Imported here: the local executor never pays for loading Dask.
     from distributed import Client
@@ -115,8 +115,8 @@ def local_cluster(num_workers: int):
     from distributed import LocalCluster
 
     # Dask's workers hand freed memory back to the system at once (MALLOC_TRIM_THRESHOLD_=65536),
-    # so each array is mapped afresh: featurize's worker computed 1.7x slower. These keep glibc's
-    # default, as the local executor's processes do.
+    # so each array is mapped afresh: a worker's featurize compute took 1.7x as long. These keep
+    # glibc's default, as the local executor's processes do.
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         # One thread per process, like the local executor; the web page on a free port, so that
         # two runs at once do not compete for Dask's 8787.
