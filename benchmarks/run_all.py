@@ -2,6 +2,7 @@
 
   manifest           files/s of the stage against a soundfile.info loop (--manifest-files synthetic FLACs)
   featurize          audio-s/s of the stage (1 and 2 workers) against a soundfile + log-mel loop
+  dask_featurize     audio-s/s of the stage on a local Dask cluster of 1 and 2 workers against the local executor
   train              frames/s of the training loop against a bare PyTorch loop; the data loader's share
   memory             peak RSS of each stage on the demo corpus
   memory_scale       peak memory of featurize and of train's data loading at 2.5, 20 and 50 h of
@@ -14,8 +15,8 @@ They read the project's demo outputs (data/corpus, data/manifests, data/features
 first) and leave them as they are: the work happens in temporary folders, and the figures go to
 benchmarks/results/ of this repository. Each runs in its own
 process; one that fails is reported and the others still run. Roughly: 1 min manifest,
-1.5 featurize, 2 train, 2–3 memory, 15 memory_scale, 1 orchestration, 2 × --budget + 0.5 time to
-accuracy; with the default --budget of 240 s, about 30 minutes on an idle 2-core machine (an
+1.5 featurize, 1.5 dask_featurize, 2 train, 2–3 memory, 15 memory_scale, 1 orchestration, 2 × --budget + 0.5 time to
+accuracy; with the default --budget of 240 s, about 32 minutes on an idle 2-core machine (an
 estimate; bench.json records the real time). Writes each benchmark's benchmarks/results/<name>.json and
 benchmarks/results/bench.json (status, wall time and results of each). The figures need an
 otherwise idle machine: other work on the same cores (above all another torch process) makes
@@ -42,7 +43,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 from common import QUICK_RESULTS_DIR, RESULTS_DIR, machine  # noqa: E402
 
-NAMES = ("manifest", "featurize", "train", "memory", "memory_scale", "orchestration", "time_to_accuracy")
+NAMES = ("manifest", "featurize", "dask_featurize", "train", "memory", "memory_scale", "orchestration",
+         "time_to_accuracy")
 
 
 def pipeline_state(project: Path, env: dict) -> str | None:
@@ -65,6 +67,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
     return {
         "manifest": ["manifest.py", "--files", str(args.manifest_files), *quick],
         "featurize": ["featurize.py", "--project-dir", project, *quick],
+        "dask_featurize": ["dask_featurize.py", "--project-dir", project, *quick],
         "train": ["train.py", "--project-dir", project, *quick,
                   *(["--num-threads", str(args.num_threads)] if args.num_threads else [])],
         "memory": ["memory.py", "--project-dir", project, *quick, *threads],

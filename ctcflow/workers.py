@@ -7,15 +7,26 @@ process: forking a process that runs threads (torch's, a progress bar's, a test 
 leave the child deadlocked on a lock one of them held. A ProcessPoolExecutor, not a
 multiprocessing.Pool: when a worker dies (killed for memory, or failing to start), it raises
 instead of waiting forever for the files that worker held.
+
+`dask_map` is the same map on a Dask cluster (several machines, or a local cluster). Its workers
+run the project's own code: each must import it (the same checkout and environment on every
+machine), and must run in the directory the stage runs in, since the manifests' paths are
+relative to it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import itertools
 import multiprocessing
+import os
+import sys
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 
 from ctcflow.errors import CtcflowError
 
@@ -40,7 +51,10 @@ def ordered_map(num_workers: int, setting: str, preload: str, max_chunk: int,
         yield map
         return
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([preload])
+    # A module run with `python -m` is run again in each worker by multiprocessing itself (as
+    # __mp_main__): preloading it as well would run it twice, and runpy warns.
+    if preload != getattr(sys.modules["__main__"].__spec__, "name", None):
+        context.set_forkserver_preload([preload])
     pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer, initargs=initargs)
 
     def ordered(fn: Callable, items: list) -> Iterator:
@@ -55,3 +69,119 @@ def ordered_map(num_workers: int, setting: str, preload: str, max_chunk: int,
         yield ordered
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+@contextlib.contextmanager
+def dask_map(address: str | None, num_workers: int, section: str, preload: str, max_chunk: int,
+             initializer: Callable[..., None] | None = None, initargs: tuple = ()
+             ) -> Iterator[Callable[[Callable, list], Iterable]]:
+    """Yields `map(fn, items)` as ordered_map does, run on a Dask cluster: the scheduler at
+    `address`, or with None a local cluster of `num_workers` processes on 127.0.0.1.
+
+    section: the params section whose `executor`, `scheduler_address` and `num_workers` the errors
+    name. preload: the module that holds the mapped functions; each worker imports it, checked up
+    front. max_chunk: the most items in one Dask task (Dask's docs put a task's overhead near a
+    millisecond, so each carries several files). initializer(*initargs) runs in the worker thread
+    before each task.
+    """
+    # Imported here: the local executor never pays for loading Dask.
+    from distributed import Client
+
+    where = (f"{section}.scheduler_address = {address}" if address else
+             f"{section}.scheduler_address = null (a local Dask cluster of {section}.num_workers = {num_workers})")
+    with contextlib.ExitStack() as stack:
+        if address:
+            try:
+                # The wait is Dask's connect timeout (distributed.comm.timeouts.connect, 30 s; the
+                # DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT environment variable sets it).
+                client = stack.enter_context(Client(address))
+            except OSError as err:
+                raise WorkerError(f"{where}: no Dask scheduler answered ({err}); start one (`dask scheduler`) "
+                                  f"or set {section}.executor: local") from err
+            if not client.nthreads():
+                print(f"waiting for a Dask worker to join the scheduler at {address}", file=sys.stderr)
+                client.wait_for_workers(1)
+        else:
+            client = stack.enter_context(Client(stack.enter_context(local_cluster(num_workers))))
+        check_same_code(client, preload, where)
+        print(f"{section}: on the Dask cluster at {client.scheduler.address} ({len(client.nthreads())} workers)",
+              file=sys.stderr)
+        yield partial(_ordered_on_cluster, client, where, max_chunk, initializer, initargs)
+
+
+def local_cluster(num_workers: int):
+    """The Dask cluster that scheduler_address null starts: num_workers processes on 127.0.0.1."""
+    import dask
+    from distributed import LocalCluster
+
+    # Dask's workers hand freed memory back to the system at once (MALLOC_TRIM_THRESHOLD_=65536),
+    # so each array is mapped afresh: a worker's featurize compute took 1.7x as long. These keep
+    # glibc's default, as the local executor's processes do.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        # One thread per process, like the local executor; the web page on a free port, so that
+        # two runs at once do not compete for Dask's 8787.
+        return LocalCluster(n_workers=num_workers, threads_per_worker=1, host="127.0.0.1",
+                            dashboard_address="127.0.0.1:0")
+
+
+def check_same_code(client, preload: str, where: str) -> None:
+    """The scheduler unpickles the tasks and the workers run them: both must import the project's
+    code from the same files as this process (the same checkout, at the same path), or a task fails
+    on a function one of them lacks or, worse, runs other code."""
+    def module_file() -> str:  # nested, so pickled by value: it runs even where the project differs
+        return importlib.import_module(preload).__file__
+
+    try:
+        found = {"the Dask scheduler": client.run_on_scheduler(module_file),
+                 **{f"the Dask worker at {worker}": file for worker, file in client.run(module_file).items()}}
+    except ImportError as err:
+        raise WorkerError(f"{where}: the Dask scheduler or a worker cannot import {preload} ({err}); run them in "
+                          "the project's environment (the same checkout and virtualenv on every machine)") from err
+    for name, file in found.items():
+        if file != module_file():
+            raise WorkerError(f"{where}: {name} imports {preload} from {file}, this process from {module_file()}; "
+                              "run the scheduler and the workers from the same checkout")
+
+
+def _ordered_on_cluster(client, where: str, max_chunk: int, initializer: Callable[..., None] | None,
+                        initargs: tuple, fn: Callable, items: list) -> Iterator:
+    """The results of fn over items in their order: chunks of items are Dask tasks, and only a few
+    per worker thread are in flight at once, so the cluster never holds a whole split's results."""
+    from distributed import KilledWorker
+    from distributed.client import FutureCancelledError
+
+    threads = max(1, sum(client.nthreads().values()))
+    size = max(1, min(max_chunk, len(items) // (4 * threads)))
+    chunks = (items[start:start + size] for start in range(0, len(items), size))
+    # fn goes to the cluster once (an augmented copy's function carries every training path), as a
+    # task rather than scattered data: Dask recomputes a task whose worker died, not scattered data.
+    shared_fn = client.submit(_same, fn, pure=False)
+    submit = partial(client.submit, _run_chunk, shared_fn, where=where, directory=os.getcwd(),
+                     initializer=initializer, initargs=initargs, pure=False)
+    # A few chunks per worker thread: each worker has its next chunk at hand while this process
+    # takes a result and sends another, and the workers hold few results.
+    pending = deque(submit(chunk) for chunk in itertools.islice(chunks, 4 * threads))
+    while pending:
+        try:
+            results = pending.popleft().result()
+        except KilledWorker as err:
+            raise WorkerError(f"{where}: Dask workers died running these tasks ({err}); the workers' logs say "
+                              "why (too little memory is the usual cause)") from err
+        except FutureCancelledError as err:  # the scheduler went away, or cancelled the tasks
+            raise WorkerError(f"{where}: {err}") from err
+        pending.extend(submit(chunk) for chunk in itertools.islice(chunks, 1))
+        yield from results
+
+
+def _same(value):
+    return value
+
+
+def _run_chunk(fn: Callable, items: list, where: str, directory: str, initializer: Callable[..., None] | None,
+               initargs: tuple) -> list:
+    if os.getcwd() != directory:
+        raise WorkerError(f"{where}: a Dask worker runs in {os.getcwd()}, the stage in {directory}; the files' "
+                          "paths are relative to the stage's directory: start the workers there")
+    if initializer is not None:
+        initializer(*initargs)
+    return [fn(item) for item in items]

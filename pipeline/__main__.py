@@ -72,7 +72,7 @@ def start_server(port: int) -> int:
             stop_process_group(server)
 
 
-def serve(project_dir: str) -> None:
+def serve(project_dir: str, dask_address: str | None) -> None:
     from prefect.schedules import Cron
 
     from pipeline.config import load_flow_params
@@ -80,7 +80,7 @@ def serve(project_dir: str) -> None:
 
     params = load_flow_params(project_dir)
     pipeline_flow.serve(name=params.deployment, schedules=[Cron(params.cron, timezone=params.timezone)],
-                        parameters={"project_dir": str(Path(project_dir).resolve())})
+                        parameters={"project_dir": str(Path(project_dir).resolve()), "dask_address": dask_address})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
                             ("sweep", "run flow.sweep's grid as DVC experiments and rank them by test WER")]:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--project-dir", default=".", help="the DVC project (default: %(default)s)")
+    for name in ("serve", "run"):
+        commands.choices[name].add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                                            help="featurize on the Dask cluster of this scheduler")
     commands.choices["run"].add_argument("--set", dest="overrides", action="append", default=[],
                                          metavar="SECTION.PARAM=VALUE", help="override a params.yaml value")
     commands.choices["run"].add_argument("--name", help="experiment name (with --set)")
@@ -110,12 +113,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(start_server(args.port))
     find_server(required=args.command == "serve")
     if args.command == "serve":
-        serve(args.project_dir)
+        serve(args.project_dir, args.dask_address)
     elif args.command == "run":
         from pipeline.flows import pipeline_flow
 
         result = pipeline_flow(project_dir=args.project_dir, overrides=parse_overrides(args.overrides) or None,
-                               experiment=args.name)
+                               experiment=args.name, dask_address=args.dask_address)
         print(json.dumps(result, indent=2))
     elif args.command == "sweep":
         from pipeline.flows import sweep_flow

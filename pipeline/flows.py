@@ -3,19 +3,23 @@
 `pipeline_flow` runs each dvc.yaml stage as its own task (`dvc repro --single-item STAGE`), so
 the Prefect UI shows every stage's state, duration and logs while DVC still decides what is up
 to date. With overrides it runs the pipeline as one DVC experiment instead (`dvc exp run --temp
---set-param …`), which leaves the workspace clean and shows up in `dvc exp show`.
+--set-param …`), which leaves the workspace clean and shows up in `dvc exp show`. With a Dask
+address, featurize reads the files on that cluster: runtime knobs, which DVC does not track.
 `sweep_flow` runs a grid of such experiments and ranks them. Both publish Prefect artifacts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.tasks import exponential_backoff
+from ruamel.yaml import YAML
 
 from pipeline.config import FlowParams, load_flow_params
 from pipeline.dvc import UP_TO_DATE, DvcFailed, dvc_json, pipeline_stages, run_dvc
@@ -79,6 +83,37 @@ def retrying(task_fn, params: FlowParams):
                                 if params.retry_delay_seconds else 0)
 
 
+def dask_knobs(dask_address: str | None) -> dict[str, Any]:
+    """The params that send featurize's file reading to the Dask scheduler at dask_address."""
+    return {"featurize.executor": "dask", "featurize.scheduler_address": dask_address} if dask_address else {}
+
+
+@contextlib.contextmanager
+def runtime_knobs_set(project_dir: str, knobs: dict[str, Any]) -> Iterator[None]:
+    """params.yaml with these runtime knobs set while `dvc repro` runs the stages, as `dvc exp run -S`
+    would set them, then put back as it was. DVC tracks none of them, so they change no stage's
+    state: dvc.lock and `dvc status` stay as they would be without them."""
+    if not knobs:
+        yield
+        return
+    path = Path(project_dir) / "params.yaml"
+    original = path.read_text()
+    yaml = YAML()  # round trip: the comments stay, should the run be killed before the file is put back
+    params = yaml.load(original)
+    for dotted, value in knobs.items():
+        *sections, key = dotted.split(".")
+        section = params
+        for name in sections:
+            section = section[name]
+        section[key] = value
+    with path.open("w") as file:
+        yaml.dump(params, file)
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
 @task
 def publish_report(project_dir: str, rev: str | None, title: str) -> str:
     """A markdown artifact: every metric against the last commit (`dvc metrics diff`), then the plots."""
@@ -91,23 +126,26 @@ def publish_report(project_dir: str, rev: str | None, title: str) -> str:
 
 @flow(name=PIPELINE_FLOW, log_prints=True)
 def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = None,
-                  experiment: str | None = None) -> dict[str, str]:
-    """Run the DVC pipeline: stage by stage, or as one DVC experiment when params are overridden."""
+                  experiment: str | None = None, dask_address: str | None = None) -> dict[str, str]:
+    """Run the DVC pipeline: stage by stage, or as one DVC experiment when params are overridden.
+    dask_address: a Dask scheduler (tcp://host:8786) that featurize reads the files on."""
     project_dir = str(Path(project_dir).resolve())
     params = load_flow_params(project_dir)
+    knobs = dask_knobs(dask_address)
     if overrides:
-        name = experiment or experiment_name(overrides)
-        rev = retrying(run_experiment, params)(overrides, name, project_dir)
+        name = experiment or experiment_name(overrides)  # named by what changes the results
+        rev = retrying(run_experiment, params)({**overrides, **knobs}, name, project_dir)
         publish_report(project_dir, rev, f"Experiment {name}")
         return {"experiment": name, "rev": rev}
-    # One `dvc status` up front spares a dvc process per unchanged stage; it stays valid only
-    # until some stage runs, since that may change the deps of every stage after it.
-    changed = set(dvc_json(["status"], project_dir) or {})
     outcome, something_ran = {}, False
-    for stage in pipeline_stages(project_dir):
-        skip = not something_ran and stage not in changed
-        outcome[stage] = retrying(run_stage, params)(stage, project_dir, known_up_to_date=skip)
-        something_ran |= outcome[stage] == "ran"
+    with runtime_knobs_set(project_dir, knobs):
+        # One `dvc status` up front spares a dvc process per unchanged stage; it stays valid only
+        # until some stage runs, since that may change the deps of every stage after it.
+        changed = set(dvc_json(["status"], project_dir) or {})
+        for stage in pipeline_stages(project_dir):
+            skip = not something_ran and stage not in changed
+            outcome[stage] = retrying(run_stage, params)(stage, project_dir, known_up_to_date=skip)
+            something_ran |= outcome[stage] == "ran"
     publish_report(project_dir, None, "Pipeline run")
     return outcome
 

@@ -32,9 +32,10 @@ featurize.normalize (global, utterance_mean, utterance_mean_var) is recorded in 
 train, evaluate and (through the checkpoint) `ctcflow transcribe` apply it after the training
 statistics (ctcflow.data.normalize_utterance).
 
-Files are read and turned into features in featurize.num_workers processes (ctcflow/workers.py).
+Files are read and turned into features in featurize.num_workers processes (ctcflow/workers.py),
+or with featurize.executor dask on a Dask cluster (featurize.scheduler_address; docs/orchestration.md).
 The shards, statistics, rejects and warnings are written here in manifest order, so any number
-of workers writes the same bytes.
+of workers, on either executor, writes the same bytes.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file
 from ctcflow.errors import Rejected
 from ctcflow.manifest import SPLITS, Reject, iter_manifest, read_test_set_names, tally_rejects, write_test_set_names
 from ctcflow.params import Section
-from ctcflow.workers import ordered_map
+from ctcflow.workers import dask_map, ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
 from ctcflow.text import TOKENS_FILE
 
@@ -92,6 +93,8 @@ class FeaturizeParams(Section):
     n_mels: int = Field(gt=0)
     num_threads: int = Field(ge=1)  # torch threads per worker
     num_workers: int = Field(ge=1, le=64)  # processes reading audio and computing features
+    executor: Literal["local", "dask"]  # where: processes of this machine, or a Dask cluster
+    scheduler_address: str | None  # executor dask: the scheduler; null = a local cluster of num_workers
     silence_db: float | None = Field(le=0)  # peak at or below → silent_audio; null = keep all
     clip_warn_fraction: float = Field(gt=0, le=1)  # share of full-scale samples → clipped_audio warning
     strict: bool  # true: any reject fails the stage
@@ -220,6 +223,15 @@ class Tally:
         return {"utterances": self.utterances, "frames": self.frames, "hours": round(self.seconds / 3600, 4)}
 
 
+def file_map(params: FeaturizeParams):
+    """Where the files are read: processes of this machine or a Dask cluster (ctcflow/workers.py)."""
+    setup = {"preload": __name__, "max_chunk": 32, "initializer": torch.set_num_threads,
+             "initargs": (params.num_threads,)}
+    if params.executor == "dask":
+        return dask_map(params.scheduler_address, params.num_workers, "featurize", **setup)
+    return ordered_map(params.num_workers, "featurize.num_workers", **setup)
+
+
 def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT_DIR,
         metrics_file: Path = METRICS_FILE) -> dict:
     torch.set_num_threads(params.num_threads)
@@ -246,8 +258,7 @@ def run(params: FeaturizeParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Pat
     metrics: dict = {}
     # Results come back in manifest order, so the float64 sums of the statistics add up in the
     # same order, and to the same bits, whatever the number of workers.
-    with ordered_map(params.num_workers, "featurize.num_workers", __name__, max_chunk=32,
-                     initializer=torch.set_num_threads, initargs=(params.num_threads,)) as map_files:
+    with file_map(params) as map_files:
         for split, manifest in manifests.items():
             augmenting = split == "train" and params.augment.copies > 0
             accepted = []  # (manifest position, row) of each utterance kept, when copies are made of them
@@ -314,4 +325,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # As the module stages.featurize, not as __main__: Dask sends the mapped functions to its
+    # workers by module and name, and a worker can import stages.featurize but not our __main__.
+    from stages.featurize import main
+
     main()

@@ -35,3 +35,13 @@ def test_train_benchmark_bare_loop_ends_with_the_stages_weights(tiny_pipeline, t
     assert results["frames"] > 0 and results["batches"] >= 1
     assert set(results["ratio_stage_to_bare"]) == {"0 loader workers", "2 loader workers"}
     assert all(share > 0 for share in results["data_loader_share_of_step_time"].values())  # workers: their start too
+
+
+def test_dask_featurize_benchmark_compares_the_same_files_on_every_executor(tiny_pipeline, tmp_path):
+    results = run_benchmark("dask_featurize", "--project-dir", str(tiny_pipeline), "--rounds", "1",
+                            out=tmp_path / "dask_featurize.json")
+    assert results["output_identical"] is True
+    assert set(results["audio_seconds_per_second"]) == {"local, 1 worker(s)", "local, 2 worker(s)",
+                                                        "dask, 1 worker(s)", "dask, 2 worker(s)"}
+    assert results["ratio_to_local_1_worker"]["local, 1 worker(s)"] == 1.0
+    assert set(results["cluster_start_seconds"]) == {"1 worker(s)", "2 worker(s)"}

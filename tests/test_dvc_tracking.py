@@ -30,6 +30,8 @@ RUNTIME_KNOBS = {
     "manifest.num_workers": 1,
     "featurize.num_workers": 2,
     "featurize.num_threads": 2,
+    "featurize.executor": "dask",
+    "featurize.scheduler_address": "tcp://127.0.0.1:8786",
     "train.resume": False,
     # How to run, not what to learn; another count changes the last digits of the weights
     # (threads) or the random streams (processes), as another machine does.

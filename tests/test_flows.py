@@ -21,6 +21,7 @@ from conftest import dvc, git, make_dvc_repo, section, tiny_params
 from ctcflow.params import ParamsError
 from pipeline.config import FlowParams, SweepParams, load_flow_params
 from pipeline.flows import experiment_name
+from test_dask_featurize import dask_cluster
 
 STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
 
@@ -321,4 +322,49 @@ def test_sweep_ranks_its_experiments_and_keeps_the_best_as_a_branch(prefect_env,
     assert artifacts and artifacts[0]["type"] == "table"
     best = git("show", "best:params.yaml", cwd=repo)
     assert f"clip_grad_norm: {rows[0]['clip_grad_norm']}" in best
+    assert git("status", "--porcelain", cwd=repo) == ""
+
+
+def test_a_dask_address_featurizes_on_the_cluster_and_changes_no_stage_state(prefect_env, tmp_path):
+    repo = make_dvc_repo(tmp_path / "repo", tiny_params())
+    dvc("repro", "manifest", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "manifests", cwd=repo)
+    params_yaml = (repo / "params.yaml").read_bytes()
+
+    # The address reaches the featurize stage that `dvc repro` runs: nothing answers at this one.
+    unreachable = f"tcp://127.0.0.1:{free_port()}"
+    done = run_flow({**prefect_env, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}, repo,
+                    "--dask-address", unreachable)
+    assert done.returncode != 0
+    assert f"ctcflow featurize: error: featurize.scheduler_address = {unreachable}: no Dask scheduler answered" in \
+        done.stdout + done.stderr
+    assert (repo / "params.yaml").read_bytes() == params_yaml  # put back after a failed run too
+
+    with dask_cluster(tmp_path, [repo, repo], pythonpath=repo) as address:  # the code the stage runs
+        done = run_flow(prefect_env, repo, "--dask-address", address)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert f"featurize: on the Dask cluster at {address} (2 workers)" in output
+    assert "Running stage 'featurize'" in output and "Running stage 'train'" in output
+    assert (repo / "params.yaml").read_bytes() == params_yaml
+    assert json.loads(dvc("status", "--json", cwd=repo)) == {}
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "pipeline run, featurized on Dask", cwd=repo)
+    # The local executor writes the bytes the cluster wrote: dvc.lock records the same hashes.
+    dvc("repro", "--force", "--single-item", "featurize", cwd=repo)
+    assert git("status", "--porcelain", cwd=repo) == ""
+
+    # An experiment gets them as `dvc exp run -S`, and they rerun nothing: featurize comes from the
+    # run-cache (the cluster is gone by now, so a featurize run would fail).
+    done = run_flow(prefect_env, repo, "--set", "train.clip_grad_norm=0.5", "--name", "on_dask", "--dask-address",
+                    address)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Running stage 'train'" in output
+    assert not any(f"Running stage '{stage}'" in output for stage in ("synth", "manifest", "featurize")), output
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo))
+    experiments = {rev["name"]: rev["data"] for baseline in shown for exp in baseline.get("experiments") or []
+                   for rev in exp["revs"]}
+    assert experiments["on_dask"]["params"]["params.yaml"]["data"]["featurize"]["scheduler_address"] == address
     assert git("status", "--porcelain", cwd=repo) == ""
