@@ -71,7 +71,7 @@ def subset_store(source: Path, target: Path, counts: dict[str, int], seed: int) 
     for split, count in counts.items():
         index = read_index(source / split)
         keep = index.sample(n=count, random_state=seed).sort_index() if count < len(index) else index
-        shards = map_shards(source / split, index)
+        shards = [shard.frames for shard in map_shards(source / split, index)]
         with SplitWriter(target / split, shards[0].shape[1], shards[0].dtype, shard_bytes=64_000_000) as writer:
             for row in keep.itertuples():
                 writer.add(row._asdict(), shards[row.shard][row.offset : row.offset + row.num_frames])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import mmap
 import shutil
 from array import array
 from dataclasses import dataclass
@@ -52,9 +53,28 @@ def read_index(folder: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"id": str, "speaker": str}, keep_default_na=False)
 
 
-def map_shards(folder: Path, index: pd.DataFrame) -> list[np.ndarray]:
+class MappedShard:
+    """One shard memory-mapped read-only: `frames` is a view of the file."""
+
+    def __init__(self, path: Path):
+        with path.open("rb") as file:
+            major, _ = np.lib.format.read_magic(file)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(file)
+            data_start = file.tell()
+            self.pages = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the file object
+        self.frames = np.frombuffer(self.pages, dtype, count=shape[0] * shape[1], offset=data_start).reshape(shape)
+
+    def release(self) -> None:
+        """Hands the pages this process has read back (madvise MADV_DONTNEED): they leave its RSS
+        but stay in the kernel's page cache, shared by the node's processes, and a later read maps
+        them again without touching the disk."""
+        self.pages.madvise(mmap.MADV_DONTNEED)
+
+
+def map_shards(folder: Path, index: pd.DataFrame) -> list[MappedShard]:
     """The shards the index names, memory-mapped read-only, in order."""
-    return [np.load(shard_path(folder, k), mmap_mode="r") for k in range(int(index["shard"].max()) + 1)]
+    return [MappedShard(shard_path(folder, k)) for k in range(int(index["shard"].max()) + 1)]
 
 
 class SplitWriter:
@@ -166,6 +186,9 @@ class FeatureSplit(Dataset):
             self.token_bounds.append(len(token_ids))
         self.token_ids = np.frombuffer(token_ids, dtype=np.int32)
         self.shards = map_shards(self.folder, self.index)
+        # A read page stays in the process's RSS while mapped, so an epoch would grow every process
+        # to the split's size: after this many bytes read, the shards' pages are handed back.
+        self.release_every_bytes, self.read_since_release = 64 << 20, 0
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "shards": None}
@@ -180,10 +203,15 @@ class FeatureSplit(Dataset):
     def stored(self, i: int) -> np.ndarray:
         """Utterance i's frames as stored (a read-only view of its shard)."""
         start = self.offsets[i]
-        return self.shards[self.shard[i]][start : start + self.num_frames[i]]
+        return self.shards[self.shard[i]].frames[start : start + self.num_frames[i]]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        feats = (self.stored(i).astype(np.float32) - self.mean) / self.std
+        feats = (self.stored(i).astype(np.float32) - self.mean) / self.std  # a copy: the mapped pages can go
+        self.read_since_release += feats.nbytes
+        if self.read_since_release >= self.release_every_bytes:
+            for shard in self.shards:
+                shard.release()
+            self.read_since_release = 0
         tokens = torch.from_numpy(self.token_ids[self.token_bounds[i] : self.token_bounds[i + 1]]).long()
         return normalize_utterance(torch.from_numpy(feats), self.normalize), tokens, i
 

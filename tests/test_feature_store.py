@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import mmap
 import pickle
 from pathlib import Path
 
@@ -91,14 +92,14 @@ def test_shards_are_filled_up_to_the_bound_and_no_further(small_shards):
         assert all(size <= bound or count == 1 for size, count in zip(sizes, shards.count()))
         # Greedy: a shard closed only because its next utterance did not fit.
         assert all(size + first > bound for size, first in zip(sizes, firsts[1:]))
-        assert [len(s) for s in map_shards(small_shards[1] / "features" / split, index)] == sizes
+        assert [len(s.frames) for s in map_shards(small_shards[1] / "features" / split, index)] == sizes
 
 
 def test_memory_mapped_reads_equal_the_features_computed_directly(tiny_pipeline, small_shards):
     params = section("featurize", featurize.FeaturizeParams)
     manifest = read_manifest(tiny_pipeline / "data/manifests/test.jsonl").set_index("id")
     split = FeatureSplit(small_shards[1] / "features", "test", tiny_tokenizer())
-    assert all(isinstance(shard, np.memmap) for shard in split.shards)
+    assert all(isinstance(shard.pages, mmap.mmap) for shard in split.shards)
     assert split.index["shard"].nunique() > 1
     for i, utt_id in enumerate(split.index["id"]):
         direct = featurize.extract(str(tiny_pipeline / manifest.loc[utt_id, "audio_path"]), params,
@@ -117,12 +118,40 @@ def test_utterances_read_the_same_across_shard_boundaries(tiny_pipeline, small_s
         assert tokens_a.tolist() == tiny_tokenizer().encode(one_shard.index["text_normalized"].iloc[i])
 
 
+def resident_kib(paths: set[str]) -> int:
+    """Resident KiB of this process's mappings of these files (/proc/self/smaps)."""
+    total, counting = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and ":" not in fields[0]:  # a mapping's first line: range, perms, ..., path
+            counting = len(fields) >= 6 and fields[5] in paths
+        elif counting and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_reads_hand_the_shard_pages_back(tiny_pipeline):
+    # Read pages would stay in RSS while mapped, so RSS would grow to the split's size.
+    split = FeatureSplit(tiny_pipeline / "data/features", "train", tiny_tokenizer())
+    shard = str(shard_path(split.folder, 0))
+    assert len(split.shards) == 1 and split.shards[0].frames.nbytes > 1_000_000
+    for i in range(len(split)):
+        split.stored(i).tobytes()  # reads every page and leaves it mapped
+    assert resident_kib({shard}) > 1_000_000 // 1024
+    for i in range(len(split) - 1):  # the default: hand them back after 64 MiB read
+        split[i]
+    assert resident_kib({shard}) > 1_000_000 // 1024
+    split.release_every_bytes = 1
+    split[len(split) - 1]
+    assert resident_kib({shard}) == 0
+
+
 def test_a_pickled_split_maps_its_shards_again(small_shards):
     split = FeatureSplit(small_shards[1] / "features", "train", tiny_tokenizer())
     pickled = pickle.dumps(split)
-    assert len(pickled) < sum(shard.nbytes for shard in split.shards) / 10  # the paths, not the frames
+    assert len(pickled) < sum(shard.frames.nbytes for shard in split.shards) / 10  # the paths, not the frames
     copy = pickle.loads(pickled)
-    assert all(isinstance(shard, np.memmap) for shard in copy.shards)
+    assert all(isinstance(shard.pages, mmap.mmap) for shard in copy.shards)
     assert all(torch.equal(copy[i][0], split[i][0]) for i in range(len(split)))
 
 
