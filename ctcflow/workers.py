@@ -58,8 +58,16 @@ def ordered_map(num_workers: int, setting: str, preload: str, max_chunk: int,
     pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer, initargs=initargs)
 
     def ordered(fn: Callable, items: list) -> Iterator:
+        # Not pool.map: it submits every chunk up front, a future each, and holds every result
+        # the caller has not taken yet; a few chunks per worker in flight keep memory flat.
+        size = max(1, min(max_chunk, len(items) // (4 * num_workers)))
+        chunks = (items[start:start + size] for start in range(0, len(items), size))
+        pending = deque(pool.submit(_apply, fn, chunk) for chunk in itertools.islice(chunks, 4 * num_workers))
         try:
-            yield from pool.map(fn, items, chunksize=max(1, min(max_chunk, len(items) // (4 * num_workers))))
+            while pending:
+                results = pending.popleft().result()
+                pending.extend(pool.submit(_apply, fn, chunk) for chunk in itertools.islice(chunks, 1))
+                yield from results
         except BrokenProcessPool as err:
             raise WorkerError(f"a worker process of {setting} = {num_workers} died ({err}); {setting}: 1 runs "
                               "every file in the stage's own process and shows the error, and fewer workers "
@@ -102,7 +110,9 @@ def dask_map(address: str | None, num_workers: int, section: str, preload: str, 
                 print(f"waiting for a Dask worker to join the scheduler at {address}", file=sys.stderr)
                 client.wait_for_workers(1)
         else:
-            client = stack.enter_context(Client(stack.enter_context(local_cluster(num_workers))))
+            cluster = local_cluster(num_workers)
+            stack.callback(close_quietly, cluster)
+            client = stack.enter_context(Client(cluster))
         check_same_code(client, preload, where)
         print(f"{section}: on the Dask cluster at {client.scheduler.address} ({len(client.nthreads())} workers)",
               file=sys.stderr)
@@ -122,6 +132,16 @@ def local_cluster(num_workers: int):
         # two runs at once do not compete for Dask's 8787.
         return LocalCluster(n_workers=num_workers, threads_per_worker=1, host="127.0.0.1",
                             dashboard_address="127.0.0.1:0")
+
+
+def close_quietly(cluster) -> None:
+    """Closes a local cluster. After workers died, the nanny may still be restarting one, and the
+    close can fail on that process (AssertionError: can only join a started process); the error
+    that ended the work is the one to show."""
+    try:
+        cluster.close()
+    except Exception as err:  # noqa: BLE001 - any failure to close must not hide the stage's own error
+        print(f"closing the local Dask cluster: {err!r}", file=sys.stderr)
 
 
 def check_same_code(client, preload: str, where: str) -> None:
@@ -177,6 +197,10 @@ def _same(value):
     return value
 
 
+def _apply(fn: Callable, items: list) -> list:
+    return [fn(item) for item in items]
+
+
 def _run_chunk(fn: Callable, items: list, where: str, directory: str, initializer: Callable[..., None] | None,
                initargs: tuple) -> list:
     if os.getcwd() != directory:
@@ -184,4 +208,4 @@ def _run_chunk(fn: Callable, items: list, where: str, directory: str, initialize
                           "paths are relative to the stage's directory: start the workers there")
     if initializer is not None:
         initializer(*initargs)
-    return [fn(item) for item in items]
+    return _apply(fn, items)
