@@ -25,15 +25,11 @@ from /proc every 0.1 s:
   - node total: what the measured processes hold together, each page once: their anonymous
     RSS, their shards' PSS (only they map the shards, so it adds up to the pages resident), and
     the other file pages (the libraries' code, the same files in each process) once.
-How the issue's goals are judged, and why:
-  - "within 1.2× of the 2.5-h figure": anonymous RSS, against the smallest size run. RSS, PSS
-    and the node total include the shard pages the process has read, and one epoch reads the
-    whole split: they grow with the corpus by design, as page cache, not as the process's memory;
-  - "two DDP processes ≤ 1.4× one": the node total of the two ranks against one process's at
-    the same size. Summed RSS counts the shared pages twice, and summed anonymous RSS is at least
-    twice one process's (each rank is a Python process with torch), so neither measures what
-    DDP duplicates; summed PSS is the textbook figure, printed too, but it moves with the other
-    torch processes on the machine.
+How the issue's goals are judged: on RSS, as the issue states them ("within 1.2× of the 2.5-h
+figure" against the smallest size run; "two DDP processes ≤ 1.4× one" as the two ranks' summed
+RSS against one process's at the same size). FeatureSplit hands the pages it has read back to
+the page cache as it goes, so RSS holds no more of the corpus than anonymous RSS does; the node
+total shows what summed RSS counts twice (the libraries' pages).
 Prints the figures and ratios; writes benchmarks/results/memory_scale.json. Not part of the test
 suite. The scratch projects are deleted as it goes; the largest size needs about 3 GB of disk for
 its features. Full run (about 15 minutes on an idle 2-core machine):
@@ -242,8 +238,7 @@ def ratios(sizes: list[dict]) -> dict:
              {figure: round(s[step][figure] / base[step][figure], 3) for figure in FIGURES if base[step][figure]}
              for s in sizes[1:] for step in ("featurize", "train_data_loading")}
     out: dict = {"scale": scale}
-    goals = {"every size within 1.2x of the smallest (anonymous RSS)":
-             all(r["anon_rss_peak_mib"] <= 1.2 for r in scale.values())}
+    goals = {"every size within 1.2x of the smallest (RSS)": all(r["rss_peak_mib"] <= 1.2 for r in scale.values())}
     for s in sizes:
         if "two_ranks" in s:
             one, two = s["train_data_loading"], s["two_ranks"]
@@ -251,7 +246,7 @@ def ratios(sizes: list[dict]) -> dict:
                 "audio_hours": s["audio_hours"],
                 "node_total": round(two["node_total_peak_mib"] / one["node_total_peak_mib"], 3),
                 **{figure: round(two[f"sum_of_{figure}"] / one[figure], 3) for figure in FIGURES if one[figure]}}
-            goals["two ranks at most 1.4x one (node total)"] = out["two_ranks_over_one"]["node_total"] <= 1.4
+            goals["two ranks at most 1.4x one (summed RSS)"] = out["two_ranks_over_one"]["rss_peak_mib"] <= 1.4
     out["goals_met"] = goals
     return out
 
