@@ -63,6 +63,11 @@ def write_results(path: Path, results: dict) -> None:
     print(f"written to {path}")
 
 
+def files_under(folder: Path) -> dict[str, bytes]:
+    """Every file under folder, by its relative path: what a stage wrote, to compare two runs byte for byte."""
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
 def subset_store(source: Path, target: Path, counts: dict[str, int], seed: int) -> None:
     """A feature store holding a seeded sample of each split (the same statistics and label unit)."""
     from ctcflow.data import SplitWriter, map_shards, read_index

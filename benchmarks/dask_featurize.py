@@ -30,7 +30,7 @@ from pathlib import Path
 from distributed import Client, LocalCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `stages` and `ctcflow`
-from common import demo_paths, machine, results_path, timed, write_results  # noqa: E402
+from common import demo_paths, files_under, machine, results_path, timed, write_results  # noqa: E402
 from featurize import run_stage, sample_manifests  # noqa: E402  (benchmarks/featurize.py)
 
 from ctcflow.params import load_section  # noqa: E402
@@ -46,10 +46,6 @@ def start_cluster(workers: int) -> tuple[LocalCluster, Client, float]:
     client = Client(cluster)
     client.run(__import__, "stages.featurize")
     return cluster, client, time.perf_counter() - start
-
-
-def written(out: Path) -> dict[str, bytes]:
-    return {path.relative_to(out).as_posix(): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
 
 
 def main() -> None:
@@ -94,7 +90,7 @@ def main() -> None:
                 params = base.model_copy(update={"num_threads": 1, **setting})
                 wall, _ = timed(lambda: run_stage(params, work / "manifests", work / f"run{n}"))
                 best[name] = min(best.get(name, wall), wall)
-                outputs.setdefault(name, written(work / f"run{n}"))
+                outputs.setdefault(name, files_under(work / f"run{n}"))
                 print(f"  round {round_}: {name}: {wall:.2f} s, {audio_seconds / wall:,.0f} audio-s/s", flush=True)
     finally:
         for cluster, client, _ in clusters.values():

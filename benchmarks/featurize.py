@@ -37,7 +37,7 @@ import torchaudio.functional as AF
 import torchaudio.transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `stages` and `ctcflow`
-from common import demo_paths, machine, results_path, timed, write_results  # noqa: E402
+from common import demo_paths, files_under, machine, results_path, timed, write_results  # noqa: E402
 
 from ctcflow.manifest import SPLITS, read_manifest  # noqa: E402
 from ctcflow.params import load_section  # noqa: E402
@@ -80,11 +80,6 @@ def run_stage(params: featurize.FeaturizeParams, manifests: Path, out: Path) -> 
     shutil.rmtree(out, ignore_errors=True)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress bars
         featurize.run(params, manifest_dir=manifests, out_dir=out / "features", metrics_file=out / "featurize.json")
-
-
-def store_bytes(features: Path) -> dict[Path, bytes]:
-    """Every file the stage wrote: the shards and index of each split, features.json, rejects."""
-    return {p.relative_to(features): p.read_bytes() for p in sorted(features.rglob("*")) if p.is_file()}
 
 
 def main() -> None:
@@ -130,7 +125,7 @@ def main() -> None:
                 best[name] = min(best.get(name, (wall, cpu)), (wall, cpu))
                 first.setdefault(name, wall)
                 print(f"  round {round_}: {name}: {wall:.2f} s, {audio_seconds / wall:,.0f} audio-s/s", flush=True)
-        identical = store_bytes(work / "one" / "features") == store_bytes(work / "many" / "features")
+        identical = files_under(work / "one" / "features") == files_under(work / "many" / "features")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
