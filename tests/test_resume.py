@@ -48,17 +48,32 @@ def written_within(path: Path, epoch: int) -> bool:
     return False
 
 
+def modified(path: Path) -> int | None:
+    with contextlib.suppress(FileNotFoundError):
+        return path.stat().st_mtime_ns
+    return None
+
+
 def kill_within_epoch(cmd: list[str], cwd: Path, resume: Path, epoch: int, log: Path, env: dict = ENV) -> None:
     """Run `cmd` in a process group of its own and SIGKILL the whole group (dvc, the training
-    processes, their loader workers) as soon as `resume` holds a checkpoint written within `epoch`."""
+    processes, their loader workers) as soon as `resume` holds a checkpoint written within `epoch`.
+    The group is stopped while the file is checked: a run that went on meanwhile could finish the
+    epoch, or training, and replace or delete the checkpoint before the kill (seen under load)."""
     with log.open("w") as out:
         process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        while process.poll() is None and not written_within(resume, epoch):
+        checked = None
+        while process.poll() is None:
+            if modified(resume) not in (None, checked):
+                os.killpg(process.pid, signal.SIGSTOP)
+                checked = modified(resume)
+                if written_within(resume, epoch):
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                    return
+                os.killpg(process.pid, signal.SIGCONT)
             time.sleep(0.01)
-        assert process.poll() is None, log.read_text()
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    raise AssertionError(f"the run ended before a checkpoint within epoch {epoch}:\n{log.read_text()}")
 
 
 def assert_identical(ours, theirs, where: str = "checkpoint") -> None:
