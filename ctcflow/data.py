@@ -187,8 +187,8 @@ class FeatureSplit(Dataset):
         self.token_ids = np.frombuffer(token_ids, dtype=np.int32)
         self.shards = map_shards(self.folder, self.index)
         # A read page stays in the process's RSS while mapped, so an epoch would grow every process
-        # to the split's size: after this many bytes read, the shards' pages are handed back.
-        self.release_every_bytes, self.read_since_release = 64 << 20, 0
+        # to the split's size: after this many bytes of the shards read, their pages are handed back.
+        self.release_every_bytes, self.read_since_release = 32 << 20, 0
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "shards": None}
@@ -206,8 +206,9 @@ class FeatureSplit(Dataset):
         return self.shards[self.shard[i]].frames[start : start + self.num_frames[i]]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        feats = (self.stored(i).astype(np.float32) - self.mean) / self.std  # a copy: the mapped pages can go
-        self.read_since_release += feats.nbytes
+        stored = self.stored(i)
+        feats = (stored.astype(np.float32) - self.mean) / self.std  # a copy: the mapped pages can go
+        self.read_since_release += stored.nbytes
         if self.read_since_release >= self.release_every_bytes:
             for shard in self.shards:
                 shard.release()

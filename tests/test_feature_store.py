@@ -138,7 +138,7 @@ def test_reads_hand_the_shard_pages_back(tiny_pipeline):
     for i in range(len(split)):
         split.stored(i).tobytes()  # reads every page and leaves it mapped
     assert resident_kib({shard}) > 1_000_000 // 1024
-    for i in range(len(split) - 1):  # the default: hand them back after 64 MiB read
+    for i in range(len(split) - 1):  # the default: hand them back after 32 MiB read
         split[i]
     assert resident_kib({shard}) > 1_000_000 // 1024
     split.release_every_bytes = 1
