@@ -3,12 +3,14 @@
 - recipe:    the original notebook's network — Conv1d (kernel 10, stride 2) → two dense
              layers of 128 → unidirectional LSTM → LayerNorm/GELU/dropout → linear.
 - bilstm:    a convolutional front end that subsamples time, then a bidirectional LSTM stack.
+- conformer: the same front end, then Conformer blocks (Gulati et al. 2020) with rotary positions.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torchaudio.models.conformer import _FeedForwardModule
 
 from ctcflow.data import frame_mask
 
@@ -16,6 +18,7 @@ from ctcflow.data import frame_mask
 ARCHITECTURE_KEYS = {
     "recipe": ("hidden_size", "num_layers", "dropout"),
     "bilstm": ("hidden_size", "num_layers", "dropout", "subsample", "conv_channels"),
+    "conformer": ("model_dim", "blocks", "attention_heads", "ffn_size", "conv_kernel", "dropout", "subsample"),
 }
 ARCHITECTURES = tuple(ARCHITECTURE_KEYS)
 
@@ -107,12 +110,117 @@ class BiLSTMModel(nn.Module):
         return self.head(x).log_softmax(dim=-1), lengths
 
 
+def rotary_angles(frames: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (frames, head_dim), of rotary position embedding (RoFormer, Su et al. 2021)."""
+    inv_freq = 10000.0 ** -(torch.arange(0, head_dim, 2, device=device) / head_dim)
+    angles = torch.arange(frames, device=device)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each pair of channels (i, i + head_dim/2) of x (..., frames, head_dim) by its frame's angle."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-second, first], dim=-1) * sin.to(x.dtype)
+
+
+class RotarySelfAttention(nn.Module):
+    """Multi-head self-attention over the real frames, with rotary positions on queries and keys.
+
+    By hand because nn.MultiheadAttention (torchaudio's choice) has no hook for rotary positions.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, frames, dim = x.shape
+        qkv = self.qkv(self.norm(x)).view(batch, frames, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = rotate(qkv[:2], cos, sin)
+        # real (batch, 1, 1, frames): every query attends to its utterance's real frames only.
+        x = nn.functional.scaled_dot_product_attention(
+            q, k, qkv[2], attn_mask=real, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(x.transpose(1, 2).reshape(batch, frames, dim))
+
+
+class MaskedConvModule(nn.Module):
+    """The Conformer convolution module with padding kept out of the depthwise convolution.
+
+    By hand because torchaudio's convolves padded frames into real ones, and normalizes with
+    BatchNorm, whose statistics mix in padding and other utterances: LayerNorm normalizes each
+    frame alone.
+    """
+
+    def __init__(self, dim: int, kernel: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.pointwise_in = nn.Linear(dim, 2 * dim)
+        self.depthwise = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.depthwise_norm = nn.LayerNorm(dim)
+        self.pointwise_out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """real: (batch, frames, 1), True on each utterance's real frames."""
+        x = nn.functional.glu(self.pointwise_in(self.norm(x)), dim=-1) * real
+        x = self.depthwise(x.transpose(1, 2)).transpose(1, 2)
+        x = nn.functional.silu(self.depthwise_norm(x))
+        return self.dropout(self.pointwise_out(x))
+
+
+class ConformerBlock(nn.Module):
+    """Half feed-forward, self-attention, convolution, half feed-forward, each residual; then LayerNorm."""
+
+    def __init__(self, dim: int, heads: int, ffn_size: int, kernel: int, dropout: float):
+        super().__init__()
+        self.ffn1 = _FeedForwardModule(dim, ffn_size, dropout)  # torchaudio's: per frame, so padding-safe
+        self.attention = RotarySelfAttention(dim, heads, dropout)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.conv = MaskedConvModule(dim, kernel, dropout)
+        self.ffn2 = _FeedForwardModule(dim, ffn_size, dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + 0.5 * self.ffn1(x)
+        x = x + self.attention_dropout(self.attention(x, real[:, None, None, :], cos, sin))
+        x = x + self.conv(x, real[:, :, None])
+        x = x + 0.5 * self.ffn2(x)
+        return self.norm(x)
+
+
+class ConformerModel(nn.Module):
+    def __init__(self, n_mels: int, num_classes: int, model_dim: int, blocks: int, attention_heads: int,
+                 ffn_size: int, conv_kernel: int, dropout: float, subsample: int):
+        super().__init__()
+        if model_dim % (2 * attention_heads):
+            raise ValueError(f"model_dim {model_dim} must split into {attention_heads} heads of even width (rotary pairs)")
+        if conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel {conv_kernel} must be odd, to keep every frame centred")
+        self.head_dim = model_dim // attention_heads
+        self.front = Subsampler(n_mels, model_dim, subsample, dropout)
+        self.blocks = nn.ModuleList(
+            ConformerBlock(model_dim, attention_heads, ffn_size, conv_kernel, dropout) for _ in range(blocks))
+        self.head = nn.Linear(model_dim, num_classes)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, lengths = self.front(feats, lengths)
+        real = frame_mask(lengths, x.shape[1])
+        cos, sin = rotary_angles(x.shape[1], self.head_dim, x.device)
+        for block in self.blocks:
+            x = block(x, real, cos, sin)
+        return self.head(x).log_softmax(dim=-1), lengths
+
+
 def build_model(config: dict, n_mels: int, num_classes: int) -> nn.Module:
     """`config` is the train.model params section (a dict): every key its architecture is built from."""
     arch = config["arch"]
     if arch not in ARCHITECTURE_KEYS:
         raise ValueError(f"unknown model architecture {arch!r}; choose one of {ARCHITECTURES}")
-    model_class = {"recipe": RecipeModel, "bilstm": BiLSTMModel}[arch]
+    model_class = {"recipe": RecipeModel, "bilstm": BiLSTMModel, "conformer": ConformerModel}[arch]
     return model_class(n_mels, num_classes, **{k: config[k] for k in ARCHITECTURE_KEYS[arch]})
 
 

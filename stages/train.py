@@ -70,8 +70,13 @@ class ModelParams(Section):
     hidden_size: int = Field(gt=0)
     num_layers: int = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
-    subsample: int = Field(ge=1, le=8)  # bilstm only; recipe always strides by 2
+    subsample: int = Field(ge=1, le=8)  # bilstm and conformer; recipe always strides by 2
     conv_channels: int = Field(gt=0)  # bilstm only
+    model_dim: int = Field(gt=0)  # conformer only, like the keys below
+    blocks: int = Field(gt=0)
+    attention_heads: int = Field(gt=0)
+    ffn_size: int = Field(gt=0)
+    conv_kernel: int = Field(gt=0)
 
 
 class CTCParams(Section):

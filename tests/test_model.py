@@ -5,7 +5,8 @@ from conftest import tiny_params
 from ctcflow.losses import CTCObjective
 from ctcflow.model import ARCHITECTURES, build_model
 
-SMALL = {**tiny_params()["train"]["model"], "num_layers": 2}  # hidden_size and conv_channels 32
+SMALL = {**tiny_params()["train"]["model"], "num_layers": 2,  # hidden_size and conv_channels 32
+         "model_dim": 32, "blocks": 2, "ffn_size": 64}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
