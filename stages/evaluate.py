@@ -13,7 +13,7 @@ reports/eval/words.csv (one row per hypothesis word of the chosen decoder: id, w
 frames, confidence, and whether it is correct by jiwer's alignment to the reference) and
 reports/eval/examples.txt (evaluate.num_examples reference/hypothesis pairs, also printed).
 
-Word confidence (ctcflow.decoding.aligned_words) is the lowest posterior of the word's frames on
+Word confidence (ctcflow.decoding.aligned_words) is the mean posterior of the word's frames on
 its CTC alignment. metrics/eval.json's `confidence` block says how well it separates: the share of
 wrong words among the 10 % least confident words, and among all words.
 
