@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from ctcflow.decoding import BeamSearchDecoder, GreedyDecoder, align_words
 from ctcflow.lm import kneser_ney, read_lexicon, write_arpa, write_lexicon
 from ctcflow.manifest import read_manifest
 from ctcflow.text import RECIPE_ALPHABET, Tokenizer, train_bpe
-from stages import lm, manifest
+from stages import evaluate, featurize, lm, manifest, train
 
 CORPUS = ["turn on the light", "turn off the light", "turn on the light in the kitchen", "the night is dark",
           "good night", "switch on the light please", "dim the light", "it's dark in the kitchen"] * 5
@@ -63,27 +64,55 @@ def test_the_model_survives_tokens_json_and_a_weights_only_checkpoint(tmp_path):
         Tokenizer(RECIPE_ALPHABET, "last", "char", TOKENIZER.bpe_model)
 
 
-def test_manifest_and_lm_stages_with_bpe_units(tiny_pipeline, tmp_path):
-    params = section("manifest", manifest.ManifestParams, units="bpe", bpe_vocab_size=50)
-    with contextlib.chdir(tiny_pipeline):
-        manifest.run(params, out_dir=tmp_path / "manifests", metrics_file=tmp_path / "manifest.json")
-        lm.run(section("lm", lm.LmParams), manifest_dir=tmp_path / "manifests", out_dir=tmp_path / "lm",
-               metrics_file=tmp_path / "lm.json")
-    units = json.loads((tmp_path / "manifests/tokens.json").read_text())
+@pytest.fixture(scope="module")
+def bpe_project(tiny_pipeline, tmp_path_factory):
+    """The tiny project's stages again with units bpe (50 pieces at most), the blank last."""
+    root = tmp_path_factory.mktemp("bpe")
+    with contextlib.chdir(tiny_pipeline):  # the manifests name the audio relative to the project root
+        manifest.run(section("manifest", manifest.ManifestParams, units="bpe", bpe_vocab_size=50),
+                     out_dir=root / "data/manifests", metrics_file=root / "metrics/manifest.json")
+        featurize.run(section("featurize", featurize.FeaturizeParams), manifest_dir=root / "data/manifests",
+                      out_dir=root / "data/features", metrics_file=root / "metrics/featurize.json")
+    lm.run(section("lm", lm.LmParams), manifest_dir=root / "data/manifests", out_dir=root / "data/lm",
+           metrics_file=root / "metrics/lm.json")
+    train.run(section("train", train.TrainParams, ctc={"blank": "last"}), features_dir=root / "data/features",
+              model_dir=root / "models", live_dir=root / "metrics/train")
+    evaluate.run(section("evaluate", evaluate.EvaluateParams), features_dir=root / "data/features",
+                 model_dir=root / "models", report_dir=root / "reports/eval", metrics_file=root / "metrics/eval.json",
+                 lm_dir=root / "data/lm")
+    return root
+
+
+def test_manifest_and_lm_stages_with_bpe_units(tiny_pipeline, bpe_project):
+    manifests = bpe_project / "data/manifests"
+    units = json.loads((manifests / "tokens.json").read_text())
     assert units["unit"] == "bpe" and len(units["alphabet"]) <= 49
-    model = (tmp_path / "manifests/bpe.model").read_bytes()
+    model = (manifests / "bpe.model").read_bytes()
     assert base64.b64decode(units["bpe_model"]) == model
-    # The same transcripts as with characters (the char project's own manifest), and the model
+    # The same transcripts as with characters (the char project's own manifests), and the model
     # is the one trained on its training split.
     for split in ("train", "valid", "test"):
-        assert (read_manifest(tmp_path / f"manifests/{split}.jsonl").equals(
-            read_manifest(tiny_pipeline / f"data/manifests/{split}.jsonl")))
-    train = read_manifest(tmp_path / "manifests/train.jsonl")["text_normalized"].tolist()
-    assert model == train_bpe(train, 50, params.alphabet)
-    tokenizer = Tokenizer.load(tmp_path / "manifests", blank="last")
-    assert all(tokenizer.decode(tokenizer.encode(t)) == t for t in train)
-    lexicon = (tmp_path / "lm/lexicon.txt").read_text().splitlines()
+        assert read_manifest(manifests / f"{split}.jsonl").equals(read_manifest(tiny_pipeline / f"data/manifests/{split}.jsonl"))
+    train_texts = read_manifest(manifests / "train.jsonl")["text_normalized"].tolist()
+    assert model == train_bpe(train_texts, 50, section("manifest", manifest.ManifestParams).alphabet)
+    tokenizer = Tokenizer.load(manifests, blank="last")
+    assert all(tokenizer.decode(tokenizer.encode(t)) == t for t in train_texts)
+    lexicon = (bpe_project / "data/lm/lexicon.txt").read_text().splitlines()
     assert lexicon and all(line.split("\t")[1].split() == tokenizer.units(line.split("\t")[0]) for line in lexicon)
+
+
+def test_train_and_evaluate_with_bpe_units(bpe_project):
+    checkpoint = load_checkpoint(bpe_project / "models/best.pt")  # weights_only=True
+    tokenizer = Tokenizer.load(bpe_project / "data/features", blank="last")
+    assert Tokenizer(**checkpoint["tokenizer"]) == tokenizer and tokenizer.unit == "bpe"
+    metrics = json.loads((bpe_project / "metrics/eval.json").read_text())
+    assert {"greedy", "beam", "confidence"} <= set(metrics) and metrics["utterances"] == 6
+    table = pd.read_csv(bpe_project / "reports/eval/utterances.csv", keep_default_na=False)
+    lexicon = set(read_lexicon(bpe_project / "data/lm/lexicon.txt"))
+    assert " ".join(table["hypothesis_beam"]).split()  # the tiny model says something
+    assert all(set(h.split()) <= lexicon for h in table["hypothesis_beam"])  # beam kept to lexicon words
+    words = pd.read_csv(bpe_project / "reports/eval/words.csv", keep_default_na=False)
+    assert words["word"].tolist() == [w for h in table["hypothesis"] for w in h.split()]
 
 
 # ---- decoding over pieces, on constructed log-probabilities
