@@ -1,8 +1,9 @@
 """CTC decoding: greedy (best path) and flashlight beam search, a decode-time blank penalty,
-and word timings from the CTC alignment of a hypothesis."""
+and word timings and confidences from the CTC alignment of a hypothesis."""
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,11 +87,12 @@ class BeamParams(Section):
 
 
 class BeamSearchDecoder:
-    """torchaudio's `ctc_decoder` (flashlight-text): beam search over characters, optionally
-    restricted to the words of a lexicon and scored by a word n-gram LM (ARPA, read by KenLM).
+    """torchaudio's `ctc_decoder` (flashlight-text): beam search over characters or BPE pieces,
+    optionally restricted to the words of a lexicon and scored by a word n-gram LM (ARPA, read by KenLM).
 
     Without a lexicon the search is lexicon-free and uses no LM (a word LM needs word ends
-    to come from a lexicon).
+    to come from a lexicon). With BPE pieces the lexicon's words are spelled in pieces (see
+    bpe_lexicon), and the blank stands in for flashlight's silence token, which BPE has none of.
     """
 
     def __init__(self, tokenizer: Tokenizer, beam_size: int, beam_threshold: float, lexicon: str | Path | None,
@@ -107,17 +109,20 @@ class BeamSearchDecoder:
             raise ValueError(f"the alphabet must not contain the decoder's reserved tokens {sorted(clash)}")
         self.tokenizer = tokenizer
         self.blank_penalty = blank_penalty
-        self.decoder = ctc_decoder(
-            lexicon=None if lexicon is None else str(lexicon),
-            tokens=decoder_tokens(tokenizer),
-            lm=None if lm is None else str(lm),
-            beam_size=beam_size,
-            beam_threshold=beam_threshold,
-            lm_weight=lm_weight,
-            word_score=word_score,
-            blank_token=BLANK_TOKEN,
-            sil_token=SPACE_TOKEN,
-        )
+        with tempfile.TemporaryDirectory() as scratch:  # flashlight reads the lexicon from a file, once
+            if lexicon is not None and tokenizer.unit == "bpe":
+                lexicon = bpe_lexicon(Path(lexicon), Path(scratch) / "lexicon.txt")
+            self.decoder = ctc_decoder(
+                lexicon=None if lexicon is None else str(lexicon),
+                tokens=decoder_tokens(tokenizer),
+                lm=None if lm is None else str(lm),
+                beam_size=beam_size,
+                beam_threshold=beam_threshold,
+                lm_weight=lm_weight,
+                word_score=word_score,
+                blank_token=BLANK_TOKEN,
+                sil_token=BLANK_TOKEN if tokenizer.unit == "bpe" else SPACE_TOKEN,
+            )
         self.uses_lexicon = lexicon is not None
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
@@ -129,15 +134,28 @@ class BeamSearchDecoder:
     def _text(self, hypothesis) -> str:
         if self.uses_lexicon:
             return " ".join(hypothesis.words)
-        chars = self.decoder.idxs_to_tokens(hypothesis.tokens)
-        return " ".join("".join(chars).replace(BLANK_TOKEN, "").replace(SPACE_TOKEN, " ").split())
+        units = [u for u in self.decoder.idxs_to_tokens(hypothesis.tokens) if u != BLANK_TOKEN]
+        return " ".join(self.tokenizer.join(u.replace(SPACE_TOKEN, " ") for u in units).split())
 
 
 def decoder_tokens(tokenizer: Tokenizer) -> list[str]:
     """The class ids' names in index order, as flashlight wants them."""
-    names = list(tokenizer.alphabet.replace(" ", SPACE_TOKEN))
+    names = list(tokenizer.alphabet) if tokenizer.unit == "bpe" else list(tokenizer.alphabet.replace(" ", SPACE_TOKEN))
     names.insert(tokenizer.blank, BLANK_TOKEN)
     return names
+
+
+def bpe_lexicon(lexicon: Path, path: Path) -> Path:
+    """The lm stage's lexicon (words spelled in BPE pieces), each spelling also with a blank after it.
+
+    Flashlight ends a word on the frame of its last token and then may not repeat that token; the
+    spelling that ends in a blank lets the last piece last several frames (held, then a blank), the
+    other lets the next word follow without a blank between. A piece held and followed at once by
+    the next word still pays one frame at the blank's score.
+    """
+    lines = [line for line in lexicon.read_text().splitlines() if line.strip()]
+    path.write_text("".join(f"{line}\n{line} {BLANK_TOKEN}\n" for line in lines))
+    return path
 
 
 @dataclass(frozen=True)
@@ -145,27 +163,47 @@ class Word:
     word: str
     start: float  # seconds
     end: float
+    confidence: float  # 0–1: the mean posterior of the word's aligned non-blank frames
 
 
 def align_words(log_probs: torch.Tensor, text: str, tokenizer: Tokenizer, frame_seconds: float,
                 blank_penalty: float) -> list[Word]:
-    """Start and end of each word of `text` from its Viterbi CTC alignment to `log_probs`
-    (frames, classes): a word runs from the first frame of its first character to the last frame
-    of its last character. For a greedy hypothesis this is the best path itself."""
+    """Start, end and confidence of each word of `text` from its Viterbi CTC alignment to
+    `log_probs` (frames, classes): a word runs from the first frame of its first unit to the last
+    frame of its last unit. For a greedy hypothesis this is the best path itself."""
+    return [Word(word, first * frame_seconds, end * frame_seconds, confidence)
+            for word, first, end, confidence in aligned_words(log_probs, text, tokenizer, blank_penalty)]
+
+
+def aligned_words(log_probs: torch.Tensor, text: str, tokenizer: Tokenizer,
+                  blank_penalty: float) -> list[tuple[str, int, int, float]]:
+    """(word, first frame, end frame (exclusive), confidence) for each word of `text`.
+
+    The alignment is found with the blank penalty applied, as the decoders see the scores; the
+    confidence is read from the model's own posteriors on that path: the mean posterior of the
+    word's non-blank frames (the mean rather than the minimum: on the demo test split it puts more
+    of the wrong words among the least confident, docs/decoding.md "Word confidence").
+    Words are split at the space class (characters) or before each unit that starts a word
+    (BPE pieces marked '▁', word units).
+    """
     words = text.split()
     if not words:
         return []
     ids = tokenizer.encode(" ".join(words))
-    scores = penalize_blank(log_probs, tokenizer.blank, blank_penalty).detach().to("cpu", torch.float32)
+    log_probs = log_probs.detach().to("cpu", torch.float32)
+    scores = penalize_blank(log_probs, tokenizer.blank, blank_penalty)
     path, _ = AF.forced_align(scores[None], torch.tensor([ids], dtype=torch.int32), blank=tokenizer.blank)
-    spans = AF.merge_tokens(path[0], torch.zeros(len(path[0])), blank=tokenizer.blank)
-    space = tokenizer.encode(" ")[0]
-    out, chars = [], []
-    for span in [*spans, None]:
-        if span is None or span.token == space:
-            if chars:
-                out.append(Word(words[len(out)], chars[0].start * frame_seconds, chars[-1].end * frame_seconds))
-            chars = []
+    posteriors = log_probs.gather(1, path[0][:, None].long())[:, 0].exp()
+    spans = AF.merge_tokens(path[0], posteriors, blank=tokenizer.blank)
+    separator = tokenizer.encode(" ") if tokenizer.unit == "char" else []
+    groups: list[list] = []  # the spans of each word
+    for span in spans:
+        if [span.token] == separator:
+            groups.append([])
         else:
-            chars.append(span)
-    return out
+            if not groups or tokenizer.starts_word(span.token):
+                groups.append([])
+            groups[-1].append(span)
+    groups = [g for g in groups if g]
+    return [(word, g[0].start, g[-1].end, float(torch.cat([posteriors[s.start:s.end] for s in g]).mean()))
+            for word, g in zip(words, groups)]

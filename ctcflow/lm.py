@@ -13,6 +13,8 @@ import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from ctcflow.text import Tokenizer
+
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 LOG10_ZERO = -99.0  # ARPA's "never": the log10 probability of <s>, which is never predicted
 
@@ -123,10 +125,14 @@ def score(logprob: list[dict], backoff: list[dict], history: tuple, word: str) -
     return backoff[len(history) - 1].get(history, 0.0) + score(logprob, backoff, history[1:], word)
 
 
-def write_lexicon(path: str | Path, words: list[str]) -> None:
-    """Flashlight's lexicon format: a word, then its spelling in tokens, ending with the word
-    separator '|' (the decoder's silence token, standing for the space class)."""
-    Path(path).write_text("".join(f"{w}\t{' '.join(w)} |\n" for w in sorted(set(words))))
+def write_lexicon(path: str | Path, words: list[str], tokenizer: Tokenizer) -> None:
+    """Flashlight's lexicon format: a word, then its spelling in tokens. BPE units: the word's
+    pieces. Otherwise its characters, ending with the word separator '|' (the decoder's silence
+    token, standing for the space class)."""
+    def spelling(word: str) -> list[str]:
+        return tokenizer.units(word) if tokenizer.unit == "bpe" else [*word, "|"]
+
+    Path(path).write_text("".join(f"{w}\t{' '.join(spelling(w))}\n" for w in sorted(set(words))))
 
 
 def read_lexicon(path: str | Path) -> list[str]:

@@ -1,12 +1,16 @@
-"""Text normalization and text ↔ token ids for CTC, over characters or over words/glosses.
+"""Text normalization and text ↔ token ids for CTC, over characters, words/glosses or BPE pieces.
 
 The original recipe's layout, which params.yaml keeps: apostrophe = 0, space = 1, a–z = 2…27,
 blank = 28 (RECIPE_ALPHABET, blank last). With word units (e.g. sign-language glosses) each
-vocabulary entry is one class and a transcript is its units separated by spaces.
+vocabulary entry is one class and a transcript is its units separated by spaces. With BPE units
+each piece of a sentencepiece model is one class; a piece that starts a word begins with '▁'.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
+import io
 import json
 import re
 import string
@@ -16,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import sentencepiece
 from num2words import num2words
 
 RECIPE_ALPHABET = "' " + string.ascii_lowercase
 TOKENS_FILE = "tokens.json"  # the label unit, written by manifest and copied by featurize
 
-Unit = Literal["char", "word"]
+BPE_MODEL_FILE = "bpe.model"  # units bpe: the sentencepiece model, beside tokens.json (which embeds it too)
+WORD_START = "▁"  # sentencepiece's mark of a piece that starts a word
+
+Unit = Literal["char", "word", "bpe"]
 
 _SPACES = re.compile(r"\s+")
 _DIGIT = re.compile(r"\d")
@@ -79,20 +87,27 @@ def normalize(text: str, lowercase: bool, punctuation: Literal["drop", "keep"], 
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """Maps units (characters, or words) to class ids around a blank whose index is configurable.
+    """Maps units (characters, words, or BPE pieces) to class ids around a blank whose index is configurable.
 
     `alphabet` is a string of characters (unit "char") or a sequence of words (unit "word").
+    With unit "bpe", `bpe_model` is the sentencepiece model (base64 text, so that tokens.json and
+    checkpoints carry it as they are) and `alphabet` its pieces, <unk> left out (see from_bpe_model).
     `blank` is an index, or "first"/"last". Dicts from `to_dict()` rebuild it.
     """
 
     alphabet: str | tuple[str, ...]
     blank: int | Literal["first", "last"]
     unit: Unit
+    bpe_model: str | None = None  # units bpe only
 
     def __post_init__(self) -> None:
-        if self.unit not in ("char", "word"):
-            raise ValueError(f"unit must be 'char' or 'word', not {self.unit!r}")
-        if self.unit == "word":
+        if self.unit not in ("char", "word", "bpe"):
+            raise ValueError(f"unit must be 'char', 'word' or 'bpe', not {self.unit!r}")
+        if (self.unit == "bpe") != (self.bpe_model is not None):
+            raise ValueError("a sentencepiece model goes with units bpe, and only with them")
+        if self.unit == "bpe":
+            object.__setattr__(self, "alphabet", tuple(self.alphabet))
+        elif self.unit == "word":
             object.__setattr__(self, "alphabet", tuple(self.alphabet))
             bad = [w for w in self.alphabet if not w or _SPACES.search(w)]
             if bad:
@@ -120,14 +135,23 @@ class Tokenizer:
         path = Path(directory) / TOKENS_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found (the manifest stage writes it, featurize copies it)")
-        units = json.loads(path.read_text())
-        return cls(alphabet=units["alphabet"], blank=blank, unit=units["unit"])
+        return cls(**json.loads(path.read_text()), blank=blank)
+
+    @classmethod
+    def from_bpe_model(cls, model: bytes, blank: int | str) -> "Tokenizer":
+        """BPE units: every piece of the sentencepiece model but <unk> (transcripts are checked
+        against the alphabet first, so none needs it)."""
+        processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+        pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size()) if not processor.is_unknown(i)]
+        return cls(tuple(pieces), blank, "bpe", base64.b64encode(model).decode("ascii"))
 
     @property
     def num_classes(self) -> int:
         return len(self.alphabet) + 1
 
     def units(self, text: str) -> list[str]:
+        if self.unit == "bpe":
+            return _bpe_processor(self.bpe_model).encode(text, out_type=str)
         return text.split() if self.unit == "word" else list(text)
 
     def unknown(self, text: str) -> set[str]:
@@ -136,7 +160,7 @@ class Tokenizer:
 
     def drop_unknown(self, text: str) -> str:
         kept = [u for u in self.units(text) if u in self._index]
-        return _SPACES.sub(" ", ("" if self.unit == "char" else " ").join(kept)).strip()
+        return _SPACES.sub(" ", self.join(kept)).strip()
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -147,14 +171,47 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Class ids (blank excluded) back to text; word units are joined by spaces."""
-        return ("" if self.unit == "char" else " ").join(self._units[i] for i in ids)
+        return self.join(self._units[i] for i in ids)
+
+    def join(self, units) -> str:
+        """Units back to text: word units with spaces between; BPE pieces with a space for each '▁'."""
+        if self.unit == "bpe":
+            return "".join(units).replace(WORD_START, " ").strip()
+        return ("" if self.unit == "char" else " ").join(units)
+
+    def starts_word(self, id: int) -> bool:
+        """Whether class `id` begins a new word: every word unit, and BPE pieces marked '▁'.
+        Characters never do: the space class separates their words."""
+        return self.unit == "word" or self.unit == "bpe" and self._units[id].startswith(WORD_START)
 
     def units_dict(self) -> dict:
-        """What tokens.json holds: the unit and its alphabet, without the blank (train chooses it)."""
-        return {"unit": self.unit, "alphabet": self.alphabet if self.unit == "char" else list(self.alphabet)}
+        """What tokens.json holds: the unit and its alphabet (and sentencepiece model), without the
+        blank (train chooses it)."""
+        units = {"unit": self.unit, "alphabet": self.alphabet if self.unit == "char" else list(self.alphabet)}
+        return {**units, "bpe_model": self.bpe_model} if self.unit == "bpe" else units
 
     def to_dict(self) -> dict:
         return {**self.units_dict(), "blank": self.blank}
+
+
+@functools.cache
+def _bpe_processor(bpe_model: str) -> sentencepiece.SentencePieceProcessor:
+    """Loaded once per process and model, outside the Tokenizer, which stays plain data to pickle."""
+    return sentencepiece.SentencePieceProcessor(model_proto=base64.b64decode(bpe_model))
+
+
+def train_bpe(texts: list[str], vocab_size: int, alphabet: str) -> bytes:
+    """A sentencepiece BPE model of the transcripts, the same bytes for the same input (one thread).
+
+    At most `vocab_size` pieces (fewer where the transcripts hold fewer merges); every character of
+    `alphabet` is a piece, seen in training or not; no text normalization (transcripts come normalized).
+    """
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        hard_vocab_limit=False, character_coverage=1.0, required_chars=alphabet.replace(" ", ""),
+        normalization_rule_name="identity", unk_id=0, bos_id=-1, eos_id=-1, num_threads=1, minloglevel=2)
+    return model.getvalue()
 
 
 def read_vocabulary(path: str | Path, lowercase: bool) -> tuple[str, ...]:

@@ -8,21 +8,29 @@ evaluate.blank_penalty is subtracted from the blank log-probability before eithe
 
 Writes metrics/eval.json (WER, CER, sentence accuracy, losses, blank ratio), a per-utterance
 table reports/eval/utterances.csv (id, speaker, reference, hypothesis of the chosen decoder,
-its error counts, and both decoders' hypotheses) and reports/eval/examples.txt
-(evaluate.num_examples reference/hypothesis pairs, also printed).
+its error counts, both decoders' hypotheses, and the confidence of each hypothesis word),
+reports/eval/words.csv (one row per hypothesis word of the chosen decoder: id, word, its
+frames, confidence, and whether it is correct by jiwer's alignment to the reference) and
+reports/eval/examples.txt (evaluate.num_examples reference/hypothesis pairs, also printed).
+
+Word confidence (ctcflow.decoding.aligned_words) is the mean posterior of the word's frames on
+its CTC alignment. metrics/eval.json's `confidence` block says how well it separates: the share of
+wrong words among the 10 % least confident words, and among all words.
 
 Every extra test set that featurize lists (data/features/test_sets.json, from manifest.test_sets)
 is scored the same way: metrics/eval.json's `test_sets: {name: {wer, cer, sentence_accuracy,
-ctc_loss, blank_ratio, utterances, greedy, beam}}` and reports/eval/<name>/utterances.csv.
+ctc_loss, blank_ratio, utterances, greedy, beam}}` and reports/eval/<name>/{utterances,words}.csv.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import jiwer
 import numpy as np
 import pandas as pd
 import torch
@@ -30,7 +38,7 @@ from pydantic import Field
 
 from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
 from ctcflow.data import FeatureSplit
-from ctcflow.decoding import BeamParams, GreedyDecoder
+from ctcflow.decoding import BeamParams, GreedyDecoder, aligned_words
 from ctcflow.inference import decode_split
 from ctcflow.losses import CTCObjective
 from ctcflow.manifest import read_test_set_names
@@ -71,10 +79,43 @@ class Timed:
         return texts
 
 
+class WithWords:
+    """Wraps a decoder to give, for each utterance, its transcript and that transcript's words
+    aligned to the same log-probabilities: (word, first frame, end frame, confidence)."""
+
+    def __init__(self, decode, tokenizer: Tokenizer, blank_penalty: float):
+        self.decode, self.tokenizer, self.blank_penalty = decode, tokenizer, blank_penalty
+
+    def __call__(self, log_probs, lengths):
+        return [(text, aligned_words(scores[:n], text, self.tokenizer, self.blank_penalty))
+                for text, scores, n in zip(self.decode(log_probs, lengths), log_probs.cpu(), lengths.tolist())]
+
+
+def correct_words(reference: str, hypothesis: str) -> list[bool]:
+    """For each hypothesis word, whether jiwer's alignment to the reference matches it to the same word."""
+    correct = [False] * len(hypothesis.split())
+    if not correct:
+        return correct
+    for chunk in jiwer.process_words(reference, hypothesis).alignments[0]:
+        if chunk.type == "equal":
+            correct[chunk.hyp_start_idx:chunk.hyp_end_idx] = [True] * (chunk.hyp_end_idx - chunk.hyp_start_idx)
+    return correct
+
+
+def confidence_separation(words: pd.DataFrame) -> dict:
+    """The share of wrong words among the 10 % least confident (at least one word), and among all."""
+    if words.empty:
+        return {"words": 0, "wrong_share_lowest10": 0.0, "wrong_share_all": 0.0}
+    lowest = words.sort_values("confidence", kind="stable").head(math.ceil(0.1 * len(words)))
+    return {"words": len(words), "wrong_share_lowest10": float((~lowest["correct"]).mean()),
+            "wrong_share_all": float((~words["correct"]).mean())}
+
+
 class Scored(NamedTuple):
     summary: dict  # the evaluate.decoder's WER, CER and sentence accuracy; CTC loss, blank ratio, utterances
     per_decoder: dict  # decoder name → its WER, CER, sentence accuracy
     table: pd.DataFrame  # per utterance; its hypothesis column is the evaluate.decoder's
+    words: pd.DataFrame  # per hypothesis word of the evaluate.decoder: id, word, frames, confidence, correct
     decoders: dict[str, Timed]  # for their timing
 
 
@@ -82,18 +123,21 @@ def score(model: torch.nn.Module, split: FeatureSplit, tokenizer: Tokenizer, par
           lm_dir: Path) -> Scored:
     """One split (or test set) transcribed by both decoders in one pass of the model."""
     greedy = GreedyDecoder(tokenizer, params.blank_penalty)
-    decoders = {"greedy": Timed(greedy)}
-    # The beam search's lexicon and LM spell words in characters: word (gloss) units decode greedily.
-    if tokenizer.unit == "char":
-        decoders["beam"] = Timed(params.beam.decoder(tokenizer, lm_dir, params.blank_penalty))
+    timed = {"greedy": Timed(greedy)}
+    # The beam search's lexicon and LM spell words in characters or BPE pieces: word (gloss) units decode greedily.
+    if tokenizer.unit != "word":
+        timed["beam"] = Timed(params.beam.decoder(tokenizer, lm_dir, params.blank_penalty))
+    decoders = {**timed, params.decoder: WithWords(timed[params.decoder], tokenizer, params.blank_penalty)}
     # The penalty is left out: evaluation reports the plain CTC loss of the test data.
     objective = CTCObjective(tokenizer.blank, zero_infinity=True, penalty_mode="none", penalty_weight=0.0)
     result = decode_split(model, split, tokenizer, objective, params.batch_frames, decoders)
+    hypotheses = [text for text, _ in result.decoded[params.decoder]]
+    aligned = [words for _, words in result.decoded[params.decoder]]
+    result.decoded[params.decoder] = hypotheses
 
     references = split.index["text_normalized"].tolist()
     per_decoder = {name: error_rates(references, hyps) for name, hyps in result.decoded.items()}
     per_decoder["greedy"]["blank_ratio"] = greedy.blank_ratio  # after the decode-time penalty
-    hypotheses = result.decoded[params.decoder]
     rates = per_decoder[params.decoder]
     summary = {"wer": rates["wer"], "cer": rates["cer"], "sentence_accuracy": rates["sentence_accuracy"],
                "ctc_loss": result.ctc_loss, "blank_ratio": result.blank_ratio, "utterances": len(split)}
@@ -101,7 +145,13 @@ def score(model: torch.nn.Module, split: FeatureSplit, tokenizer: Tokenizer, par
                           "reference": references, "hypothesis": hypotheses})
     errors = pd.DataFrame([utterance_errors(r, h) for r, h in zip(references, hypotheses)])
     by_decoder = pd.DataFrame({f"hypothesis_{name}": hyps for name, hyps in result.decoded.items()})
-    return Scored(summary, per_decoder, pd.concat([table, errors, by_decoder], axis=1), decoders)
+    confidences = pd.DataFrame({"word_confidences": [" ".join(f"{c:.3f}" for *_, c in words) for words in aligned]})
+    words = pd.DataFrame(
+        [(id, word, first, end, confidence, correct)
+         for id, reference, hypothesis, found in zip(split.index["id"], references, hypotheses, aligned)
+         for (word, first, end, confidence), correct in zip(found, correct_words(reference, hypothesis))],
+        columns=["id", "word", "first_frame", "end_frame", "confidence", "correct"])
+    return Scored(summary, per_decoder, pd.concat([table, errors, by_decoder, confidences], axis=1), words, timed)
 
 
 def report(name: str, scored: Scored, params: EvaluateParams) -> None:
@@ -118,13 +168,15 @@ def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Pa
     torch.set_num_threads(params.num_threads)
     checkpoint = load_checkpoint(model_dir / f"{params.checkpoint}.pt")
     model, tokenizer = model_from_checkpoint(checkpoint)
-    if tokenizer.unit != "char" and params.decoder == "beam":
-        raise StageError("evaluate.decoder: beam needs character units; set it to greedy for word units")
+    if tokenizer.unit == "word" and params.decoder == "beam":
+        raise StageError("evaluate.decoder: beam needs character or BPE units; set it to greedy for word units")
     scored = score(model, FeatureSplit(features_dir, params.split, tokenizer), tokenizer, params, lm_dir)
-    metrics = {**scored.summary, "checkpoint_epoch": checkpoint["epoch"], **scored.per_decoder}
+    metrics = {**scored.summary, "checkpoint_epoch": checkpoint["epoch"], **scored.per_decoder,
+               "confidence": confidence_separation(scored.words)}
     report_dir.mkdir(parents=True, exist_ok=True)
     table = scored.table
     table.to_csv(report_dir / "utterances.csv", index=False)
+    scored.words.to_csv(report_dir / "words.csv", index=False)
 
     rng = np.random.default_rng(params.examples_seed)
     picks = sorted(rng.choice(len(table), size=min(params.num_examples, len(table)), replace=False))
@@ -141,6 +193,7 @@ def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Pa
         metrics.setdefault("test_sets", {})[name] = {**scored.summary, **scored.per_decoder}
         (report_dir / name).mkdir(exist_ok=True)
         scored.table.to_csv(report_dir / name / "utterances.csv", index=False)
+        scored.words.to_csv(report_dir / name / "words.csv", index=False)
         report(f"test set {name}", scored, params)
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """Stage lm: a lexicon and a word n-gram language model from the training transcripts, for beam search.
 
-Reads the normalized transcripts of data/manifests/train.jsonl; writes data/lm/lexicon.txt
-(every training word with its spelling) and data/lm/lm.arpa (interpolated Kneser-Ney,
+Reads the normalized transcripts of data/manifests/train.jsonl and the label unit
+(data/manifests/tokens.json); writes data/lm/lexicon.txt (every training word with its spelling:
+characters, or BPE pieces) and data/lm/lm.arpa (interpolated Kneser-Ney,
 lm.order words of context minus one, ARPA format for KenLM), and metrics/lm.json (vocabulary
 and n-gram counts, and the share of validation and test words outside the lexicon: beam
 search with the lexicon can never output those).
@@ -17,6 +18,7 @@ from pydantic import Field
 from ctcflow.lm import kneser_ney, write_arpa, write_lexicon
 from ctcflow.manifest import read_manifest
 from ctcflow.params import Section
+from ctcflow.text import Tokenizer
 from stages.runner import StageError, stage_main
 
 MANIFEST_DIR = Path("data/manifests")
@@ -37,7 +39,8 @@ def run(params: LmParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT
     vocabulary = {w for s in sentences for w in s}
     logprob, backoff = kneser_ney(sentences, params.order)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_lexicon(out_dir / "lexicon.txt", sorted(vocabulary))
+    # The blank's place does not matter to spellings; train chooses it.
+    write_lexicon(out_dir / "lexicon.txt", sorted(vocabulary), Tokenizer.load(manifest_dir, blank="last"))
     write_arpa(out_dir / "lm.arpa", logprob, backoff)
 
     metrics = {"sentences": len(sentences), "vocabulary": len(vocabulary),

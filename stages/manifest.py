@@ -24,8 +24,11 @@ non-empty after normalization (manifest.text) and inside the vocabulary, long en
 (one output frame per unit plus one between repeats, at ctc_frame_rate frames per second).
 Failures go to data/manifests/rejects.jsonl with their reason and counts by reason to
 metrics/manifest.json. The label unit (characters of `alphabet`, or words of `vocabulary`) goes to
-data/manifests/tokens.json. The stage fails when a split or test set is left empty, or on any
-reject when manifest.strict is true.
+data/manifests/tokens.json. With units bpe, transcripts are checked as characters of `alphabet`
+(a piece spans at least one character, so pieces need no more CTC frames than characters, but for
+a lone '▁' piece at the start), then a sentencepiece BPE model of at most bpe_vocab_size pieces is
+trained on the training split's transcripts: it goes into tokens.json and beside it (bpe.model).
+The stage fails when a split or test set is left empty, or on any reject when manifest.strict is true.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, tally_rejects, 
 from ctcflow.params import Section
 from ctcflow.workers import ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
-from ctcflow.text import TOKENS_FILE, Tokenizer, has_digits, min_ctc_frames, normalize, read_vocabulary
+from ctcflow.text import (BPE_MODEL_FILE, TOKENS_FILE, Tokenizer, has_digits, min_ctc_frames, normalize,
+                          read_vocabulary, train_bpe)
 
 OUT_DIR = Path("data/manifests")
 METRICS_FILE = Path("metrics/manifest.json")
@@ -142,9 +146,10 @@ class ManifestParams(Section):
     test_json: str | None
     input: Literal["audio", "features"]
     feature_frame_rate: float = Field(gt=0)
-    units: Literal["char", "word"]
+    units: Literal["char", "word", "bpe"]
     alphabet: str
     vocabulary: str | None
+    bpe_vocab_size: int = Field(ge=2)
     text: TextParams
     held_out_speakers: HeldOutSpeakers
     test_sets: dict[str, ExtraTestSet]
@@ -199,7 +204,8 @@ def read_source(params: ManifestParams | ExtraTestSet, key: str = "manifest") ->
 
 
 def build_tokenizer(params: ManifestParams) -> Tokenizer:
-    """The label unit, decided here once; train adds the blank."""
+    """The label unit transcripts are checked against, decided here once; train adds the blank.
+    With units bpe, the characters of the alphabet: the pieces come from the checked transcripts."""
     try:
         if params.units == "word":
             return Tokenizer(read_vocabulary(params.vocabulary, params.text.lowercase), "last", "word")
@@ -348,6 +354,11 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
     by_split = {split: [u for u in accepted if u.split == split] for split in SPLITS}
     for name, rows in {**by_split, **test_sets}.items():
         write_jsonl(rows, COLUMNS, out_dir / f"{name}.jsonl")
+    if params.units == "bpe" and by_split["train"]:
+        model = train_bpe([u.text_normalized for u in by_split["train"]], params.bpe_vocab_size, params.alphabet)
+        (out_dir / BPE_MODEL_FILE).write_bytes(model)  # for sentencepiece's own tools; train reads tokens.json
+        tokenizer = Tokenizer.from_bpe_model(model, "last")
+        print(f"BPE model of {len(tokenizer.alphabet)} pieces (manifest.bpe_vocab_size {params.bpe_vocab_size})")
     (out_dir / TOKENS_FILE).write_text(json.dumps(tokenizer.units_dict(), ensure_ascii=False) + "\n")
     write_test_set_names(out_dir, list(test_sets))
     metrics = {split: summary(rows) for split, rows in by_split.items()}

@@ -1,10 +1,12 @@
 """Stage plots: PNG figures of the training history and the test result.
 
-Reads the per-epoch series that train logged with dvclive (metrics/train/plots/metrics) and
-metrics/eval.json; writes plots/loss.png (train vs validation loss, with CTC and penalty parts),
-plots/error_rates.png (validation WER and CER per epoch, test WER/CER as dashed lines) and
-plots/blank_ratio.png (share of blank frames per epoch). `dvc plots show` renders the same series
-from the top-level `plots:` of dvc.yaml.
+Reads the per-epoch series that train logged with dvclive (metrics/train/plots/metrics),
+metrics/eval.json and evaluate's per-word table (reports/eval/words.csv); writes plots/loss.png
+(train vs validation loss, with CTC and penalty parts), plots/error_rates.png (validation WER and
+CER per epoch, test WER/CER as dashed lines), plots/blank_ratio.png (share of blank frames per
+epoch) and plots/calibration.png with its numbers in plots/calibration.csv (test words binned by
+confidence: the share of correct words and the count in each bin; a calibrated confidence follows
+the diagonal). `dvc plots show` renders the same series from the top-level `plots:` of dvc.yaml.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from pydantic import Field  # noqa: E402
 
@@ -24,7 +27,9 @@ from stages.runner import StageError, stage_main  # noqa: E402
 
 HISTORY_DIR = Path("metrics/train/plots/metrics")
 EVAL_METRICS = Path("metrics/eval.json")
+EVAL_WORDS = Path("reports/eval/words.csv")
 OUT_DIR = Path("plots")
+CALIBRATION_BINS = 10  # of equal width over confidence 0–1
 
 
 class PlotsParams(Section):
@@ -52,8 +57,17 @@ def figure(history: pd.DataFrame, lines: dict[str, str], title: str, ylabel: str
     return fig, ax
 
 
+def calibration(words: pd.DataFrame) -> pd.DataFrame:
+    """Per confidence bin (its middle): the words in it and the share of them that are correct."""
+    edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
+    bins = pd.cut(words["confidence"], edges, include_lowest=True, labels=((edges[:-1] + edges[1:]) / 2).round(3))
+    table = words.groupby(bins, observed=False)["correct"].agg(["size", "mean"])
+    return pd.DataFrame({"confidence": table.index.astype(float), "words": table["size"].to_numpy(),
+                         "correct_share": table["mean"].to_numpy()})
+
+
 def run(params: PlotsParams, history_dir: Path = HISTORY_DIR, eval_metrics: Path = EVAL_METRICS,
-        out_dir: Path = OUT_DIR) -> list[Path]:
+        out_dir: Path = OUT_DIR, eval_words: Path = EVAL_WORDS) -> list[Path]:
     history = read_history(history_dir)
     test = json.loads(eval_metrics.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +90,22 @@ def run(params: PlotsParams, history_dir: Path = HISTORY_DIR, eval_metrics: Path
                      "Share of frames whose argmax is blank", "blank ratio")
     ax.legend()
     fig.savefig(out_dir / "blank_ratio.png", dpi=params.dpi, bbox_inches="tight")
+
+    bins = calibration(pd.read_csv(eval_words, keep_default_na=False))
+    bins.to_csv(out_dir / "calibration.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    counts = ax.twinx()
+    counts.bar(bins["confidence"], bins["words"], width=0.9 / CALIBRATION_BINS, color="C7", alpha=0.3)
+    counts.set_ylabel("words in the bin")
+    ax.set_zorder(counts.get_zorder() + 1)  # the curve over the bars
+    ax.patch.set_visible(False)
+    ax.plot([0, 1], [0, 1], color="C7", linestyle="--", label="calibrated")
+    ax.plot(bins["confidence"], bins["correct_share"], marker="o", label="share of correct words")
+    ax.set(title=f"Word confidence against correctness ({int(bins['words'].sum())} words)",
+           xlabel="confidence (bin middle)", ylabel="share correct", xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.savefig(out_dir / "calibration.png", dpi=params.dpi, bbox_inches="tight")
     plt.close("all")
     written = sorted(out_dir.glob("*.png"))
     print("wrote " + ", ".join(str(p) for p in written))

@@ -37,7 +37,7 @@ def test_kneser_ney_distributions_sum_to_one(tmp_path, order):
 
 
 def test_lexicon_spells_each_word_once(tmp_path):
-    write_lexicon(tmp_path / "lexicon.txt", ["light", "don't", "light"])
+    write_lexicon(tmp_path / "lexicon.txt", ["light", "don't", "light"], TOKENIZER)
     assert (tmp_path / "lexicon.txt").read_text() == "don't\td o n ' t |\nlight\tl i g h t |\n"
     assert read_lexicon(tmp_path / "lexicon.txt") == ["don't", "light"]
 
@@ -60,7 +60,7 @@ def beam(**settings) -> BeamParams:
 def lm_dir(tmp_path):
     logprob, backoff = kneser_ney([s.split() for s in CORPUS], 3)
     write_arpa(tmp_path / "lm.arpa", logprob, backoff)
-    write_lexicon(tmp_path / "lexicon.txt", [w for s in CORPUS for w in s.split()])
+    write_lexicon(tmp_path / "lexicon.txt", [w for s in CORPUS for w in s.split()], TOKENIZER)
     return tmp_path
 
 

@@ -86,9 +86,9 @@ def test_dvc_plots_show_renders_the_training_series(repo, tmp_path):
     html = dvc("plots", "show", "-o", str(tmp_path / "html"), cwd=repo)
     assert (tmp_path / "html" / "index.html").is_file(), html
     rendered = json.loads(dvc("plots", "show", "--json", "-o", str(tmp_path / "json"), cwd=repo))["data"]
-    assert set(rendered) == {"loss", "error_rates", "blank_ratio",
-                             "plots/loss.png", "plots/error_rates.png", "plots/blank_ratio.png"}
-    for png in ("plots/loss.png", "plots/error_rates.png", "plots/blank_ratio.png"):
+    pngs = ("plots/loss.png", "plots/error_rates.png", "plots/blank_ratio.png", "plots/calibration.png")
+    assert set(rendered) == {"loss", "error_rates", "blank_ratio", "calibration", *pngs}
+    for png in pngs:
         assert [r["type"] for r in rendered[png]] == ["image"], png
     # The loss plot draws the four series the train stage wrote, value for value.
     (loss,) = rendered["loss"]

@@ -94,8 +94,8 @@ def test_the_recipe_builds_the_demo_model_first_and_fine_tunes_it(repo):
     assert read_json(recipe / "metrics/lm.json")["vocabulary"] == 10
     scored = read_json(recipe / "metrics/eval.json")
     assert scored["utterances"] == 10 and "test_sets" not in scored
-    assert [p.name for p in sorted((recipe / "plots").glob("*.png"))] == ["blank_ratio.png", "error_rates.png",
-                                                                          "loss.png"]
+    assert [p.name for p in sorted((recipe / "plots").glob("*.png"))] == ["blank_ratio.png", "calibration.png",
+                                                                          "error_rates.png", "loss.png"]
 
 
 TRAIN_READS = ["features.json", "tokens.json", "train", "valid"]  # train's deps in data/features
