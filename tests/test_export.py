@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import section
+from conftest import REPO, run_python, section
 from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
 from ctcflow.data import FeatureSplit
 from ctcflow.export import OnnxModel, check_parity, export_onnx, quantize_int8, read_metadata
@@ -165,3 +165,15 @@ def test_the_stage_writes_both_files_and_the_check(tiny_pipeline, tmp_path):
     metrics = export_stage.run(no_int8, model_dir=tiny_pipeline / "models", features_dir=tiny_pipeline / "data/features",
                                out_dir=tmp_path / "export", metrics_file=tmp_path / "metrics/export.json")
     assert [p.name for p in (tmp_path / "export").iterdir()] == ["model.onnx"] and "int8" not in metrics
+
+
+def test_the_rtf_benchmark_times_all_four_and_scores_each(tiny_pipeline, tmp_path):
+    run_python([str(REPO / "benchmarks/rtf.py"), "--project-dir", str(tiny_pipeline), "--quick", "--threads", "1",
+                "--out", str(tmp_path / "rtf.json")], REPO)
+    results = json.loads((tmp_path / "rtf.json").read_text())
+    assert results["utterances"] == 6 and results["threads"] == 1
+    runs = results["runs"]
+    assert list(runs) == ["bare forward", "pytorch", "onnxruntime fp32", "onnxruntime int8"]
+    assert all(run["rtf"] > 0 and 0 <= run["greedy_wer"] for run in runs.values())
+    # The same model on the same audio: fp32 onnxruntime transcribes as PyTorch does.
+    assert runs["onnxruntime fp32"]["greedy_wer"] == runs["pytorch"]["greedy_wer"]
