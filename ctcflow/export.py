@@ -129,7 +129,10 @@ class OnnxModel:
         options = onnxruntime.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = num_threads
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's errors derive from Exception alone (InvalidProtobuf, Fail, ...)
+            raise ValueError(f"{path}: onnxruntime cannot load it ({err})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         missing = [k for k in ("model_type", *SETTINGS) if k not in meta]
         if missing or meta["model_type"] != MODEL_TYPE:

@@ -110,6 +110,9 @@ def test_a_file_that_is_not_an_export_is_refused(tmp_path, exported):
     onnx.save(graph, str(tmp_path / "bare.onnx"))
     with pytest.raises(ValueError, match="not a model `ctcflow export` wrote"):
         OnnxModel(tmp_path / "bare.onnx", num_threads=1)
+    (tmp_path / "garbage.onnx").write_text("not a graph")
+    with pytest.raises(ValueError, match="garbage.onnx: onnxruntime cannot load it"):
+        OnnxModel(tmp_path / "garbage.onnx", num_threads=1)
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
