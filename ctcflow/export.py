@@ -14,7 +14,8 @@ Two groups of keys:
   window_type);
 - ctcflow's own, JSON values named as in a checkpoint (SETTINGS): tokenizer (Tokenizer.to_dict()),
   logmel, mean, std (the training split's per-bin statistics) and normalize (the per-utterance
-  normalization after them); plus tokens, the class names in id order (blank as <blk>).
+  normalization after them); plus tokens, the class names in id order (the tokenizer's units,
+  the blank as <blk>).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def subsampling_factor(model, n_mels: int, device: torch.device | str = "cpu") -
 def metadata(checkpoint: dict, model: torch.nn.Module, tokenizer: Tokenizer) -> dict[str, str]:
     """The metadata_props of the exported file (see the module's docstring)."""
     logmel = checkpoint["logmel"]
-    tokens = [BLANK_TOKEN if i == tokenizer.blank else tokenizer.decode([i]) for i in range(tokenizer.num_classes)]
+    tokens = list(tokenizer.alphabet)  # characters, words or pieces, as tokens.txt of sherpa-onnx lists them
+    tokens.insert(tokenizer.blank, BLANK_TOKEN)
     sherpa = {
         "model_type": MODEL_TYPE, "version": "1", "model_author": "ctcflow",
         "comment": f"ctcflow {checkpoint['model_config']['arch']} CTC model, epoch {checkpoint.get('epoch')}",
