@@ -73,8 +73,9 @@ def export_onnx(checkpoint: dict, model: torch.nn.Module, tokenizer: Tokenizer, 
                 opset: int) -> dict[str, str]:
     """Write `model` (built from `checkpoint`, in eval mode) to `out` with its metadata; return the metadata.
 
-    Traced (torch.onnx.export, dynamo=False) on a batch of two utterances of different lengths, so
-    the graph computes lengths and padding masks from its inputs rather than fixing them."""
+    Traced (torch.onnx.export, dynamo=False: the torch.export-based exporter needs onnxscript, which
+    is not a dependency) on a batch of two utterances of different lengths, so the graph computes
+    lengths and padding masks from its inputs rather than fixing them."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
