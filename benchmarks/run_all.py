@@ -10,13 +10,15 @@
   orchestration      no-op `dvc repro` against the no-op Prefect flow; skipped, with the reason,
                      unless the project's pipeline is up to date (this never runs the pipeline)
   time_to_accuracy   test WER against wall-clock time, default config against the recipe's (--budget each)
+  rtf                real-time factor of transcription on 2 CPU threads: the bare model forward, PyTorch,
+                     onnxruntime fp32 and int8 (models/best.pt exported), each with its greedy test WER
 
-They read the project's demo outputs (data/corpus, data/manifests, data/features: run `make demo`
+They read the project's demo outputs (data/corpus, data/manifests, data/features, models/best.pt: run `make demo`
 first) and leave them as they are: the work happens in temporary folders, and the figures go to
 benchmarks/results/ of this repository. Each runs in its own
 process; one that fails is reported and the others still run. Roughly: 1 min manifest,
 1.5 featurize, 1.5 dask_featurize, 2 train, 2–3 memory, 15 memory_scale, 1 orchestration, 2 × --budget + 0.5 time to
-accuracy; with the default --budget of 240 s, about 32 minutes on an idle 2-core machine (an
+accuracy, ~5 rtf (an estimate); with the default --budget of 240 s, about 37 minutes on an idle 2-core machine (an
 estimate; bench.json records the real time). Writes each benchmark's benchmarks/results/<name>.json and
 benchmarks/results/bench.json (status, wall time and results of each). The figures need an
 otherwise idle machine: other work on the same cores (above all another torch process) makes
@@ -44,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from common import QUICK_RESULTS_DIR, RESULTS_DIR, machine  # noqa: E402
 
 NAMES = ("manifest", "featurize", "dask_featurize", "train", "memory", "memory_scale", "orchestration",
-         "time_to_accuracy")
+         "time_to_accuracy", "rtf")
 
 
 def pipeline_state(project: Path, env: dict) -> str | None:
@@ -75,6 +77,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
         "orchestration": ["orchestration.py", "--project-dir", project, *quick],
         "time_to_accuracy": ["time_to_accuracy.py", "--project-dir", project, "--budget", str(args.budget),
                              *quick, *threads],
+        "rtf": ["rtf.py", "--project-dir", project, *quick],
     }
 
 

@@ -17,6 +17,9 @@ window's edge has its visible midpoint in that window's overlap, outside what it
 whole in the neighbouring window, which keeps it.
 
 Word times come from the CTC alignment: output frame × model time stride × hop / sample rate.
+
+MODEL is a checkpoint (.pt), run by PyTorch, or a file `ctcflow export` wrote (.onnx), run by
+onnxruntime on the CPU: the same features (from the file's metadata), decoders and word timings.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from ctcflow.audio import read_info
 from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
 from ctcflow.data import normalization, normalize_utterance
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
+from ctcflow.export import OnnxModel, subsampling_factor
 from ctcflow.features import LogMel, LogMelConfig
 
 
@@ -62,24 +66,33 @@ class _Window:
 
 
 class Transcriber:
-    """Load a checkpoint once, then `transcribe(paths)` as often as needed.
+    """Load a checkpoint (.pt) or an exported model (.onnx) once, then `transcribe(paths)` as often as needed.
 
     decoder: "greedy", or "beam" with its settings in `beam` and the lexicon and LM in `lm_dir`
     (both unused by greedy decoding, so they may be None then).
     blank_penalty: subtracted from the blank log-probability before decoding.
+    num_threads: onnxruntime's threads for a .onnx model (None: its default, every core); PyTorch's
+    are the process's (torch.set_num_threads).
     """
 
     def __init__(self, checkpoint: str | Path, decoder: str, beam: BeamParams | None, lm_dir: str | Path | None,
-                 blank_penalty: float, device: str, chunk_seconds: float, overlap_seconds: float, batch_size: int):
+                 blank_penalty: float, device: str, chunk_seconds: float, overlap_seconds: float, batch_size: int,
+                 num_threads: int | None):
         if not 0 < 2 * overlap_seconds < chunk_seconds:
             raise ValueError(f"overlap_seconds ({overlap_seconds}) must be positive and under half of "
                              f"chunk_seconds ({chunk_seconds})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        state = load_checkpoint(checkpoint)
         self.device = torch.device(device)
-        model, self.tokenizer = model_from_checkpoint(state)
-        self.model = model.to(self.device)
+        if Path(checkpoint).suffix == ".onnx":
+            if self.device.type != "cpu":
+                raise ValueError(f"an ONNX model runs on the CPU (onnxruntime), not on {device}")
+            self.model = OnnxModel(checkpoint, num_threads)
+            state, self.tokenizer = self.model.settings, self.model.tokenizer
+        else:
+            state = load_checkpoint(checkpoint)
+            model, self.tokenizer = model_from_checkpoint(state)
+            self.model = model.to(self.device)
         self.config = LogMelConfig(**state["logmel"])
         self.logmel = LogMel(self.config).to(self.device)
         self.mean = torch.tensor(state["mean"], dtype=torch.float32, device=self.device)
@@ -93,12 +106,8 @@ class Transcriber:
             raise ValueError(f"decoder {decoder!r}: choose greedy, or beam with its settings and lm_dir")
         self.blank_penalty = blank_penalty
         self.chunk_seconds, self.overlap_seconds, self.batch_size = chunk_seconds, overlap_seconds, batch_size
-        # Output frames per input frame, measured rather than read from the architecture's settings.
-        probe = 3000
-        with torch.no_grad():
-            out = self.model(torch.zeros(1, probe, self.config.n_mels, device=self.device),
-                             torch.tensor([probe], device=self.device))[1]
-        self.frame_seconds = round(probe / int(out[0])) * self.config.hop_length / self.config.sample_rate
+        factor = subsampling_factor(self.model, self.config.n_mels, self.device)
+        self.frame_seconds = factor * self.config.hop_length / self.config.sample_rate
 
     def transcribe(self, paths: Iterable[str | Path]) -> Iterator[Transcript]:
         """One Transcript per path, in order, each as soon as its last window is decoded."""

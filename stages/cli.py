@@ -2,8 +2,10 @@
 
 Each stage command reads only its own section of params.yaml and writes the same files
 `dvc repro` would; `ctcflow repro` runs `dvc repro` itself, which skips stages that are
-up to date. `ctcflow transcribe MODEL AUDIO...` transcribes audio files with a trained model;
-`ctcflow summary` prints the test error rates and where the plots are.
+up to date. `ctcflow transcribe MODEL AUDIO...` transcribes audio files with a trained model
+(a checkpoint, or an ONNX file); `ctcflow export MODEL OUT.onnx` exports a checkpoint to ONNX
+(the pipeline's export stage runs as `python -m stages.export`); `ctcflow summary` prints the
+test error rates and where the plots are.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from pathlib import Path
 import torch
 
 from ctcflow.audio import AudioError
+from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from ctcflow.data import FeatureSplit
+from ctcflow.errors import CtcflowError
+from ctcflow.export import OnnxModel, check_parity, export_onnx, quantize_int8
 from ctcflow.params import DEFAULT_PARAMS, ParamsError, load_section
 from ctcflow.transcribe import Transcriber
 from ctcflow.transcribe import __doc__ as transcriber_doc
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
                         add_help=False)
     commands.add_parser("transcribe", help="transcribe audio files with a trained model (MODEL AUDIO...)",
                         add_help=False)
+    commands.add_parser("export", help="export a checkpoint to ONNX, checked against PyTorch (MODEL OUT.onnx)",
+                        add_help=False)
     commands.add_parser("summary", help="the test WER and CER of both decoders, and where the plots are",
                         add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
@@ -62,10 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(subprocess.call(["dvc", "repro", *rest]))
     if command == "transcribe":
         return transcribe(rest)
+    if command == "export":
+        return export(rest)
     if command == "summary":
         return summary(rest)
     if command not in STAGES:
-        commands = ", ".join([*STAGES, "repro", "transcribe", "summary"])
+        commands = ", ".join([*STAGES, "repro", "transcribe", "export", "summary"])
         parser.error(f"unknown command {command!r}; choose from {commands}")
     importlib.import_module(STAGES[command]).main(rest)
 
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 def transcribe(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="ctcflow transcribe", description=transcriber_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="checkpoint, e.g. models/best.pt")
+    parser.add_argument("model", help="checkpoint, e.g. models/best.pt, or an exported model, e.g. export/model.onnx")
     parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; any sample rate)")
     parser.add_argument("--decoder", choices=["greedy", "beam"],
                         help="beam reads its settings from the params file; default: evaluate.decoder of the "
@@ -85,8 +95,9 @@ def transcribe(argv: list[str]) -> None:
                                          f"and the defaults above (default: {DEFAULT_PARAMS}, if it exists)")
     parser.add_argument("--lm-dir", default="data/lm", help="lexicon and LM for beam search (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="JSON lines with per-word start/end times")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda where a GPU is available, else cpu (default here: %(default)s)")
+    parser.add_argument("--device", help="for a checkpoint: cuda where a GPU is available, else cpu (here: "
+                                          f"{default_device()}); an ONNX model runs on the cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch and onnxruntime (default: theirs)")
     parser.add_argument("--chunk-seconds", type=float, default=30.0, help="window length (default: %(default)s)")
     parser.add_argument("--overlap-seconds", type=float, default=4.0,
                         help="overlap of consecutive windows; longer than any word (default: %(default)s)")
@@ -103,9 +114,12 @@ def transcribe(argv: list[str]) -> None:
         blank_penalty = args.blank_penalty
         if blank_penalty is None:
             blank_penalty = evaluate.blank_penalty if evaluate else 0.0
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = args.device or ("cpu" if args.model.endswith(".onnx") else default_device())
         transcriber = Transcriber(
-            args.model, decoder, evaluate.beam if evaluate else None, args.lm_dir, blank_penalty, args.device,
-            args.chunk_seconds, args.overlap_seconds, args.batch_size)
+            args.model, decoder, evaluate.beam if evaluate else None, args.lm_dir, blank_penalty, device,
+            args.chunk_seconds, args.overlap_seconds, args.batch_size, args.threads)
         for transcript in transcriber.transcribe(args.audio):
             if args.json:
                 print(transcript.to_json(), flush=True)
@@ -113,6 +127,52 @@ def transcribe(argv: list[str]) -> None:
                 print(transcript.text if len(args.audio) == 1 else f"{transcript.path}\t{transcript.text}", flush=True)
     except (ParamsError, AudioError, FileNotFoundError, ValueError) as err:
         sys.exit(f"ctcflow transcribe: error: {err}")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def export(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="ctcflow export",
+        description="Export a checkpoint's model to ONNX for onnxruntime: dynamic batch and time axes, and the "
+                    "feature settings, units and normalization in its metadata, so the file stands alone "
+                    "(`ctcflow transcribe OUT.onnx AUDIO...` runs it; docs/export.md). With --check-split, "
+                    "PyTorch and onnxruntime transcribe that split of a feature store greedily and the "
+                    "largest log-probability difference and the transcripts that differ are printed. The "
+                    "pipeline's export stage (python -m stages.export) does the same from params.yaml.")
+    parser.add_argument("model", help="checkpoint, e.g. models/best.pt")
+    parser.add_argument("out", help="the ONNX file to write, e.g. model.onnx")
+    parser.add_argument("--int8", metavar="OUT_INT8", help="also write a copy with int8 weights (onnxruntime's "
+                                                           "dynamic quantization) to this file")
+    parser.add_argument("--check-split", metavar="DIR", help="a split of a feature store, e.g. data/features/test, "
+                                                             "to check the ONNX model(s) against PyTorch on")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX operator set (default: %(default)s)")
+    parser.add_argument("--batch-frames", type=int, default=40000,
+                        help="--check-split: padded frames per batch (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch and onnxruntime (default: theirs)")
+    args = parser.parse_args(argv)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        checkpoint = load_checkpoint(args.model)
+        model, tokenizer = model_from_checkpoint(checkpoint)
+        export_onnx(checkpoint, model, tokenizer, args.out, args.opset)
+        print(f"wrote {args.out}")
+        files = [args.out]
+        if args.int8:
+            quantize_int8(args.out, args.int8)
+            print(f"wrote {args.int8}")
+            files.append(args.int8)
+        if args.check_split:
+            split = Path(args.check_split)
+            split = FeatureSplit(split.parent, split.name, tokenizer)
+            for path in files:
+                parity = check_parity(model, OnnxModel(path, args.threads), split, args.batch_frames)
+                print(parity.describe(path))
+    except (CtcflowError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"ctcflow export: error: {err}")
 
 
 def summary(argv: list[str]) -> None:

@@ -19,7 +19,7 @@ def test_help_lists_every_stage():
     done = ctcflow("--help")
     assert done.returncode == 0
     for name in ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots", "repro", "transcribe",
-                 "summary"]:
+                 "export", "summary"]:
         assert f"    {name}" in done.stdout
 
 

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import dvc, git, make_dvc_repo
 
-STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
+STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "export", "plots"]
 
 
 def stages_run(output: str) -> list[str]:
@@ -36,7 +36,7 @@ def test_repro_runs_every_stage_in_order(repo):
     shown = {path: entry["data"] for path, entry in files.items()}
     # DVC shows every stage's metrics file as the stage wrote it.
     assert set(shown) == {"metrics/manifest.json", "metrics/featurize.json", "metrics/train/metrics.json",
-                          "metrics/lm.json", "metrics/eval.json"}
+                          "metrics/lm.json", "metrics/eval.json", "metrics/export.json"}
     for path in shown:
         assert shown[path] == written(repo, path), path
     # And the values are the tiny project's: 30/6/6 utterances, one epoch, the test split scored.
@@ -49,6 +49,8 @@ def test_repro_runs_every_stage_in_order(repo):
     assert shown["metrics/manifest.json"]["rejected"]["total"] == 0
     assert shown["metrics/lm.json"]["sentences"] == 30
     assert shown["metrics/eval.json"]["utterances"] == 6
+    assert shown["metrics/export.json"]["fp32"]["differing_transcripts"] == 0
+    assert sorted(p.name for p in (repo / "export").iterdir()) == ["model.int8.onnx", "model.onnx"]
     assert 0 <= shown["metrics/eval.json"]["wer"] == written(repo, "metrics/eval.json")["wer"] <= 1
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "first run", cwd=repo)
@@ -120,7 +122,7 @@ def committed_metrics(repo: Path, rev: str) -> dict[str, object]:
     from ctcflow.params import flatten
 
     flat = {}
-    for path in ("metrics/train/metrics.json", "metrics/eval.json"):
+    for path in ("metrics/train/metrics.json", "metrics/eval.json", "metrics/export.json"):
         flat.update({f"{path}:{k}": v for k, v in flatten(json.loads(git("show", f"{rev}:{path}", cwd=repo))).items()})
     return flat
 
@@ -131,7 +133,7 @@ def test_diffs_between_commits_show_exactly_what_changed(repo, tmp_path):
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "baseline", cwd=repo)
     set_train_params(repo, blank_penalty__mode="soft_ratio", clip_grad_norm=1.0)
-    assert stages_run(dvc("repro", cwd=repo)) == ["train", "evaluate", "plots"]
+    assert stages_run(dvc("repro", cwd=repo)) == ["train", "evaluate", "export", "plots"]
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "soft_ratio, clip 1.0", cwd=repo)
 

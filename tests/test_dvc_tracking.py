@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO, dvc, make_dvc_repo
 from ctcflow.params import flatten
 
-STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
+STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "export", "plots"]
 PROJECT_PACKAGES = ("ctcflow", "stages")
 
 # Knobs that change how a stage runs, not what it writes: DVC does not track them. Each value is
@@ -41,6 +41,7 @@ RUNTIME_KNOBS = {
     "train.loader_workers": 2,
     "train.checkpoint_every": 7,
     "evaluate.num_threads": 1,
+    "export.num_threads": 1,
 }
 
 
@@ -218,22 +219,24 @@ def test_changing_a_runtime_knob_leaves_every_stage_up_to_date(repo, set_param, 
     assert would_run(repo) == set()
 
 
-DOWNSTREAM_OF_TRAIN = {"train", "evaluate", "plots"}
+DOWNSTREAM_OF_TRAIN = {"train", "evaluate", "export", "plots"}
 
 
 # (knob, a new value, the name DVC reports it by, the stages `dvc repro` would then run)
 RESULT_KNOBS = [
-    ("synth.seed", 99, "synth.seed", {"synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"}),
+    ("synth.seed", 99, "synth.seed", {"synth", "manifest", "featurize", "train", "lm", "evaluate", "export", "plots"}),
     ("manifest.min_duration", 0.3, "manifest.min_duration",
-     {"manifest", "featurize", "train", "lm", "evaluate", "plots"}),
-    ("featurize.n_mels", 40, "featurize.n_mels", {"featurize", "train", "evaluate", "plots"}),
-    ("featurize.normalize", "utterance_mean", "featurize.normalize", {"featurize", "train", "evaluate", "plots"}),
-    ("featurize.augment.copies", 1, "featurize.augment", {"featurize", "train", "evaluate", "plots"}),
+     {"manifest", "featurize", "train", "lm", "evaluate", "export", "plots"}),
+    ("featurize.n_mels", 40, "featurize.n_mels", {"featurize", "train", "evaluate", "export", "plots"}),
+    ("featurize.normalize", "utterance_mean", "featurize.normalize",
+     {"featurize", "train", "evaluate", "export", "plots"}),
+    ("featurize.augment.copies", 1, "featurize.augment", {"featurize", "train", "evaluate", "export", "plots"}),
     ("train.lr", 0.001, "train.lr", DOWNSTREAM_OF_TRAIN),
     ("train.model.hidden_size", 16, "train.model", DOWNSTREAM_OF_TRAIN),
     ("lm.order", 2, "lm.order", {"lm", "evaluate", "plots"}),
     ("evaluate.beam.beam_size", 10, "evaluate.beam", {"evaluate", "plots"}),
     ("plots.dpi", 100, "plots.dpi", {"plots"}),
+    ("export.opset", 16, "export.opset", {"export"}),
 ]
 
 

@@ -23,7 +23,7 @@ from pipeline.config import FlowParams, SweepParams, load_flow_params
 from pipeline.flows import experiment_name
 from test_dask_featurize import dask_cluster
 
-STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
+STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "export", "plots"]
 
 
 def test_sweep_points_are_the_union_of_block_products_without_repeats():

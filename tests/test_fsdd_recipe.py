@@ -110,7 +110,7 @@ def train_reads(features: Path) -> dict[str, bytes]:
 
 
 def test_a_new_test_set_is_scored_without_retraining(repo):
-    assert stages_run(dvc("repro", cwd=repo)) == ["lm", "evaluate", "plots"]  # the rest ran for the recipe
+    assert stages_run(dvc("repro", cwd=repo)) == ["lm", "evaluate", "export", "plots"]  # the rest ran for the recipe
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "demo pipeline", cwd=repo)
     before = train_reads(repo / "data/features")

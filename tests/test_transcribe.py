@@ -35,7 +35,7 @@ test_utterances.__test__ = False  # a helper, not a test
 def transcriber(root: Path, **options) -> Transcriber:
     """Greedy decoding with the blank penalty; 30 s windows overlapping by 4 s, 8 to a batch, unless told."""
     settings = dict(decoder="greedy", beam=None, lm_dir=None, blank_penalty=PENALTY, device="cpu",
-                    chunk_seconds=30.0, overlap_seconds=4.0, batch_size=8)
+                    chunk_seconds=30.0, overlap_seconds=4.0, batch_size=8, num_threads=None)
     return Transcriber(root / "models/best.pt", **{**settings, **options})
 
 
@@ -144,7 +144,7 @@ PEAK_RSS = """
 import resource, sys
 from ctcflow.transcribe import Transcriber
 model = Transcriber(sys.argv[1], decoder="greedy", beam=None, lm_dir=None, blank_penalty={penalty}, device="cpu",
-                    chunk_seconds=20.0, overlap_seconds=2.0, batch_size=2)
+                    chunk_seconds=20.0, overlap_seconds=2.0, batch_size=2, num_threads=None)
 [transcript] = model.transcribe([sys.argv[2]])
 print(transcript.duration, len(transcript.words), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -1,0 +1,182 @@
+"""ONNX export of the tiny pipeline's model: onnxruntime against PyTorch, the metadata, transcription
+of a .onnx file, int8, the command and the export stage."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, run_python, section
+from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from ctcflow.data import FeatureSplit
+from ctcflow.export import OnnxModel, check_parity, export_onnx, quantize_int8, read_metadata
+from ctcflow.transcribe import Transcriber
+from stages import export as export_stage
+from stages.cli import main
+
+PENALTY = 4.0  # as in test_transcribe: the one-epoch tiny model emits characters only with it
+# int8 weights move the tiny model's log-probabilities by a few thousandths (0.003 seen); the bound
+# leaves room for another machine's rounding and still fails a broken quantization (tenths or units).
+INT8_MAX_DIFF = 0.05
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_pipeline, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("onnx")
+    checkpoint = load_checkpoint(tiny_pipeline / "models/best.pt")
+    model, tokenizer = model_from_checkpoint(checkpoint)
+    export_onnx(checkpoint, model, tokenizer, out / "model.onnx", opset=17)
+    quantize_int8(out / "model.onnx", out / "model.int8.onnx")
+    return {"model": model, "tokenizer": tokenizer, "fp32": out / "model.onnx", "int8": out / "model.int8.onnx",
+            "test": FeatureSplit(tiny_pipeline / "data/features", "test", tokenizer)}
+
+
+def test_onnxruntime_matches_pytorch_on_the_test_split(exported):
+    parity = check_parity(exported["model"], OnnxModel(exported["fp32"], num_threads=1), exported["test"],
+                          batch_frames=40000)
+    assert parity.utterances == 6
+    assert parity.max_abs_logprob_diff < 1e-4
+    assert parity.differing_transcripts == 0 and parity.greedy_identical == 1.0
+    assert parity.wer_onnx == parity.wer_torch
+
+
+def test_batch_and_time_axes_are_dynamic(exported):
+    session = OnnxModel(exported["fp32"], num_threads=1)
+    torch.manual_seed(0)
+    for batch, frames in ((1, 37), (3, 411)):  # the graph was traced on 2 × 200
+        feats = torch.randn(batch, frames, 80)
+        lengths = torch.tensor([frames - 50 * i for i in range(batch)])
+        with torch.no_grad():
+            expected, expected_lengths = exported["model"](feats, lengths)
+        got, got_lengths = session(feats, lengths)
+        # The bilstm front end strides by 3 with kernel 5 and padding 2: (n - 1) // 3 + 1 frames.
+        assert got_lengths.tolist() == expected_lengths.tolist() == [(n - 1) // 3 + 1 for n in lengths.tolist()]
+        assert got.shape == (batch, (frames - 1) // 3 + 1, 29)
+        assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_the_metadata_says_what_transcription_needs(exported, tiny_pipeline):
+    meta = read_metadata(exported["fp32"])
+    # The tiny project: ' = 0, space = 1, a–z = 2…27, blank 28; 80 log-mel bins, 10 ms hop at 16 kHz;
+    # the bilstm front end subsamples by 3 (train.model.subsample).
+    assert {k: meta[k] for k in ("model_type", "vocab_size", "blank_id", "subsampling_factor", "feat_dim",
+                                 "sample_rate", "n_fft", "win_length", "hop_length", "window_type",
+                                 "normalize_type")} == {
+        "model_type": "ctcflow_ctc", "vocab_size": "29", "blank_id": "28", "subsampling_factor": "3",
+        "feat_dim": "80", "sample_rate": "16000", "n_fft": "400", "win_length": "400", "hop_length": "160",
+        "window_type": "hann", "normalize_type": "global"}
+    assert json.loads(meta["tokenizer"]) == {"unit": "char", "alphabet": "' abcdefghijklmnopqrstuvwxyz", "blank": 28}
+    assert json.loads(meta["tokens"]) == ["'", " ", *"abcdefghijklmnopqrstuvwxyz", "<blk>"]
+    features = json.loads((tiny_pipeline / "data/features/features.json").read_text())
+    assert json.loads(meta["mean"]) == features["mean"] and json.loads(meta["std"]) == features["std"]
+    assert json.loads(meta["normalize"]) == "global"
+    assert read_metadata(exported["int8"]) == meta
+
+
+def transcribe(model: Path, paths: list[Path], **options) -> list:
+    settings = dict(decoder="greedy", beam=None, lm_dir=None, blank_penalty=PENALTY, device="cpu",
+                    chunk_seconds=30.0, overlap_seconds=4.0, batch_size=8, num_threads=1)
+    return list(Transcriber(model, **{**settings, **options}).transcribe(paths))
+
+
+def test_transcribing_the_onnx_file_gives_the_checkpoint_s_words_and_times(exported, tiny_pipeline):
+    test = pd.read_json(tiny_pipeline / "data/manifests/test.jsonl", lines=True)
+    paths = [tiny_pipeline / p for p in test["audio_path"]]
+    from_checkpoint = transcribe(tiny_pipeline / "models/best.pt", paths)
+    from_onnx = transcribe(exported["fp32"], paths)
+    assert any(t.words for t in from_checkpoint), "the blank penalty should make the tiny model emit something"
+    assert [t.to_json() for t in from_onnx] == [t.to_json() for t in from_checkpoint]
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        transcribe(exported["fp32"], paths, device="cuda")
+
+
+def test_int8_runs_and_stays_close(exported):
+    parity = check_parity(exported["model"], OnnxModel(exported["int8"], num_threads=1), exported["test"],
+                          batch_frames=40000)
+    assert 0 < parity.max_abs_logprob_diff < INT8_MAX_DIFF  # not 0: the weights really are int8
+    assert exported["int8"].stat().st_size < exported["fp32"].stat().st_size / 2
+
+
+def test_a_file_that_is_not_an_export_is_refused(tmp_path, exported):
+    import onnx
+
+    graph = onnx.load(str(exported["fp32"]))
+    del graph.metadata_props[:]
+    onnx.save(graph, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ValueError, match="not a model `ctcflow export` wrote"):
+        OnnxModel(tmp_path / "bare.onnx", num_threads=1)
+    (tmp_path / "garbage.onnx").write_text("not a graph")
+    with pytest.raises(ValueError, match="garbage.onnx: onnxruntime cannot load it"):
+        OnnxModel(tmp_path / "garbage.onnx", num_threads=1)
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+        print(exit.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_command_exports_checks_and_transcribes(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_pipeline)
+    out, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    code, printed, err = cli(capsys, "export", "models/best.pt", str(out), "--int8", str(int8),
+                             "--check-split", "data/features/test", "--threads", "1")
+    assert code == 0, err
+    lines = printed.splitlines()
+    assert lines[:2] == [f"wrote {out}", f"wrote {int8}"]
+    assert lines[2].startswith(f"{out}: largest |log-prob difference| ") and "differ on 0 of 6 utterances" in lines[2]
+    assert lines[3].startswith(f"{int8}: ")
+    audio = pd.read_json("data/manifests/test.jsonl", lines=True)["audio_path"][0]
+    code, from_onnx, err = cli(capsys, "transcribe", str(out), audio, "--decoder", "greedy",
+                               "--blank-penalty", str(PENALTY), "--json", "--threads", "1")
+    assert code == 0, err
+    code, from_checkpoint, err = cli(capsys, "transcribe", "models/best.pt", audio, "--decoder", "greedy",
+                                     "--blank-penalty", str(PENALTY), "--json", "--device", "cpu")
+    assert code == 0 and from_onnx == from_checkpoint, err
+    code, _, err = cli(capsys, "export", "models/none.pt", str(out))
+    assert code != 0 and err.startswith("ctcflow export: error: checkpoint models/none.pt not found"), err
+
+
+def test_the_stage_writes_both_files_and_the_check(tiny_pipeline, tmp_path):
+    params = section("export", export_stage.ExportParams, num_threads=1)
+    assert params.int8 and params.checkpoint == "best"
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export/stale.onnx").write_text("an earlier run's")
+    metrics = export_stage.run(params, model_dir=tiny_pipeline / "models", features_dir=tiny_pipeline / "data/features",
+                               out_dir=tmp_path / "export", metrics_file=tmp_path / "metrics/export.json")
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.int8.onnx", "model.onnx"]
+    assert json.loads((tmp_path / "metrics/export.json").read_text()) == metrics
+    assert metrics["utterances"] == 6 and metrics["opset"] == 17 and metrics["checkpoint_epoch"] == 1
+    assert metrics["fp32"]["differing_transcripts"] == 0 and metrics["fp32"]["greedy_identical"] == 1.0
+    assert metrics["fp32"]["max_abs_logprob_diff"] < 1e-4 and metrics["fp32"]["wer"] == metrics["pytorch_wer"]
+    assert 0 < metrics["int8"]["max_abs_logprob_diff"] < INT8_MAX_DIFF
+    assert metrics["int8"]["size_mb"] < metrics["fp32"]["size_mb"] / 2
+    evaluated = json.loads((tiny_pipeline / "metrics/eval.json").read_text())
+    assert metrics["pytorch_wer"] == evaluated["greedy"]["wer"]  # evaluate's greedy WER: no blank penalty there
+
+    no_int8 = section("export", export_stage.ExportParams, num_threads=1, int8=False)
+    metrics = export_stage.run(no_int8, model_dir=tiny_pipeline / "models", features_dir=tiny_pipeline / "data/features",
+                               out_dir=tmp_path / "export", metrics_file=tmp_path / "metrics/export.json")
+    assert [p.name for p in (tmp_path / "export").iterdir()] == ["model.onnx"] and "int8" not in metrics
+
+
+def test_the_rtf_benchmark_times_all_four_and_scores_each(tiny_pipeline, tmp_path):
+    run_python([str(REPO / "benchmarks/rtf.py"), "--project-dir", str(tiny_pipeline), "--quick", "--threads", "1",
+                "--out", str(tmp_path / "rtf.json")], REPO)
+    results = json.loads((tmp_path / "rtf.json").read_text())
+    assert results["utterances"] == 6 and results["threads"] == 1
+    runs = results["runs"]
+    assert list(runs) == ["bare forward", "pytorch", "onnxruntime fp32", "onnxruntime int8"]
+    assert all(run["rtf"] > 0 and 0 <= run["greedy_wer"] for run in runs.values())
+    # The same model on the same audio: fp32 onnxruntime transcribes as PyTorch does.
+    assert runs["onnxruntime fp32"]["greedy_wer"] == runs["pytorch"]["greedy_wer"]
