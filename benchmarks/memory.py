@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo root, for `stages` and `ctcflow`
 from common import machine, results_path, with_dotted, write_results  # noqa: E402
 
-STAGES = ("synth", "manifest", "featurize", "lm", "train", "evaluate", "plots")
+STAGES = ("synth", "manifest", "featurize", "lm", "train", "evaluate", "export", "plots")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 

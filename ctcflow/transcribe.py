@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import soundfile
@@ -173,5 +173,5 @@ class Transcriber:
             aligned = align_words(scores[:n], text, self.tokenizer, self.frame_seconds, self.blank_penalty)
             # The last frame's span can reach past the audio's end by up to one frame.
             end = w.start + w.seconds
-            found.append([Word(x.word, w.start + x.start, min(w.start + x.end, end)) for x in aligned])
+            found.append([replace(x, start=w.start + x.start, end=min(w.start + x.end, end)) for x in aligned])
         return found

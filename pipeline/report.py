@@ -10,7 +10,7 @@ import dvc.api
 
 from pipeline.dvc import dvc_json
 
-PLOTS = ("plots/loss.png", "plots/error_rates.png", "plots/blank_ratio.png")
+PLOTS = ("plots/loss.png", "plots/error_rates.png", "plots/blank_ratio.png", "plots/calibration.png")
 
 
 def metrics_diff(project_dir: str, rev: str | None) -> dict[str, dict[str, dict]]:

@@ -111,7 +111,8 @@ def test_command_prints_text_or_json_lines(tiny_pipeline, capsys, monkeypatch):
     for line in lines:
         assert set(line) == {"path", "text", "duration", "words"}
         assert line["text"] == " ".join(w["word"] for w in line["words"])
-        assert all(set(w) == {"word", "start", "end"} for w in line["words"])
+        assert all(set(w) == {"word", "start", "end", "confidence"} for w in line["words"])
+        assert all(0 <= w["confidence"] <= 1 for w in line["words"])
     code, out, err = cli(capsys, "models/best.pt", paths[0], "--decoder", "greedy")
     assert code == 0 and len(out.splitlines()) == 1, err
 
