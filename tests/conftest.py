@@ -19,6 +19,8 @@ TINY_OVERRIDES = {
     "synth": {"num_workers": 1, "splits": {"train": {"utterances": 30, "speakers": 6},
                                            "valid": {"utterances": 6, "speakers": 2},
                                            "test": {"utterances": 6, "speakers": 2}}},
+    # The tiny project featurizes its clean split only; test_featurize_augment sets the copies itself.
+    "featurize": {"augment": {"copies": 0}},
     "train": {"epochs": 1, "warmup_steps": 0, "batch_frames": 6000,
               "model": {"hidden_size": 32, "num_layers": 1, "conv_channels": 32}},
     "evaluate": {"num_examples": 3},
