@@ -66,6 +66,30 @@ def frame_log_probs(tokenizer, *columns: dict[str, float]):
     return (out / out.sum(-1, keepdim=True)).log()
 
 
+def write_word_lm(directory: Path, corpus: list[str], tokenizer) -> Path:
+    """A trigram word LM and a lexicon of `corpus`'s words spelled in `tokenizer`'s units, as the lm stage writes them."""
+    from ctcflow.lm import kneser_ney, write_arpa, write_lexicon
+
+    logprob, backoff = kneser_ney([s.split() for s in corpus], 3)
+    write_arpa(directory / "lm.arpa", logprob, backoff)
+    write_lexicon(directory / "lexicon.txt", [w for s in corpus for w in s.split()], tokenizer)
+    return directory
+
+
+def run_ctcflow(capsys, *args: str) -> tuple[int, str, str]:
+    """`ctcflow ARGS` in this process (a subprocess would spend seconds importing torch): exit code, stdout, stderr."""
+    from stages.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+        print(exit.code, file=sys.stderr)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def make_project(root: Path, params: dict | None = None) -> Path:
     """A directory laid out like the repo: params.yaml, the grammar the synth stage reads, and the
     folder of extra test sets (a dvc.yaml dep)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import frame_log_probs, merge, section, tiny_params, tiny_tokenizer
+from conftest import frame_log_probs, merge, section, tiny_params, tiny_tokenizer, write_word_lm
 from ctcflow.decoding import BeamParams, GreedyDecoder
 from ctcflow.lm import UNK, kneser_ney, read_arpa, read_lexicon, score, write_arpa, write_lexicon
 from ctcflow.metrics import error_rates
@@ -58,10 +58,7 @@ def beam(**settings) -> BeamParams:
 
 @pytest.fixture
 def lm_dir(tmp_path):
-    logprob, backoff = kneser_ney([s.split() for s in CORPUS], 3)
-    write_arpa(tmp_path / "lm.arpa", logprob, backoff)
-    write_lexicon(tmp_path / "lexicon.txt", [w for s in CORPUS for w in s.split()], TOKENIZER)
-    return tmp_path
+    return write_word_lm(tmp_path, CORPUS, TOKENIZER)
 
 
 def test_the_language_model_fixes_what_the_acoustics_get_wrong(lm_dir):

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import section
+from conftest import section, write_word_lm
 from ctcflow.checkpoint import load_checkpoint, save_checkpoint
 from ctcflow.decoding import BeamSearchDecoder, GreedyDecoder, align_words
-from ctcflow.lm import kneser_ney, read_lexicon, write_arpa, write_lexicon
+from ctcflow.lm import read_lexicon
 from ctcflow.manifest import read_manifest
 from ctcflow.text import RECIPE_ALPHABET, Tokenizer, train_bpe
 from stages import evaluate, featurize, lm, manifest, train
@@ -143,10 +143,7 @@ def test_greedy_and_lexicon_free_beam_join_pieces_into_words():
 
 @pytest.fixture
 def lm_dir(tmp_path):
-    logprob, backoff = kneser_ney([s.split() for s in CORPUS], 3)
-    write_arpa(tmp_path / "lm.arpa", logprob, backoff)
-    write_lexicon(tmp_path / "lexicon.txt", [w for s in CORPUS for w in s.split()], TOKENIZER)
-    return tmp_path
+    return write_word_lm(tmp_path, CORPUS, TOKENIZER)
 
 
 def beam_with_lexicon(lm_dir, lm_weight: float) -> BeamSearchDecoder:

@@ -4,20 +4,18 @@ of a .onnx file, int8, the command and the export stage."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, run_python, section
+from conftest import REPO, run_ctcflow, run_python, section
 from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
 from ctcflow.data import FeatureSplit
 from ctcflow.export import OnnxModel, check_parity, export_onnx, quantize_int8, read_metadata
 from ctcflow.transcribe import Transcriber
 from stages import export as export_stage
-from stages.cli import main
 
 PENALTY = 4.0  # as in test_transcribe: the one-epoch tiny model emits characters only with it
 # int8 weights move the tiny model's log-probabilities by a few thousandths (0.003 seen); the bound
@@ -115,21 +113,10 @@ def test_a_file_that_is_not_an_export_is_refused(tmp_path, exported):
         OnnxModel(tmp_path / "garbage.onnx", num_threads=1)
 
 
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-        print(exit.code, file=sys.stderr)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_the_command_exports_checks_and_transcribes(tiny_pipeline, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tiny_pipeline)
     out, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
-    code, printed, err = cli(capsys, "export", "models/best.pt", str(out), "--int8", str(int8),
+    code, printed, err = run_ctcflow(capsys, "export", "models/best.pt", str(out), "--int8", str(int8),
                              "--check-split", "data/features/test", "--threads", "1")
     assert code == 0, err
     lines = printed.splitlines()
@@ -137,13 +124,13 @@ def test_the_command_exports_checks_and_transcribes(tiny_pipeline, tmp_path, cap
     assert lines[2].startswith(f"{out}: largest |log-prob difference| ") and "differ on 0 of 6 utterances" in lines[2]
     assert lines[3].startswith(f"{int8}: ")
     audio = pd.read_json("data/manifests/test.jsonl", lines=True)["audio_path"][0]
-    code, from_onnx, err = cli(capsys, "transcribe", str(out), audio, "--decoder", "greedy",
+    code, from_onnx, err = run_ctcflow(capsys, "transcribe", str(out), audio, "--decoder", "greedy",
                                "--blank-penalty", str(PENALTY), "--json", "--threads", "1")
     assert code == 0, err
-    code, from_checkpoint, err = cli(capsys, "transcribe", "models/best.pt", audio, "--decoder", "greedy",
+    code, from_checkpoint, err = run_ctcflow(capsys, "transcribe", "models/best.pt", audio, "--decoder", "greedy",
                                      "--blank-penalty", str(PENALTY), "--json", "--device", "cpu")
     assert code == 0 and from_onnx == from_checkpoint, err
-    code, _, err = cli(capsys, "export", "models/none.pt", str(out))
+    code, _, err = run_ctcflow(capsys, "export", "models/none.pt", str(out))
     assert code != 0 and err.startswith("ctcflow export: error: checkpoint models/none.pt not found"), err
 
 

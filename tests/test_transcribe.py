@@ -15,8 +15,8 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
+from conftest import run_ctcflow
 from ctcflow.audio import decode_audio
-from stages.cli import main
 from ctcflow.data import FeatureSplit
 from ctcflow.transcribe import Transcriber
 
@@ -89,15 +89,8 @@ def test_a_long_file_is_read_in_overlapping_windows(tiny_pipeline, tmp_path):
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """`ctcflow transcribe ARGS` in this process (a subprocess would spend seconds importing torch)."""
-    try:
-        main(["transcribe", *args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-        print(exit.code, file=sys.stderr)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """`ctcflow transcribe ARGS` in this process."""
+    return run_ctcflow(capsys, "transcribe", *args)
 
 
 def test_command_prints_text_or_json_lines(tiny_pipeline, capsys, monkeypatch):
