@@ -5,6 +5,9 @@ voice-assistant task) and spoken by synthetic speakers. A speaker is one espeak 
 setting: an English dialect, a variant (m1, f3, klatt2, whisper, ...), and its own rate,
 pitch, pitch range, word gap and intonation group. Each utterance also gets random pauses
 between words and stressed words, through SSML, so its words stay the transcript's.
+Each split may also get word lists (splits.<split>.word_lists): strings of 1–N words drawn
+uniformly from the grammar's vocabulary, down to single words. Without them the model learns the
+grammar as well as the sounds, and hears an isolated "six" as the first word of a command.
 Train, valid and test use disjoint sets of espeak variants, and no valid or test sentence
 occurs in train. Writes data/corpus/wav/<split>/<id>.wav (16-bit PCM mono) and
 data/corpus/metadata.csv; the same params always give byte-identical files.
@@ -56,8 +59,9 @@ def Span(low: int, high: int, what: str):
 
 
 class SplitSize(Section):
-    utterances: int = Field(gt=0)
+    utterances: int = Field(gt=0)  # sentences of the grammar
     speakers: int = Field(gt=0)
+    word_lists: int = Field(default=0, ge=0)  # extra utterances: random strings of vocabulary words
 
     @model_validator(mode="after")
     def _every_speaker_speaks(self):
@@ -88,6 +92,7 @@ class SynthParams(Section):
     break_probability: float = Field(ge=0, le=1)
     break_ms: Span(0, 2000, "milliseconds")
     emphasis_probability: float = Field(ge=0, le=1)
+    word_list_words: Span(1, 20, "words per word list") = (1, 4)
     num_workers: int = Field(ge=1, le=64)
     splits: Splits
 
@@ -181,6 +186,31 @@ def draw_sentences(grammar: Grammar, splits: Splits, seed: int) -> dict[str, lis
             chosen.append(s)
             seen.add(s)
         held_out |= seen
+        out[split] = chosen
+    return out
+
+
+def draw_word_lists(grammar: Grammar, splits: Splits, seed: int, words: tuple[int, int],
+                    sentences: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Random strings of vocabulary words, each split from its own stream; train gets no held-out transcript."""
+    vocabulary = sorted(grammar.vocabulary())
+    held_out = set(sentences["valid"]) | set(sentences["test"])
+    out = {}
+    for split in ("test", "valid", "train"):
+        rng = random.Random(f"{seed}:word_lists:{split}")
+        n = getattr(splits, split).word_lists
+        chosen: list[str] = []
+        attempts = 0
+        while len(chosen) < n:
+            attempts += 1
+            if attempts > 100 * n + 1000:
+                raise StageError(f"too few word lists for {split} ({len(chosen)} of {n}) avoid the held-out"
+                                 " transcripts; use fewer, or a wider synth.word_list_words")
+            text = " ".join(rng.choice(vocabulary) for _ in range(rng.randint(*words)))
+            if split != "train" or text not in held_out:
+                chosen.append(text)
+        if split != "train":
+            held_out |= set(chosen)
         out[split] = chosen
     return out
 
@@ -319,6 +349,7 @@ def run(params: SynthParams, out_dir: Path = CORPUS_DIR) -> None:
     """
     grammar = load_grammar(params.grammar, params.max_words_per_slot)
     sentences = draw_sentences(grammar, params.splits, params.seed)
+    word_lists = draw_word_lists(grammar, params.splits, params.seed, params.word_list_words, sentences)
     speakers = draw_speakers(params)
 
     if out_dir.exists():
@@ -326,7 +357,8 @@ def run(params: SynthParams, out_dir: Path = CORPUS_DIR) -> None:
     jobs = []
     for split in SPLITS:
         (out_dir / "wav" / split).mkdir(parents=True)
-        texts, n = sentences[split], len(speakers[split])
+        # Word lists after the sentences: adding them leaves every sentence's audio as it was.
+        texts, n = sentences[split] + word_lists[split], len(speakers[split])
         # Drawn here, in sentence order, so that the draws do not depend on num_workers.
         rng = random.Random(f"{params.seed}:prosody:{split}")
         spoken = [add_prosody(text, params, rng) for text in texts]
@@ -357,7 +389,7 @@ def run(params: SynthParams, out_dir: Path = CORPUS_DIR) -> None:
         hours = sum(float(r["duration"]) for r in part) / 3600
         print(
             f"{split}: {len(part)} utterances, {len({r['speaker'] for r in part})} speakers, "
-            f"{hours:.2f} h, {len({r['text'] for r in part})} distinct sentences"
+            f"{hours:.2f} h, {len({r['text'] for r in part})} distinct transcripts"
         )
 
 

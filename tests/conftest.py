@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The project's own params.yaml, shrunk: a few utterances, one short epoch of a small model.
 TINY_OVERRIDES = {
-    "synth": {"num_workers": 1, "splits": {"train": {"utterances": 30, "speakers": 6},
-                                           "valid": {"utterances": 6, "speakers": 2},
-                                           "test": {"utterances": 6, "speakers": 2}}},
+    "synth": {"num_workers": 1, "splits": {"train": {"utterances": 30, "speakers": 6, "word_lists": 0},
+                                           "valid": {"utterances": 6, "speakers": 2, "word_lists": 0},
+                                           "test": {"utterances": 6, "speakers": 2, "word_lists": 0}}},
     # The tiny project featurizes its clean split only; test_featurize_augment sets the copies itself.
     "featurize": {"augment": {"copies": 0}},
     "train": {"epochs": 1, "warmup_steps": 0, "batch_frames": 6000,

@@ -18,7 +18,7 @@ import yaml
 from conftest import merge, run_python, synth_in_fresh_process, tiny_params
 from ctcflow.params import ParamsError, load_section
 from stages.runner import StageError
-from stages.synth import SynthParams, _SLOT, draw_sentences, load_grammar
+from stages.synth import SynthParams, Splits, _SLOT, draw_sentences, draw_word_lists, load_grammar
 
 GRAMMAR = Path(__file__).resolve().parents[1] / "data" / "demo_grammar.yaml"
 LETTERS = set("' abcdefghijklmnopqrstuvwxyz")
@@ -141,6 +141,56 @@ def test_the_projects_sizes_train_every_held_out_word():
     assert len(set(sentences["test"])) == params.splits.test.utterances
 
 
+def test_word_lists_are_vocabulary_words_and_spare_the_held_out_transcripts():
+    grammar = load_grammar(GRAMMAR, max_words_per_slot=0)
+    splits = Splits.model_validate({"train": {"utterances": 50, "speakers": 5, "word_lists": 400},
+                                    "valid": {"utterances": 5, "speakers": 1, "word_lists": 30},
+                                    "test": {"utterances": 5, "speakers": 1, "word_lists": 30}})
+    sentences = draw_sentences(grammar, splits, seed=3)
+    lists = draw_word_lists(grammar, splits, 3, (1, 3), sentences)
+    assert [len(lists[s]) for s in ("train", "valid", "test")] == [400, 30, 30]
+    lengths = [len(t.split()) for t in lists["train"]]
+    assert all(100 <= lengths.count(n) <= 170 for n in (1, 2, 3))  # uniform: 133 each on average
+    assert {w for t in lists["train"] for w in t.split()} <= grammar.vocabulary()
+    held_out = set(lists["valid"]) | set(lists["test"]) | set(sentences["valid"]) | set(sentences["test"])
+    assert not held_out & set(lists["train"])
+    # Same seed, same lists; more train lists leave the held-out ones as they were.
+    bigger = Splits.model_validate({**splits.model_dump(), "train": {"utterances": 50, "speakers": 5, "word_lists": 800}})
+    again = draw_word_lists(grammar, bigger, 3, (1, 3), sentences)
+    assert again["valid"] == lists["valid"] and again["train"][:400] == lists["train"]
+    assert draw_word_lists(grammar, splits, 4, (1, 3), sentences)["train"] != lists["train"]
+
+
+def test_word_lists_add_utterances_and_leave_every_sentence_as_it_was(corpus, tmp_path):
+    more = synth(merge(TINY, {"word_list_words": [1, 2], "splits": {"train": {"word_lists": 3},
+                                                                    "test": {"word_lists": 1}}}), tmp_path)
+    before, after = read_metadata(corpus), read_metadata(more)
+    added = [r for r in after if r["id"] not in {b["id"] for b in before}]
+    assert [r["split"] for r in added] == ["train"] * 3 + ["test"]
+    assert all(1 <= len(r["text"].split()) <= 2 for r in added)
+    for r in added:
+        audio, _ = sf.read(more / r["path"], dtype="int16")
+        assert np.abs(audio).max() > 1000 and 0.1 < len(audio) / 16000 < 4
+    for r in before:
+        assert (more / r["path"]).read_bytes() == (corpus / r["path"]).read_bytes(), r["id"]
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_espeak_digits_benchmark_speaks_each_digit_in_every_test_voice(tmp_path, context):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"synth": TINY}))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "espeak_digits.py"
+    run_python([str(script), "--out", "digits", *(["--context"] if context else [])], tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "digits" / "list.csv")))
+    digits = "zero one two three four five six seven eight nine".split()
+    assert len(rows) == 20  # the 2 test speakers of TINY, 10 digits each
+    assert {r["speaker"] for r in rows} == {"test-spk0000", "test-spk0001"}
+    assert sorted(r["text"] for r in rows) == sorted([("dial " if context else "") + d for d in digits] * 2)
+    for r in rows:
+        audio, rate = sf.read(tmp_path / "digits" / r["path"], dtype="int16")
+        assert rate == 16000 and np.abs(audio).max() > 1000
+        assert 0.1 < len(audio) / rate < (2.0 if context else 1.2)
+
+
 def test_max_words_per_slot_shrinks_the_vocabulary():
     full, small = load_grammar(GRAMMAR, max_words_per_slot=0), load_grammar(GRAMMAR, max_words_per_slot=2)
     assert all(len(entries) <= 2 for entries in small.slots.values())
@@ -163,6 +213,8 @@ def test_max_words_per_slot_shrinks_the_vocabulary():
         ({"break_probability": 1.5}, "synth.break_probability"),
         ({"break_ms": [-10, 100]}, "synth.break_ms"),
         ({"emphasis_probability": -0.1}, "synth.emphasis_probability"),
+        ({"word_list_words": [0, 3]}, "synth.word_list_words"),
+        ({"splits": {"test": {"word_lists": -1}}}, "synth.splits.test.word_lists"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, changes, key):
