@@ -110,12 +110,10 @@ class HeldOutSpeakers(Section):
         return [str(name) for name in v] if isinstance(v, list) else v  # LibriSpeech readers are numbers
 
     @model_validator(mode="after")
-    def _both_or_neither(self):
+    def _one_split_each(self):
         both = sorted(set(self.valid) & set(self.test))
         if both:
             raise ValueError(f"speaker(s) {both} are in both valid and test")
-        if bool(self.valid) != bool(self.test):
-            raise ValueError("name speakers for both valid and test, or for neither")
         return self
 
 
@@ -304,8 +302,11 @@ def assign_splits(accepted: list[Utterance], params: ManifestParams) -> tuple[li
     frame = pd.DataFrame({"id": [u.id for u in accepted], "split": [u.split for u in accepted],
                           "speaker": [u.speaker for u in accepted]}, dtype=str)
     held_out = params.held_out_speakers
-    if held_out.valid:
-        frame, how = sources.hold_out_speakers(frame, held_out.valid, held_out.test), "speakers from manifest.held_out_speakers"
+    if held_out.valid or held_out.test:
+        # A split named no speaker is then drawn from everyone else, by its fraction.
+        frame = sources.hold_out_speakers(frame, held_out.valid, held_out.test)
+        frame, rest = sources.assign_splits(frame, params.valid_fraction, params.test_fraction, params.seed)
+        how = "speakers from manifest.held_out_speakers" + ("" if held_out.valid and held_out.test else f"; {rest}")
     else:
         frame, how = sources.assign_splits(frame, params.valid_fraction, params.test_fraction, params.seed)
     return [u if u.split == split else dataclasses.replace(u, split=split)

@@ -365,10 +365,20 @@ def test_held_out_speakers_must_be_the_corpus_s_and_in_one_split_each(tmp_path):
                                          r"the corpus has 4: 19, 26, 61, 84"):
         run_manifest(tmp_path, source="librispeech", corpus_dir=str(tmp_path / "LibriSpeech"),
                      held_out_speakers={"valid": ["61"], "test": ["19", "george"]})
-    for held_out, message in [({"valid": ["61"], "test": ["61", "19"]}, r"speaker\(s\) \['61'\] are in both valid and test"),
-                              ({"valid": ["61"], "test": []}, "name speakers for both valid and test, or for neither")]:
-        with pytest.raises(ValidationError, match=message):
-            section("manifest", manifest.ManifestParams, held_out_speakers=held_out)
+    with pytest.raises(ValidationError, match=r"speaker\(s\) \['61'\] are in both valid and test"):
+        section("manifest", manifest.ManifestParams, held_out_speakers={"valid": ["61"], "test": ["61", "19"]})
+
+
+def test_a_split_named_no_speaker_is_drawn_from_the_others_by_its_fraction(tmp_path):
+    """Only test held out (19, two utterances): valid is one speaker of the other three, by valid_fraction."""
+    make_librispeech(tmp_path / "LibriSpeech")
+    rows, metrics, _ = run_manifest(tmp_path, source="librispeech", corpus_dir=str(tmp_path / "LibriSpeech"),
+                                    held_out_speakers={"valid": [], "test": [19]})
+    assert sorted(rows.loc[rows["split"] == "test", "id"]) == ["19-198-0000", "19-198-0001"]
+    valid, train = rows.loc[rows["split"] == "valid"], rows.loc[rows["split"] == "train"]
+    assert len(valid) == 1 and len(train) == 2
+    assert set(valid["speaker"]) | set(train["speaker"]) == {"26", "61", "84"}
+    assert not set(valid["speaker"]) & set(train["speaker"])
 
 
 def test_a_small_corpus_holds_out_usable_utterances(tmp_path):
