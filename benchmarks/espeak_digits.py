@@ -28,16 +28,14 @@ import torchaudio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ctcflow import espeak  # noqa: E402
 from ctcflow.params import load_section  # noqa: E402
+from ctcflow.sources import DIGIT_WORDS  # noqa: E402
 from stages.synth import SynthParams, draw_speakers  # noqa: E402
-
-DIGITS = "zero one two three four five six seven eight nine".split()
-
 
 def speak_all(speaker, out: Path, context: bool, sample_rate: int) -> list[dict]:
     """One speaker's ten digits (runs in a fresh child: espeak carries state between calls)."""
     resample = torchaudio.transforms.Resample(espeak.initialize(), sample_rate)
     rows = []
-    for digit, word in enumerate(DIGITS):
+    for digit, word in enumerate(DIGIT_WORDS):
         text = f"dial {word}" if context else word
         audio, _ = espeak.synthesize(text, speaker.voice, ssml=False)
         audio = resample(torch.from_numpy(audio)).numpy()

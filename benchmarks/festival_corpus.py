@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from ctcflow.sources import DIGIT_WORDS
+
 VOICES = {"kal": "voice_kal_diphone", "slt": "voice_cmu_us_slt_arctic_hts"}
 
 
-DIGITS = "zero one two three four five six seven eight nine".split()
 STRETCHES = (0.8, 1.0, 1.25)
 
 
@@ -40,7 +41,7 @@ def digit_rows(out: Path) -> list[dict]:
     rows = []
     for voice in VOICES:
         for stretch in STRETCHES:
-            for digit, word in enumerate(DIGITS):
+            for digit, word in enumerate(DIGIT_WORDS):
                 path = Path("wav") / f"{digit}_festival{voice}_{round(stretch * 100)}.wav"
                 synthesize(word, voice, out / path, stretch)
                 rows.append({"path": str(path), "text": word, "speaker": f"festival-{voice}"})

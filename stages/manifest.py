@@ -302,13 +302,13 @@ def assign_splits(accepted: list[Utterance], params: ManifestParams) -> tuple[li
     frame = pd.DataFrame({"id": [u.id for u in accepted], "split": [u.split for u in accepted],
                           "speaker": [u.speaker for u in accepted]}, dtype=str)
     held_out = params.held_out_speakers
-    if held_out.valid or held_out.test:
-        # A split named no speaker is then drawn from everyone else, by its fraction.
+    named = held_out.valid or held_out.test
+    if named:
         frame = sources.hold_out_speakers(frame, held_out.valid, held_out.test)
-        frame, rest = sources.assign_splits(frame, params.valid_fraction, params.test_fraction, params.seed)
-        how = "speakers from manifest.held_out_speakers" + ("" if held_out.valid and held_out.test else f"; {rest}")
-    else:
-        frame, how = sources.assign_splits(frame, params.valid_fraction, params.test_fraction, params.seed)
+    # Fills only the splits still empty: with held-out speakers, a split that named none.
+    frame, how = sources.assign_splits(frame, params.valid_fraction, params.test_fraction, params.seed)
+    if named:
+        how = "speakers from manifest.held_out_speakers" + ("" if held_out.valid and held_out.test else f"; {how}")
     return [u if u.split == split else dataclasses.replace(u, split=split)
             for u, split in zip(accepted, frame["split"])], how
 
