@@ -62,8 +62,9 @@ def ordered_map(num_workers: int, setting: str, preload: str, max_chunk: int,
         # the caller has not taken yet; a few chunks per worker in flight keep memory flat.
         size = max(1, min(max_chunk, len(items) // (4 * num_workers)))
         chunks = (items[start:start + size] for start in range(0, len(items), size))
-        pending = deque(pool.submit(_apply, fn, chunk) for chunk in itertools.islice(chunks, 4 * num_workers))
         try:
+            # submit() raises too once the pool is broken: a worker can die before the first chunks are all in.
+            pending = deque(pool.submit(_apply, fn, chunk) for chunk in itertools.islice(chunks, 4 * num_workers))
             while pending:
                 results = pending.popleft().result()
                 pending.extend(pool.submit(_apply, fn, chunk) for chunk in itertools.islice(chunks, 1))
