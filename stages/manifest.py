@@ -17,6 +17,9 @@ array (.npy, frames × dims).
 Extra test sets (manifest.test_sets, name → a corpus under data/test_sets/ read like the main one,
 every usable row in the set) are written as data/manifests/<name>.jsonl, their names to
 data/manifests/test_sets.json; featurize and evaluate treat each like the test split.
+Extra training sets (manifest.train_sets, name → a corpus read like the main one) add every usable
+row to train, whatever split their corpus gives it: e.g. synthetic voices beside a few real speakers.
+Held-out speakers and the split fractions apply to the main corpus only.
 
 Utterances are examined in parallel (manifest.num_workers processes), reading headers only.
 Each one is checked: inside corpus_dir, readable, duration in range, transcript
@@ -117,20 +120,27 @@ class HeldOutSpeakers(Section):
         return self
 
 
-class ExtraTestSet(Section):
+class ExtraCorpus(Section):
+    """A corpus besides the main one, every usable row of which goes to one place."""
     source: Literal[TEST_SET_SOURCES]
     corpus_dir: str
     table: str | None  # source table: its .csv, .tsv or .jsonl file
     columns: ColumnsParams | None  # source table: its column names (its split column is ignored)
 
     @model_validator(mode="after")
+    def _table_has_its_columns(self):
+        if self.source == "table" and not (self.table and self.columns):
+            raise ValueError("source table needs table and columns")
+        return self
+
+
+class ExtraTestSet(ExtraCorpus):
+    @model_validator(mode="after")
     def _under_test_sets_dir(self):
         for key in ("corpus_dir", "table"):
             path = getattr(self, key)
             if path and not inside(TEST_SETS_DIR, path):
                 raise ValueError(f"{key} {path} must lie under {TEST_SETS_DIR}/ (the folder DVC watches)")
-        if self.source == "table" and not (self.table and self.columns):
-            raise ValueError("source table needs table and columns")
         return self
 
 
@@ -151,6 +161,9 @@ class ManifestParams(Section):
     text: TextParams
     held_out_speakers: HeldOutSpeakers
     test_sets: dict[str, ExtraTestSet]
+    # Every usable row trains. Its corpus_dir must be a dep of manifest and featurize in dvc.yaml
+    # (the FSDD recipe lists the synth stage's data/corpus), or DVC will not see it change.
+    train_sets: dict[str, ExtraCorpus] = {}
     valid_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
     seed: int
@@ -175,11 +188,13 @@ class ManifestParams(Section):
         bad = [name for name in self.test_sets if name in RESERVED_NAMES or not TEST_SET_NAME.fullmatch(name)]
         if bad:
             raise ValueError(f"test_sets: bad name(s) {bad}: letters, digits, '_', '.', '-', and none of {list(RESERVED_NAMES)}")
+        if self.input == "features" and self.train_sets:
+            raise ValueError("train_sets need input: audio")
         return self
 
 
-def read_source(params: ManifestParams | ExtraTestSet, key: str = "manifest") -> pd.DataFrame:
-    """The entries of the main corpus or of a test set (both name a source, corpus_dir, table,
+def read_source(params: ManifestParams | ExtraCorpus, key: str = "manifest") -> pd.DataFrame:
+    """The entries of the main corpus or of an extra one (both name a source, corpus_dir, table,
     columns); `key` is where its params are, for messages."""
     corpus = Path(params.corpus_dir)
     if params.source == "demo":
@@ -313,6 +328,13 @@ def assign_splits(accepted: list[Utterance], params: ManifestParams) -> tuple[li
             for u, split in zip(accepted, frame["split"])], how
 
 
+def drop_seen_ids(rows: list[Utterance], seen: set[str]) -> tuple[list[Utterance], list[Reject]]:
+    """An extra training corpus's rows whose id another corpus already has are rejects: one id, one feature row."""
+    return ([u for u in rows if u.id not in seen],
+            [Reject(u.id, u.split, u.audio_path, u.text, "duplicate_id", f"id {u.id!r} is in another corpus too")
+             for u in rows if u.id in seen])
+
+
 def one_width(utterances: list[Utterance], dims: int) -> tuple[list[Utterance], list[Reject]]:
     """One model input size: feature arrays whose width differs from `dims` are rejected."""
     return ([u for u in utterances if u.num_channels == dims],
@@ -335,12 +357,18 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
     # Every row of a test set is in that set, whatever split its corpus gives it.
     test_set_entries = {name: read_source(test_set, f"manifest.test_sets.{name}").assign(split=name)
                         for name, test_set in params.test_sets.items()}
+    train_set_entries = {name: read_source(train_set, f"manifest.train_sets.{name}").assign(split="train")
+                         for name, train_set in params.train_sets.items()}
     with ordered_map(params.num_workers, "manifest.num_workers", __name__, max_chunk=256) as map_files:
         accepted, rejects = examine_corpus(entries, params.corpus_dir, params, tokenizer, map_files)
-        test_sets = {}
+        test_sets, train_sets = {}, {}
         for name, set_entries in test_set_entries.items():
             test_sets[name], set_rejects = examine_corpus(set_entries, params.test_sets[name].corpus_dir, params,
                                                           tokenizer, map_files)
+            rejects += set_rejects
+        for name, set_entries in train_set_entries.items():
+            train_sets[name], set_rejects = examine_corpus(set_entries, params.train_sets[name].corpus_dir, params,
+                                                           tokenizer, map_files)
             rejects += set_rejects
 
     if params.input == "features" and accepted:
@@ -351,6 +379,10 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
             test_sets[name], wrong = one_width(test_sets[name], dims)
             rejects += wrong
     accepted, how = assign_splits(accepted, params)
+    for name, rows in train_sets.items():
+        train_sets[name], clashes = drop_seen_ids(rows, {u.id for u in accepted})
+        rejects += clashes
+        accepted += train_sets[name]
 
     by_split = {split: [u for u in accepted if u.split == split] for split in SPLITS}
     for name, rows in {**by_split, **test_sets}.items():
@@ -370,12 +402,17 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
         metrics["test_sets"] = {name: summary(rows) for name, rows in test_sets.items()}
         for name, counts in metrics["test_sets"].items():
             print(f"test set {name}: {counts['utterances']} utterances, {counts['hours']:.2f} h")
+    if train_sets:  # their rows are counted in train too
+        metrics["train_sets"] = {name: summary(rows) for name, rows in train_sets.items()}
+        for name, counts in metrics["train_sets"].items():
+            print(f"training set {name}: {counts['utterances']} utterances, {counts['hours']:.2f} h (in train)")
     rejects_file = out_dir / "rejects.jsonl"
     metrics["rejected"] = tally_rejects(rejects, rejects_file, "rejected")
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
 
     empty = [name for name, rows in {**by_split, **test_sets}.items() if not rows]
+    empty += [f"train_sets.{name}" for name, rows in train_sets.items() if not rows]
     if empty:
         raise StageError(f"no usable utterances left in split(s) {empty}; reasons are in {rejects_file}")
     fail_if_strict("manifest.strict", params.strict, metrics["rejected"], rejects_file)

@@ -1,8 +1,8 @@
 """Real speech through real DVC: the FSDD recipe, and an extra test set that must not retrain.
 
 One throwaway git + DVC repo of the tiny project serves the tests below, in order. The recipe
-(recipes/fsdd) runs on 40 FSDD recordings, tiny params, one epoch; its train stage starts from the
-demo model, so `dvc repro recipes/fsdd/dvc.yaml` builds the tiny demo pipeline first. The demo
+(recipes/fsdd) runs on 40 FSDD recordings and 17 espeak utterances, tiny params, one epoch; its train
+stage starts from the demo model, so `dvc repro recipes/fsdd/dvc.yaml` builds the tiny demo pipeline first. The demo
 pipeline then gets a 6-file FSDD test set: manifest, featurize, evaluate and plots rerun, train not.
 """
 
@@ -26,11 +26,15 @@ from ctcflow.params import flatten
 FSDD = Path(os.environ.get("CTCFLOW_FSDD_RECORDINGS", "/work/shared/corpora/fsdd/recordings"))
 SPEAKERS = ("george", "jackson", "lucas", "nicolas")
 RECIPE = "recipes/fsdd/dvc.yaml"
-RECIPE_STAGES = ["manifest", "featurize", "train", "lm", "evaluate", "plots"]
+RECIPE_STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 # The tiny demo model's shape (tests/conftest.py), so the recipe can start from it; one epoch.
 TINY_RECIPE = {
+    # 5 voices: 3 say a digit string and 12 single digits between them, 2 held out by synth say one string each.
+    "synth": {"num_workers": 1, "splits": {"train": {"utterances": 3, "speakers": 3, "word_lists": 12},
+                                           "valid": {"utterances": 1, "speakers": 1, "word_lists": 0},
+                                           "test": {"utterances": 1, "speakers": 1, "word_lists": 0}}},
     "manifest": {"num_workers": 1},
     "featurize": {"num_workers": 1},
     "train": {"epochs": 1, "warmup_steps": 0, "model": {"hidden_size": 32, "num_layers": 1, "conv_channels": 32}},
@@ -82,10 +86,16 @@ def test_the_recipe_builds_the_demo_model_first_and_fine_tunes_it(repo):
     assert demo_model["md5"] == hashlib.md5((repo / "models/best.pt").read_bytes()).hexdigest()
     assert lock["params"]["params.yaml"]["train.init_from"] == "../../models/best.pt"
 
-    # Held-out speakers: jackson and lucas train, nicolas validates, george is the test.
+    # Held-out speakers: jackson and lucas train, nicolas validates, george is the test; the 17
+    # espeak utterances of 5 voices (manifest.train_sets.espeak) all train, whatever synth's split.
     manifest = read_json(recipe / "metrics/manifest.json")
     assert {s: (manifest[s]["utterances"], manifest[s]["speakers"]) for s in ("train", "valid", "test")} == \
-        {"train": (20, 2), "valid": (10, 1), "test": (10, 1)}
+        {"train": (37, 7), "valid": (10, 1), "test": (10, 1)}
+    assert {k: manifest["train_sets"]["espeak"][k] for k in ("utterances", "speakers")} == {"utterances": 17, "speakers": 5}
+    train = pd.read_json(recipe / "data/manifests/train.jsonl", lines=True, dtype={"id": str})
+    espeak = train[train["audio_path"].str.startswith("data/corpus/")]
+    assert len(espeak) == 17 and set(espeak["speaker"]) == {*(f"train-spk000{i}" for i in range(3)), "valid-spk0000", "test-spk0000"}
+    assert (espeak["text_normalized"].str.split().str.len() == 1).sum() == 12  # the word lists: one digit each
     test = pd.read_json(recipe / "data/manifests/test.jsonl", lines=True, dtype={"id": str})
     assert set(test["speaker"]) == {"george"}
     assert sorted(test["text_normalized"]) == sorted(DIGITS)
@@ -169,6 +179,8 @@ def test_the_recipe_tracks_what_the_project_s_pipeline_tracks():
     recipe_params = yaml.safe_load((REPO / "recipes/fsdd/params.yaml").read_text())
     assert list(recipe_params) == RECIPE_STAGES
     for name in RECIPE_STAGES:
-        assert set(flatten(recipe_params[name])) == set(flatten(project_params[name])), name
+        assert set(flatten(recipe_params[name])) - {*flatten({"train_sets": recipe_params["manifest"]["train_sets"]})} \
+            == set(flatten(project_params[name])) - {"train_sets"}, name  # train_sets: the recipe's own names
+    assert set(recipe_params["manifest"]["train_sets"]["espeak"]) == {"source", "corpus_dir", "table", "columns"}
     assert recipe_params["train"]["init_from"] == "../../models/best.pt"
     assert recipe_params["manifest"]["held_out_speakers"] == {"valid": ["nicolas"], "test": ["george"]}

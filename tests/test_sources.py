@@ -402,6 +402,43 @@ def test_a_small_corpus_holds_out_usable_utterances(tmp_path):
     assert [metrics[s]["utterances"] for s in ("train", "valid", "test")] == [1, 1, 1]
 
 
+def test_train_sets_add_every_usable_row_to_train(tmp_path):
+    """FSDD with george and nicolas held out, plus a table of synthetic voices: all its usable rows
+    train, whatever split it gives them; held-out speakers name the main corpus's speakers only."""
+    root = tmp_path / "fsdd"
+    for name, seconds in FSDD:
+        tone(root / f"{name}.wav", seconds, rate=8000, subtype="PCM_16")
+    synthetic = tmp_path / "voices"
+    for name in ("v1-seven", "v2-nine", "0_george_0"):
+        tone(synthetic / f"{name}.wav", 0.5)
+    pd.DataFrame({"path": ["v1-seven.wav", "v2-nine.wav", "0_george_0.wav", "gone.wav"],
+                  "text": ["seven", "nine", "zero", "one"], "speaker": ["v1", "george", "v3", "v4"],
+                  "split": ["train", "test", "valid", "train"]}).to_csv(synthetic / "list.csv", index=False)
+    columns = {"path": "path", "text": "text", "speaker": "speaker", "split": "split", "id": None}
+    rows, metrics, rejects = run_manifest(
+        tmp_path, source="fsdd", corpus_dir=str(root), held_out_speakers={"valid": ["nicolas"], "test": ["george"]},
+        train_sets={"voices": {"source": "table", "corpus_dir": str(synthetic), "table": str(synthetic / "list.csv"),
+                               "columns": columns}})
+    assert {split: sorted(rows.loc[rows["split"] == split, "id"]) for split in ("train", "valid", "test")} == {
+        "train": ["7_jackson_12", "9_lucas_49", "v1-seven", "v2-nine"], "valid": ["3_nicolas_5"], "test": ["0_george_0"]}
+    # A speaker named like a held-out one trains all the same: it is another corpus's "george".
+    assert rows.set_index("id").loc["v2-nine", "speaker"] == "george"
+    # Nothing lost: the id FSDD already has, and the missing file, are rejects of train.
+    assert sorted(zip(rejects["id"], rejects["split"], rejects["reason"])) == [
+        ("0_george_0", "train", "duplicate_id"), ("gone", "train", "missing_file")]
+    assert metrics["train"]["utterances"] == 4
+    assert metrics["train_sets"] == {"voices": {"utterances": 2, "hours": round(1.0 / 3600, 4), "speakers": 2}}
+    # A training set with no usable row is a mistake to report, like an empty split.
+    pd.DataFrame({"path": ["gone.wav"], "text": ["one"]}).to_csv(synthetic / "gone.csv", index=False)
+    with pytest.raises(StageError, match=r"no usable utterances left in split\(s\) \['train_sets.gone'\]"):
+        run_manifest(tmp_path, source="fsdd", corpus_dir=str(root), held_out_speakers={"valid": ["nicolas"], "test": ["george"]},
+                     train_sets={"gone": {"source": "table", "corpus_dir": str(synthetic), "table": str(synthetic / "gone.csv"),
+                                          "columns": {**columns, "speaker": None, "split": None}}})
+    with pytest.raises(ValidationError, match=r"train_sets.voices\n  Value error, source table needs table and columns"):
+        section("manifest", manifest.ManifestParams,
+                train_sets={"voices": {"source": "table", "corpus_dir": "voices", "table": None, "columns": None}})
+
+
 @pytest.mark.parametrize("test_sets, message", [
     ({"test": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['test'\]"),
     ({"rejects": {"source": "fsdd", "corpus_dir": "data/test_sets/fsdd"}}, r"bad name\(s\) \['rejects'\]"),
