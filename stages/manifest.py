@@ -312,6 +312,16 @@ def examine_corpus(entries: pd.DataFrame, corpus_dir: str, params: ManifestParam
     return accepted, rejects
 
 
+def examine_extra_corpora(entries: dict[str, pd.DataFrame], corpora: dict[str, ExtraCorpus], params: ManifestParams,
+                          tokenizer: Tokenizer, map_files) -> tuple[dict[str, list[Utterance]], list[Reject]]:
+    """examine_corpus for each extra test or training set: its accepted utterances by name, and all their rejects."""
+    accepted, rejects = {}, []
+    for name, set_entries in entries.items():
+        accepted[name], set_rejects = examine_corpus(set_entries, corpora[name].corpus_dir, params, tokenizer, map_files)
+        rejects += set_rejects
+    return accepted, rejects
+
+
 def assign_splits(accepted: list[Utterance], params: ManifestParams) -> tuple[list[Utterance], str]:
     """The splits, made among the usable utterances only, so none is left empty by a reject."""
     frame = pd.DataFrame({"id": [u.id for u in accepted], "split": [u.split for u in accepted],
@@ -361,15 +371,10 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
                          for name, train_set in params.train_sets.items()}
     with ordered_map(params.num_workers, "manifest.num_workers", __name__, max_chunk=256) as map_files:
         accepted, rejects = examine_corpus(entries, params.corpus_dir, params, tokenizer, map_files)
-        test_sets, train_sets = {}, {}
-        for name, set_entries in test_set_entries.items():
-            test_sets[name], set_rejects = examine_corpus(set_entries, params.test_sets[name].corpus_dir, params,
-                                                          tokenizer, map_files)
-            rejects += set_rejects
-        for name, set_entries in train_set_entries.items():
-            train_sets[name], set_rejects = examine_corpus(set_entries, params.train_sets[name].corpus_dir, params,
-                                                           tokenizer, map_files)
-            rejects += set_rejects
+        test_sets, test_rejects = examine_extra_corpora(test_set_entries, params.test_sets, params, tokenizer, map_files)
+        train_sets, train_rejects = examine_extra_corpora(train_set_entries, params.train_sets, params, tokenizer,
+                                                          map_files)
+        rejects += test_rejects + train_rejects
 
     if params.input == "features" and accepted:
         dims = Counter(u.num_channels for u in accepted).most_common(1)[0][0]
