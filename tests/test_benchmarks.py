@@ -6,10 +6,15 @@ writes, and the bare training loop ends with the stage's weights, bit for bit.
 """
 
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from conftest import REPO, run_python
+import pytest
+import torch
+import torchaudio.functional as AF
+from conftest import FSDD, REPO, run_python
 
 
 def run_benchmark(name: str, *args: str, out: Path) -> dict:
@@ -45,3 +50,56 @@ def test_dask_featurize_benchmark_compares_the_same_files_on_every_executor(tiny
                                                         "dask, 1 worker(s)", "dask, 2 worker(s)"}
     assert results["ratio_to_local_1_worker"]["local, 1 worker(s)"] == 1.0
     assert set(results["cluster_start_seconds"]) == {"1 worker(s)", "2 worker(s)"}
+
+
+def fsdd_transforms():
+    sys.path.insert(0, str(REPO))
+    from benchmarks import fsdd_transforms as module
+    return module
+
+
+def test_lpc_recovers_a_known_all_pole_filter():
+    # x[n] = e[n] + 1.3 x[n-1] - 0.6 x[n-2]: poles at radius 0.77, so A(z) = 1 - 1.3 z^-1 + 0.6 z^-2.
+    noise = torch.randn(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = AF.lfilter(noise, torch.tensor([1.0, -1.3, 0.6], dtype=torch.float64),
+                   torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), clamp=False)
+    a, error = fsdd_transforms().lpc(x.numpy(), 2)
+    assert np.allclose(a, [1.0, -1.3, 0.6], atol=0.03)
+    assert error / float(x @ x) == pytest.approx(float(noise @ noise) / float(x @ x), rel=0.05)  # the residual is e
+
+
+def test_the_vocoder_keeps_the_envelope_and_replaces_the_source():
+    # A vowel-like sound: 120 Hz pulses through one resonance at 700 Hz.
+    module = fsdd_transforms()
+    pulses = torch.zeros(16000, dtype=torch.float64)
+    pulses[:: 16000 // 120] = 1.0
+    radius, theta = 0.97, 2 * np.pi * 700 / 16000
+    vowel = AF.lfilter(pulses, torch.tensor([1.0, -2 * radius * np.cos(theta), radius**2], dtype=torch.float64),
+                       torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), clamp=False).float()
+    for source in ("noise", "pulses"):
+        out = module.vocode(vowel, source, torch.Generator().manual_seed(0))
+        assert out.shape == vowel.shape and torch.isfinite(out).all()
+        power = torch.stft(out, 1024, 256, window=torch.hann_window(1024), return_complex=True).abs().square().mean(1)
+        smoothed = torch.nn.functional.avg_pool1d(power[None, None], 9, 1, 4)[0, 0]  # over harmonics
+        assert abs(float(smoothed[:200].argmax()) * 16000 / 1024 - 700) < 80, source
+    # The noise source has no harmonics left: its spectrum is as smooth as its envelope.
+    out = module.vocode(vowel, "noise", torch.Generator().manual_seed(0))
+    spectrum = torch.stft(out, 1024, 256, window=torch.hann_window(1024), return_complex=True).abs().square().mean(1)
+    source = torch.stft(vowel, 1024, 256, window=torch.hann_window(1024), return_complex=True).abs().square().mean(1)
+    ripple = lambda p: float((p[10:60].log() - p[10:60].log().mean()).abs().mean())  # noqa: E731
+    assert ripple(spectrum) < ripple(source) / 2
+
+
+def test_fsdd_transforms_benchmark_scores_every_transform(tiny_pipeline, tmp_path):
+    if not FSDD.is_dir():
+        pytest.skip(f"no FSDD recordings at {FSDD} (set CTCFLOW_FSDD_RECORDINGS)")
+    results = run_benchmark("fsdd_transforms", "--fsdd", str(FSDD), "--step", "200", "--threads", "1",
+                            "--model", str(tiny_pipeline / "models/best.pt"), "--lm-dir", str(tiny_pipeline / "data/lm"),
+                            "--params", str(tiny_pipeline / "params.yaml"), "--penalties", "0,2",
+                            out=tmp_path / "fsdd_transforms.json")
+    assert results["fsdd_recordings"] == 10  # 2,000 recordings, every 200th
+    assert len(results["transforms"]) == 11 and "as is" in results["transforms"]
+    for scores in results["transforms"].values():
+        assert set(scores) == {"fsdd/greedy", "fsdd/beam"}
+        assert all(s["wer"] >= 0 and 0 <= s["empty"] <= 100 for s in scores.values())
+    assert set(results["blank_penalty"]) == {"0.0", "2.0"}

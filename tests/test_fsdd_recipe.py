@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -20,11 +19,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, dvc, git, make_dvc_repo, merge
+from conftest import FSDD, REPO, dvc, git, make_dvc_repo, merge
 from ctcflow.params import flatten
 
-# The recordings, read by tests only: the product never reads this folder.
-FSDD = Path(os.environ.get("CTCFLOW_FSDD_RECORDINGS", "/work/shared/corpora/fsdd/recordings"))
 SPEAKERS = ("george", "jackson", "lucas", "nicolas")
 RECIPE = "recipes/fsdd/dvc.yaml"
 RECIPE_STAGES = ["synth", "manifest", "featurize", "train", "lm", "evaluate", "plots"]
