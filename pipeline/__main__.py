@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                             ("sweep", "run flow.sweep's grid as DVC experiments and rank them by test WER")]:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--project-dir", default=".", help="the DVC project (default: %(default)s)")
-    for name in ("serve", "run"):
+    for name in ("serve", "run", "sweep"):
         commands.choices[name].add_argument("--dask-address", metavar="tcp://HOST:PORT",
                                             help="featurize on the Dask cluster of this scheduler")
     commands.choices["run"].add_argument("--set", dest="overrides", action="append", default=[],
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "sweep":
         from pipeline.flows import sweep_flow
 
-        rows = sweep_flow(project_dir=args.project_dir, apply_best=args.apply_best, branch=args.branch)
+        rows = sweep_flow(project_dir=args.project_dir, apply_best=args.apply_best, branch=args.branch,
+                          dask_address=args.dask_address)
         print(json.dumps(rows, indent=2))
 
 

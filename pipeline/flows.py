@@ -151,15 +151,18 @@ def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = Non
 
 
 @flow(name=SWEEP_FLOW, log_prints=True)
-def sweep_flow(project_dir: str = ".", apply_best: bool = False, branch: str | None = None) -> list[dict]:
-    """Run flow.sweep's grid as DVC experiments, rank them by test WER, optionally keep the best."""
+def sweep_flow(project_dir: str = ".", apply_best: bool = False, branch: str | None = None,
+               dask_address: str | None = None) -> list[dict]:
+    """Run flow.sweep's grid as DVC experiments, rank them by test WER, optionally keep the best.
+    dask_address: a Dask scheduler (tcp://host:8786) that featurize reads the files on."""
     project_dir = str(Path(project_dir).resolve())
     params = load_flow_params(project_dir)
     sweep = params.sweep
+    knobs = dask_knobs(dask_address)
     rows = []
     for point in sweep.points():
         name = experiment_name({k: v for k, v in point.items() if k not in sweep.fixed})
-        rev = retrying(run_experiment, params)(point, name, project_dir)
+        rev = retrying(run_experiment, params)({**point, **knobs}, name, project_dir)
         rows.append(sweep_row(project_dir, name, rev, point))
     rows.sort(key=lambda row: (row.get(f"test_{sweep.rank_by}") is None, row.get(f"test_{sweep.rank_by}")))
     create_table_artifact(table=rows, key="sweep-ranking",

@@ -325,6 +325,26 @@ def test_sweep_ranks_its_experiments_and_keeps_the_best_as_a_branch(prefect_env,
     assert git("status", "--porcelain", cwd=repo) == ""
 
 
+
+def test_a_sweep_sends_featurize_to_the_dask_address(prefect_env, tmp_path):
+    params = tiny_params()
+    params["flow"]["sweep"] = {"grid": [{"featurize.n_mels": [40]}], "fixed": {}, "seeds": [0], "rank_by": "wer"}
+    repo = make_dvc_repo(tmp_path / "sweep", params)
+    dvc("repro", "manifest", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "manifests", cwd=repo)
+    params_yaml = (repo / "params.yaml").read_bytes()
+    # Nothing answers at this address, so the experiment's featurize stage can only fail on it.
+    unreachable = f"tcp://127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--project-dir", str(repo),
+                           "--dask-address", unreachable],
+                          env={**prefect_env, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert f"featurize.scheduler_address = {unreachable}: no Dask scheduler answered" in done.stdout + done.stderr
+    assert (repo / "params.yaml").read_bytes() == params_yaml
+    assert git("status", "--porcelain", cwd=repo) == ""
+
 def test_a_dask_address_featurizes_on_the_cluster_and_changes_no_stage_state(prefect_env, tmp_path):
     repo = make_dvc_repo(tmp_path / "repo", tiny_params())
     dvc("repro", "manifest", cwd=repo)
