@@ -109,7 +109,9 @@ def quantize_int8(fp32: str | Path, out: str | Path) -> None:
     run time; the metadata is copied over."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
+    # 7-bit weights: on CPUs without VNNI (AVX2 only) 8-bit products saturate their int16 sums, and
+    # the tiny test model's log-probabilities moved by 0.057 instead of 0.004.
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, reduce_range=True)
     write_metadata(Path(out), read_metadata(fp32))
 
 
