@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jiwer
 import numpy as np
 import pandas as pd
 import soundfile as sf
@@ -31,6 +30,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, results_path, write_results  # noqa: E402
 from ctcflow import augment  # noqa: E402
+from ctcflow.audio import decode_audio  # noqa: E402
+from ctcflow.metrics import error_rates  # noqa: E402
 from ctcflow.params import load_section  # noqa: E402
 from ctcflow.sources import fsdd  # noqa: E402
 from ctcflow.transcribe import Transcriber  # noqa: E402
@@ -109,14 +110,9 @@ def transforms(generator: torch.Generator) -> dict:
     }
 
 
-def read(path: str) -> torch.Tensor:
-    samples, rate = sf.read(path, dtype="float32", always_2d=True)
-    return AF.resample(torch.from_numpy(samples[:, 0]), rate, SAMPLE_RATE)
-
-
 def score(transcriber: Transcriber, paths: list[str], refs: list[str]) -> dict:
     hyps = [r.text for r in transcriber.transcribe(paths)]
-    return {"wer": round(jiwer.wer(refs, hyps) * 100, 1), "empty": round(100 * sum(not h for h in hyps) / len(hyps), 1)}
+    return {"wer": round(error_rates(refs, hyps)["wer"] * 100, 1), "empty": round(100 * sum(not h for h in hyps) / len(hyps), 1)}
 
 
 def main() -> None:
@@ -141,7 +137,8 @@ def main() -> None:
         sets["control"] = ([str(Path(args.control) / p) for p in control.path], control.text.tolist())
 
     def decoder(name: str, penalty: float = 0.0) -> Transcriber:
-        return Transcriber(args.model, name, beam, args.lm_dir, penalty, "cpu", 30.0, 4.0, 16, None)
+        return Transcriber(args.model, decoder=name, beam=beam, lm_dir=args.lm_dir, blank_penalty=penalty, device="cpu",
+                           chunk_seconds=30.0, overlap_seconds=4.0, batch_size=16, num_threads=None)
 
     decoders = {"greedy": decoder("greedy"), "beam": decoder("beam")}
     results = {"model": args.model, "fsdd_recordings": len(table), "step": args.step, "transforms": {}}
@@ -152,7 +149,7 @@ def main() -> None:
             for set_name, (paths, refs) in sets.items():
                 changed = []
                 for i, path in enumerate(paths):
-                    audio = transform(read(path))
+                    audio = transform(decode_audio(path, SAMPLE_RATE).waveform)
                     changed.append(f"{tmp}/{set_name}-{i}.wav")
                     sf.write(changed[-1], (audio / audio.abs().max().clamp(min=1e-6) * 0.5).numpy(), SAMPLE_RATE)
                 for dec_name, dec in decoders.items():

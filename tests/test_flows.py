@@ -325,7 +325,6 @@ def test_sweep_ranks_its_experiments_and_keeps_the_best_as_a_branch(prefect_env,
     assert git("status", "--porcelain", cwd=repo) == ""
 
 
-
 def test_a_sweep_sends_featurize_to_the_dask_address(prefect_env, tmp_path):
     params = tiny_params()
     params["flow"]["sweep"] = {"grid": [{"featurize.n_mels": [40]}], "fixed": {}, "seeds": [0], "rank_by": "wer"}
@@ -344,6 +343,7 @@ def test_a_sweep_sends_featurize_to_the_dask_address(prefect_env, tmp_path):
     assert f"featurize.scheduler_address = {unreachable}: no Dask scheduler answered" in done.stdout + done.stderr
     assert (repo / "params.yaml").read_bytes() == params_yaml
     assert git("status", "--porcelain", cwd=repo) == ""
+
 
 def test_a_dask_address_featurizes_on_the_cluster_and_changes_no_stage_state(prefect_env, tmp_path):
     repo = make_dvc_repo(tmp_path / "repo", tiny_params())
