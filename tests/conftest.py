@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# Real recordings, read by tests only: the product never reads this folder.
-FSDD = Path(os.environ.get("CTCFLOW_FSDD_RECORDINGS", "/work/shared/corpora/fsdd/recordings"))
+# Real recordings, read by tests only: the product never reads this folder. Default: the shared/
+# folder beside the clone, as the developers' machines and CI lay it out.
+FSDD = Path(os.environ.get("CTCFLOW_FSDD_RECORDINGS", REPO.parent / "shared" / "corpora" / "fsdd" / "recordings"))
 
 # The project's own params.yaml, shrunk: a few utterances, one short epoch of a small model.
 TINY_OVERRIDES = {
