@@ -33,6 +33,17 @@ def save_checkpoint(path: str | Path, **content) -> None:
     os.replace(tmp, path)
 
 
+def average_weights(states: list[dict]) -> dict:
+    """The element-wise mean of several epochs' weights (icefall's checkpoint averaging), in float64
+    then back to each tensor's type; non-float tensors come from the newest. One state comes back
+    as it is. By hand: torch's AveragedModel averages a live model's steps, not saved epochs."""
+    if len(states) == 1:
+        return states[0]
+    newest = states[-1]
+    return {name: (sum(state[name].double() for state in states) / len(states)).to(value.dtype)
+            if value.is_floating_point() else value for name, value in newest.items()}
+
+
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -4,7 +4,8 @@ One epoch = a pass over length-bucketed batches with SpecAugment, the loss = CTC
 (train.blank_penalty), AdamW with linear warm-up, gradient clipping (train.clip_grad_norm), then a
 validation pass whose loss steps ReduceLROnPlateau (unless train.scheduler.enabled is false, which
 reproduces the original recipe's never-stepped scheduler). Per-epoch metrics go to metrics/train
-through dvclive; models/best.pt (lowest validation WER) and models/last.pt are kept.
+through dvclive; models/best.pt (lowest validation WER; with train.average_epochs > 1, the mean of
+that epoch's weights and those of the epochs just before it) and models/last.pt are kept.
 
 Surviving crashes: after every epoch, and every train.checkpoint_every optimizer steps within
 one, checkpoints/train/resume.pt holds the whole training state (weights, optimizer, scheduler,
@@ -38,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ctcflow.checkpoint import (CheckpointError, check_compatible, load_checkpoint, rng_state, save_checkpoint,
-                                set_rng_state)
+from ctcflow.checkpoint import (CheckpointError, average_weights, check_compatible, load_checkpoint, rng_state,
+                                save_checkpoint, set_rng_state)
 from ctcflow.data import (DistributedLengthBatchSampler, FeatureSplit, LengthBatchSampler, collate, normalization,
                           read_feature_info)
 from ctcflow.distributed import World, all_gather, all_sum, all_true, broadcast, join, launch, launched, leave
@@ -62,7 +63,7 @@ RESUME_DIR = Path("checkpoints/train")
 RESUMABLE_CHANGES = {"epochs", "early_stopping_patience", "max_consecutive_nonfinite", "num_threads", "nproc",
                      "device", "resume", "loader_workers", "checkpoint_every"}
 # The resume checkpoint's layout; one of another layout, written by other code, is not resumed.
-RESUME_LAYOUT = 2  # 2: checkpoints within an epoch too
+RESUME_LAYOUT = 3  # 2: checkpoints within an epoch too; 3: the recent epochs' weights that best.pt averages
 
 
 class ModelParams(Section):
@@ -118,6 +119,7 @@ class TrainParams(Section):
     grad_accumulation: int = Field(ge=1)  # batches per optimizer step
     precision: Literal["fp32", "bf16"]  # bf16 = torch.autocast to bfloat16
     early_stopping_patience: int = Field(ge=0)  # epochs without a better validation WER; 0 = off
+    average_epochs: int = Field(ge=1)  # best.pt = the mean of the best epoch and those before it, this many; 1 = its own
     max_consecutive_nonfinite: int = Field(ge=1)  # skipped non-finite steps in a row that stop training
     resume: bool  # resume from checkpoints/train/resume.pt when it fits these params
     nproc: int = Field(ge=1)  # processes (distributed data parallel); batch_frames is per step, all together
@@ -132,7 +134,8 @@ class TrainParams(Section):
 
 
 # The run state's part of the resume checkpoint.
-CHECKPOINTED = ("step", "history", "best_wer", "best_epoch", "best_model", "nonfinite_steps", "nonfinite_in_a_row")
+CHECKPOINTED = ("step", "history", "best_wer", "best_epoch", "best_model", "recent_models", "nonfinite_steps",
+                "nonfinite_in_a_row")
 
 
 @dataclass
@@ -143,7 +146,8 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # {"epoch", "metrics"} of every epoch done
     best_wer: float = math.inf  # the validation WER of best_epoch
     best_epoch: int = 0
-    best_model: dict | None = None  # the weights of best_epoch
+    best_model: dict | None = None  # the weights of best_epoch (averaged with the epochs before it)
+    recent_models: list[dict] = field(default_factory=list)  # the last average_epochs - 1 epochs' weights
     nonfinite_steps: int = 0  # skipped, over the whole run
     nonfinite_in_a_row: int = 0
 
@@ -155,13 +159,17 @@ class RunState:
         """True after `patience` epochs (0 = never) without a better validation WER."""
         return bool(patience) and self.epochs_done - self.best_epoch >= patience
 
-    def end_epoch(self, epoch: int, metrics: dict, weights: dict) -> bool:
-        """Record a finished epoch; True when its validation WER is the best so far."""
+    def end_epoch(self, epoch: int, metrics: dict, weights: dict, average_epochs: int) -> bool:
+        """Record a finished epoch; True when its validation WER is the best so far. The best
+        model is then the mean of this epoch's weights and those of the average_epochs - 1 before it
+        (fewer in the first epochs)."""
         self.history.append({"epoch": epoch, "metrics": metrics})
+        window = (self.recent_models + [{k: v.detach().clone() for k, v in weights.items()}])[-average_epochs:]
         improved = metrics["valid/wer"] < self.best_wer
         if improved:
             self.best_wer, self.best_epoch = metrics["valid/wer"], epoch
-            self.best_model = {k: v.detach().clone() for k, v in weights.items()}
+            self.best_model = average_weights(window)
+        self.recent_models = window[1 - average_epochs:] if average_epochs > 1 else []
         return improved
 
     def to_checkpoint(self) -> dict:
@@ -462,7 +470,7 @@ def save_epoch(live: Live, model_dir: Path, resume_path: Path, meta: dict, finge
     """models/best.pt when the epoch improved on it, models/last.pt, and the resume checkpoint."""
     weights, record = model.state_dict(), state.history[-1]
     if improved:
-        save_best(live, model_dir, weights, state, meta)
+        save_best(live, model_dir, state.best_model, state, meta)
     training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     save_model(model_dir / "last.pt", weights, record["epoch"], record["metrics"]["valid/wer"], meta, **training)
     save_resume(resume_path, meta, fingerprint, state, model, optimizer, scheduler, rngs, progress=None)
@@ -596,7 +604,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
                 scheduler.step(valid_metrics["valid/ctc_loss"])
             metrics = {**train_metrics, **valid_metrics, "lr": optimizer.param_groups[0]["lr"],
                        "audio_seconds_per_second": audio_seconds / seconds}
-            improved = state.end_epoch(epoch, metrics, raw_model.state_dict())
+            improved = state.end_epoch(epoch, metrics, raw_model.state_dict(), params.average_epochs)
             rngs = all_gather(world, rng_state())  # every rank's streams, so a resumed run draws what this one would
             if world.master:
                 log_epoch(live, epoch, metrics)
@@ -605,6 +613,10 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
                            scheduler, rngs)
                 summarize(live, state, resumed_from, early_stopped=0)
         if world.master:
+            first = max(1, state.best_epoch - params.average_epochs + 1)
+            if first < state.best_epoch:
+                print(f"{model_dir / 'best.pt'}: the mean of the weights of epochs {first} to {state.best_epoch}",
+                      flush=True)
             summarize(live, state, resumed_from, early_stopped)
             resume_path.unlink(missing_ok=True)  # finished: a rerun trains afresh
     return state.history[-1]["metrics"]

@@ -24,8 +24,9 @@ from ctcflow.data import LengthBatchSampler
 from stages.train import TrainParams, run
 
 # 6 batches an epoch, a resume checkpoint after every 2nd step within it.
+# best.pt averages two epochs: the resumed run must carry the earlier epoch's weights over.
 TRAIN = {"epochs": 4, "batch_frames": 1500, "warmup_steps": 0, "num_threads": 1, "checkpoint_every": 2,
-         "model": {"hidden_size": 64, "num_layers": 2, "conv_channels": 64}}
+         "average_epochs": 2, "model": {"hidden_size": 64, "num_layers": 2, "conv_channels": 64}}
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
        "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -135,7 +136,8 @@ def test_killed_run_left_a_safe_checkpoint_within_epoch_2(killed):
     (progress,) = state["progress"]  # one process
     assert progress["batches_done"] in range(2, batches_in_epoch(repo / "data/features", 2), 2)
     assert progress["updates"] == progress["batches_done"] and progress["utterances"] > 0
-    assert {"model", "optimizer", "scheduler", "rng", "best_model", "fingerprint"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "rng", "best_model", "recent_models", "fingerprint"} <= set(state)
+    assert len(state["recent_models"]) == 1  # epoch 1's weights, for best.pt's mean with a better epoch 2
 
 
 def read_run(root: Path) -> tuple[dict, dict, dict]:

@@ -11,9 +11,9 @@ import torch
 from pydantic import ValidationError
 
 from conftest import section, tiny_params
-from ctcflow.checkpoint import CheckpointError, load_checkpoint
+from ctcflow.checkpoint import CheckpointError, average_weights, load_checkpoint
 from stages.runner import StageError
-from stages.train import TrainParams, run
+from stages.train import RunState, TrainParams, run
 
 # The tiny project's training split; with batch_frames 1, each of its utterances is a batch of its own.
 TRAINING_UTTERANCES = 30
@@ -147,10 +147,60 @@ def test_early_stopping_on_validation_wer(tiny_pipeline, tmp_path):
     assert summary["run"]["early_stopped_epoch"] == 3 and summary["best"]["epoch"] == 1
 
 
+def test_average_weights_is_the_mean_of_floats_and_keeps_the_newest_integers():
+    older = {"weight": torch.tensor([1.0, -2.0]), "half": torch.tensor([1.0], dtype=torch.float16),
+             "count": torch.tensor(3)}
+    newer = {"weight": torch.tensor([2.0, 4.0]), "half": torch.tensor([2.0], dtype=torch.float16),
+             "count": torch.tensor(5)}
+    mean = average_weights([older, newer])
+    assert torch.equal(mean["weight"], torch.tensor([1.5, 1.0]))
+    assert mean["half"].dtype == torch.float16 and mean["half"].item() == 1.5
+    assert mean["count"].item() == 5
+    assert average_weights([older]) is older  # one epoch: its own weights, untouched
+
+
+def test_best_model_is_the_mean_of_the_best_epoch_and_those_before_it():
+    # One weight per epoch (1, 3, 5, 7) and validation WERs that improve at epochs 1, 2 and 4.
+    epochs = [(1.0, 0.5), (3.0, 0.4), (5.0, 0.6), (7.0, 0.3)]
+    for average_epochs, best_after_each_epoch in ((1, [1.0, 3.0, 3.0, 7.0]), (2, [1.0, 2.0, 2.0, 6.0]),
+                                                  (3, [1.0, 2.0, 2.0, 5.0])):
+        state, bests = RunState(), []
+        for epoch, (weight, wer) in enumerate(epochs, start=1):
+            weights = {"w": torch.tensor([weight])}
+            state.end_epoch(epoch, {"valid/wer": wer}, weights, average_epochs)
+            weights["w"] += 100  # training goes on in place: the state must hold copies
+            bests.append(state.best_model["w"].item())
+            assert len(state.recent_models) == min(epoch, average_epochs - 1)
+        assert bests == best_after_each_epoch, average_epochs
+        assert state.best_epoch == 4
+
+
+def test_average_epochs_writes_the_mean_into_best_pt(tiny_pipeline, tmp_path, capsys):
+    # Epoch k's weights are the last.pt of a run of k epochs: nothing in a run depends on train.epochs.
+    # At this seed and rate the tiny model's validation WER improves after epoch 1 (1.0, 0.978, 0.956
+    # here), so the best epoch has one before it to average with.
+    settings = {"lr": 1e-3, "warmup_steps": 0, "seed": 0}
+    for epochs in (1, 2, 3):
+        train(tiny_pipeline, tmp_path / f"epochs{epochs}", epochs=epochs, **settings)
+    capsys.readouterr()
+    train(tiny_pipeline, tmp_path / "averaged", epochs=3, average_epochs=2, **settings)
+    best = load_checkpoint(tmp_path / "averaged/models/best.pt")
+    epoch = best["epoch"]
+    assert epoch >= 2, "the tiny model's validation WER no longer improves after epoch 1: pick another seed"
+    assert f"best.pt: the mean of the weights of epochs {epoch - 1} to {epoch}" in capsys.readouterr().out
+    before, own = (load_checkpoint(tmp_path / f"epochs{k}/models/last.pt")["model"] for k in (epoch - 1, epoch))
+    assert any(not torch.equal(before[k], own[k]) for k in own)  # two different epochs are averaged
+    for name, value in best["model"].items():
+        assert torch.allclose(value, (before[name] + own[name]) / 2, rtol=0, atol=1e-6), name
+    # average_epochs 1, as in every other run: best.pt holds the best epoch's own weights, bit for bit.
+    alone = load_checkpoint(tmp_path / "epochs3/models/best.pt")
+    assert alone["epoch"] == epoch and all(torch.equal(alone["model"][k], own[k]) for k in own)
+
+
 def test_bad_new_params_name_the_key():
     for key, value in (("precision", "fp16"), ("grad_accumulation", 0), ("nproc", 0), ("device", "tpu"),
                        ("early_stopping_patience", -1), ("max_consecutive_nonfinite", 0), ("loader_workers", -1),
-                       ("checkpoint_every", -1)):
+                       ("checkpoint_every", -1), ("average_epochs", 0)):
         with pytest.raises(ValidationError) as err:
             section("train", TrainParams, **{key: value})
         assert [e["loc"] for e in err.value.errors()] == [(key,)]
