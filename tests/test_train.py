@@ -181,7 +181,7 @@ def test_average_epochs_writes_the_mean_into_best_pt(tiny_pipeline, tmp_path, ca
     # here), so the best epoch has one before it to average with.
     settings = {"lr": 1e-3, "warmup_steps": 0, "seed": 0}
     for epochs in (1, 2, 3):
-        train(tiny_pipeline, tmp_path / f"epochs{epochs}", epochs=epochs, **settings)
+        train(tiny_pipeline, tmp_path / f"epochs{epochs}", epochs=epochs, average_epochs=1, **settings)
     capsys.readouterr()
     train(tiny_pipeline, tmp_path / "averaged", epochs=3, average_epochs=2, **settings)
     best = load_checkpoint(tmp_path / "averaged/models/best.pt")
@@ -192,7 +192,7 @@ def test_average_epochs_writes_the_mean_into_best_pt(tiny_pipeline, tmp_path, ca
     assert any(not torch.equal(before[k], own[k]) for k in own)  # two different epochs are averaged
     for name, value in best["model"].items():
         assert torch.allclose(value, (before[name] + own[name]) / 2, rtol=0, atol=1e-6), name
-    # average_epochs 1, as in every other run: best.pt holds the best epoch's own weights, bit for bit.
+    # average_epochs 1: best.pt holds the best epoch's own weights, bit for bit.
     alone = load_checkpoint(tmp_path / "epochs3/models/best.pt")
     assert alone["epoch"] == epoch and all(torch.equal(alone["model"][k], own[k]) for k in own)
 
