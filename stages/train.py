@@ -511,6 +511,22 @@ def rewrite_outputs(live: Live, model_dir: Path, resumed: dict, state: RunState,
                    scheduler=resumed["scheduler"])
 
 
+def validate_best(live: Live, model_dir: Path, state: RunState, params: TrainParams, model: torch.nn.Module,
+                  valid_set: FeatureSplit, tokenizer: Tokenizer, objective: CTCObjective, world: World) -> None:
+    """The validation WER and loss of models/best.pt's own weights into the summary: with train.average_epochs
+    > 1 they are a mean of epochs, whose WER no epoch's line shows. Training is over, so the model
+    may take them."""
+    best = state.history[state.best_epoch - 1]["metrics"]
+    first = max(1, state.best_epoch - params.average_epochs + 1)
+    if first < state.best_epoch:
+        model.load_state_dict(state.best_model)
+        best = validate(model, valid_set, tokenizer, objective, params, world)
+        print(f"{model_dir / 'best.pt'}: the mean of the weights of epochs {first} to {state.best_epoch}: "
+              f"valid WER {best['valid/wer']:.2%} (epoch {state.best_epoch} alone: {state.best_wer:.2%})", flush=True)
+    live.summary["best"] = {**live.summary["best"], "averaged_valid_wer": best["valid/wer"],
+                            "averaged_valid_loss": best["valid/loss"]}
+
+
 def summarize(live: Live, state: RunState, resumed_from: int, early_stopped: int) -> None:
     live.summary["run"] = {"nonfinite_steps": state.nonfinite_steps, "resumed_from_epoch": resumed_from,
                            "early_stopped_epoch": early_stopped}
@@ -613,10 +629,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
                            scheduler, rngs)
                 summarize(live, state, resumed_from, early_stopped=0)
         if world.master:
-            first = max(1, state.best_epoch - params.average_epochs + 1)
-            if first < state.best_epoch:
-                print(f"{model_dir / 'best.pt'}: the mean of the weights of epochs {first} to {state.best_epoch}",
-                      flush=True)
+            validate_best(live, model_dir, state, params, raw_model, valid_set, tokenizer, objective, world)
             summarize(live, state, resumed_from, early_stopped)
             resume_path.unlink(missing_ok=True)  # finished: a rerun trains afresh
     return state.history[-1]["metrics"]

@@ -11,7 +11,11 @@ import torch
 from pydantic import ValidationError
 
 from conftest import section, tiny_params
-from ctcflow.checkpoint import CheckpointError, average_weights, load_checkpoint
+from ctcflow.checkpoint import CheckpointError, average_weights, load_checkpoint, model_from_checkpoint
+from ctcflow.data import FeatureSplit
+from ctcflow.inference import decode_split
+from ctcflow.losses import CTCObjective
+from ctcflow.metrics import error_rates
 from stages.runner import StageError
 from stages.train import RunState, TrainParams, run
 
@@ -175,6 +179,10 @@ def test_best_model_is_the_mean_of_the_best_epoch_and_those_before_it():
         assert state.best_epoch == 4
 
 
+def epoch_valid_loss(run, epoch: int) -> float:
+    return pd.read_csv(run / "live/plots/metrics/valid/loss.tsv", sep="\t").set_index("step")["loss"][epoch]
+
+
 def test_average_epochs_writes_the_mean_into_best_pt(tiny_pipeline, tmp_path, capsys):
     # Epoch k's weights are the last.pt of a run of k epochs: nothing in a run depends on train.epochs.
     # At this seed and rate the tiny model's validation WER improves after epoch 1 (1.0, 0.978, 0.956
@@ -187,7 +195,21 @@ def test_average_epochs_writes_the_mean_into_best_pt(tiny_pipeline, tmp_path, ca
     best = load_checkpoint(tmp_path / "averaged/models/best.pt")
     epoch = best["epoch"]
     assert epoch >= 2, "the tiny model's validation WER no longer improves after epoch 1: pick another seed"
-    assert f"best.pt: the mean of the weights of epochs {epoch - 1} to {epoch}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"best.pt: the mean of the weights of epochs {epoch - 1} to {epoch}: valid WER " in out
+    # The summary's averaged_valid_wer is the WER of best.pt's weights on valid, decoded afresh here.
+    model, tokenizer = model_from_checkpoint(best)
+    valid = FeatureSplit(tiny_pipeline / "data/features", "valid", tokenizer)
+    decoded = decode_split(model, valid, tokenizer, CTCObjective(tokenizer.blank, True, "none", 0.0), 5000)
+    wer = error_rates(valid.index["text_normalized"].tolist(), decoded.hypotheses)["wer"]
+    summary = json.loads((tmp_path / "averaged/live/metrics.json").read_text())["best"]
+    assert summary["epoch"] == epoch and summary["averaged_valid_wer"] == pytest.approx(wer, abs=1e-9)
+    assert summary["averaged_valid_loss"] == pytest.approx(decoded.loss, rel=1e-5)
+    assert summary["averaged_valid_loss"] != pytest.approx(epoch_valid_loss(tmp_path / "averaged", epoch), rel=1e-3)
+    # average_epochs 1: best.pt holds the best epoch's own weights, and the summary that epoch's figures.
+    single = json.loads((tmp_path / "epochs3/live/metrics.json").read_text())["best"]
+    assert single["averaged_valid_wer"] == single["valid_wer"]
+    assert single["averaged_valid_loss"] == pytest.approx(epoch_valid_loss(tmp_path / "epochs3", single["epoch"]), rel=1e-9)
     before, own = (load_checkpoint(tmp_path / f"epochs{k}/models/last.pt")["model"] for k in (epoch - 1, epoch))
     assert any(not torch.equal(before[k], own[k]) for k in own)  # two different epochs are averaged
     for name, value in best["model"].items():
