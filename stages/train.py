@@ -2,8 +2,9 @@
 
 One epoch = a pass over length-bucketed batches with SpecAugment, the loss = CTC + blank penalty
 (train.blank_penalty), AdamW with linear warm-up, gradient clipping (train.clip_grad_norm), then a
-validation pass whose loss steps ReduceLROnPlateau (unless train.scheduler.enabled is false, which
-reproduces the original recipe's never-stepped scheduler). Per-epoch metrics go to metrics/train
+validation pass; the learning rate then follows train.scheduler (ReduceLROnPlateau on the validation
+loss, or a cosine decay over the epochs; train.scheduler.enabled false reproduces the original
+recipe's never-stepped scheduler). Per-epoch metrics go to metrics/train
 through dvclive; models/best.pt (lowest validation WER; with train.average_epochs > 1, the mean of
 that epoch's weights and those of the epochs just before it) and models/last.pt are kept.
 
@@ -93,6 +94,7 @@ class BlankPenaltyParams(Section):
 
 class SchedulerParams(Section):
     enabled: bool
+    kind: Literal["plateau", "cosine"]
     factor: float = Field(gt=0, lt=1)
     patience: int = Field(ge=0)
 
@@ -255,6 +257,16 @@ def train_sampler(params: TrainParams, world: World, train_set: FeatureSplit) ->
 def pinned(world: World) -> bool:
     """Batches for a GPU go through page-locked memory, and are copied from it without waiting."""
     return world.device.type == "cuda"
+
+
+def make_scheduler(params: TrainParams, optimizer: torch.optim.Optimizer):
+    """plateau: the rate × factor after patience + 1 epochs without a lower validation CTC loss.
+    cosine: after epoch e of E, lr × (1 + cos(π e / E)) / 2, from lr down to nearly 0 in the last
+    epoch, whatever the validation loss does (the warm-up still sets the first steps' rates)."""
+    if params.scheduler.kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: (1 + math.cos(math.pi * done / params.epochs)) / 2)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=params.scheduler.factor, patience=params.scheduler.patience)
 
 
 def make_loader(params: TrainParams, world: World, train_set: FeatureSplit) -> DataLoader:
@@ -576,8 +588,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
     objective = CTCObjective(tokenizer.blank, params.ctc.zero_infinity, params.blank_penalty.mode,
                              params.blank_penalty.weight)
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=params.scheduler.factor, patience=params.scheduler.patience)
+    scheduler = make_scheduler(params, optimizer)
     loader = make_loader(params, world, train_set)
     frame_seconds = feature_info["logmel"]["hop_length"] / feature_info["logmel"]["sample_rate"]
 
@@ -617,7 +628,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
             progress = EpochProgress()  # the next epoch starts at its first batch
             valid_metrics = validate(raw_model, valid_set, tokenizer, objective, params, world)
             if params.scheduler.enabled:
-                scheduler.step(valid_metrics["valid/ctc_loss"])
+                scheduler.step(*[valid_metrics["valid/ctc_loss"]] if params.scheduler.kind == "plateau" else [])
             metrics = {**train_metrics, **valid_metrics, "lr": optimizer.param_groups[0]["lr"],
                        "audio_seconds_per_second": audio_seconds / seconds}
             improved = state.end_epoch(epoch, metrics, raw_model.state_dict(), params.average_epochs)

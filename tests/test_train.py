@@ -38,7 +38,7 @@ def train(tiny_pipeline, tmp_path, **params) -> pd.DataFrame:
 def test_plateau_scheduler_is_stepped_on_validation_loss(tiny_pipeline, tmp_path):
     # A learning rate too small to change anything: validation loss plateaus at once.
     history = train(tiny_pipeline, tmp_path, epochs=3, lr=1e-6,
-                    scheduler={"enabled": True, "factor": 0.5, "patience": 0})
+                    scheduler={"enabled": True, "kind": "plateau", "factor": 0.5, "patience": 0})
     assert history["lr"].tolist() == pytest.approx([1e-6, 5e-7, 2.5e-7])
 
 
@@ -46,6 +46,13 @@ def test_disabled_scheduler_keeps_the_learning_rate_like_the_recipe(tiny_pipelin
     history = train(tiny_pipeline, tmp_path, epochs=3, lr=1e-6,
                     scheduler={"enabled": False, "factor": 0.5, "patience": 0})
     assert history["lr"].tolist() == pytest.approx([1e-6] * 3)
+
+
+def test_cosine_scheduler_decays_over_the_epochs_whatever_the_loss(tiny_pipeline, tmp_path):
+    # The same plateauing loss as above; after epoch e of 4 the rate is lr × (1 + cos(π e / 4)) / 2.
+    history = train(tiny_pipeline, tmp_path, epochs=4, lr=1e-6, warmup_steps=0,
+                    scheduler={"enabled": True, "kind": "cosine", "factor": 0.5, "patience": 0})
+    assert history["lr"].tolist() == pytest.approx([8.5355e-7, 5e-7, 1.4645e-7, 0.0], abs=1e-11)
 
 
 def test_warmup_rises_linearly_to_the_base_rate(tiny_pipeline, tmp_path):
