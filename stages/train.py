@@ -264,7 +264,8 @@ def make_scheduler(params: TrainParams, optimizer: torch.optim.Optimizer):
     cosine: after epoch e of E, lr × (1 + cos(π e / E)) / 2, from lr down to nearly 0 in the last
     epoch, whatever the validation loss does (the warm-up still sets the first steps' rates)."""
     if params.scheduler.kind == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: (1 + math.cos(math.pi * done / params.epochs)) / 2)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda done: (1 + math.cos(math.pi * done / params.epochs)) / 2)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=params.scheduler.factor, patience=params.scheduler.patience)
 
@@ -525,9 +526,9 @@ def rewrite_outputs(live: Live, model_dir: Path, resumed: dict, state: RunState,
 
 def validate_best(live: Live, model_dir: Path, state: RunState, params: TrainParams, model: torch.nn.Module,
                   valid_set: FeatureSplit, tokenizer: Tokenizer, objective: CTCObjective, world: World) -> None:
-    """The validation WER and loss of models/best.pt's own weights into the summary: with train.average_epochs
-    > 1 they are a mean of epochs, whose WER no epoch's line shows. Training is over, so the model
-    may take them."""
+    """The validation WER and loss of models/best.pt's own weights into the summary: with
+    train.average_epochs > 1 they are a mean of epochs, whose WER no epoch's line shows. Training
+    is over, so the model may take them."""
     best = state.history[state.best_epoch - 1]["metrics"]
     first = max(1, state.best_epoch - params.average_epochs + 1)
     if first < state.best_epoch:
@@ -627,8 +628,10 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
                                                                     loader, state, progress, frame_seconds, checkpoint)
             progress = EpochProgress()  # the next epoch starts at its first batch
             valid_metrics = validate(raw_model, valid_set, tokenizer, objective, params, world)
-            if params.scheduler.enabled:
-                scheduler.step(*[valid_metrics["valid/ctc_loss"]] if params.scheduler.kind == "plateau" else [])
+            if params.scheduler.enabled and params.scheduler.kind == "plateau":
+                scheduler.step(valid_metrics["valid/ctc_loss"])
+            elif params.scheduler.enabled:
+                scheduler.step()
             metrics = {**train_metrics, **valid_metrics, "lr": optimizer.param_groups[0]["lr"],
                        "audio_seconds_per_second": audio_seconds / seconds}
             improved = state.end_epoch(epoch, metrics, raw_model.state_dict(), params.average_epochs)

@@ -216,7 +216,8 @@ def test_average_epochs_writes_the_mean_into_best_pt(tiny_pipeline, tmp_path, ca
     # average_epochs 1: best.pt holds the best epoch's own weights, and the summary that epoch's figures.
     single = json.loads((tmp_path / "epochs3/live/metrics.json").read_text())["best"]
     assert single["averaged_valid_wer"] == single["valid_wer"]
-    assert single["averaged_valid_loss"] == pytest.approx(epoch_valid_loss(tmp_path / "epochs3", single["epoch"]), rel=1e-9)
+    own_loss = epoch_valid_loss(tmp_path / "epochs3", single["epoch"])
+    assert single["averaged_valid_loss"] == pytest.approx(own_loss, rel=1e-9)
     before, own = (load_checkpoint(tmp_path / f"epochs{k}/models/last.pt")["model"] for k in (epoch - 1, epoch))
     assert any(not torch.equal(before[k], own[k]) for k in own)  # two different epochs are averaged
     for name, value in best["model"].items():
