@@ -262,7 +262,7 @@ def pinned(world: World) -> bool:
 def make_scheduler(params: TrainParams, optimizer: torch.optim.Optimizer):
     """plateau: the rate × factor after patience + 1 epochs without a lower validation CTC loss.
     cosine: after epoch e of E, lr × (1 + cos(π e / E)) / 2, from lr down to nearly 0 in the last
-    epoch, whatever the validation loss does (the warm-up still sets the first steps' rates)."""
+    epoch, whatever the validation loss does (the warm-up scales the first steps' rates)."""
     if params.scheduler.kind == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda done: (1 + math.cos(math.pi * done / params.epochs)) / 2)
@@ -412,20 +412,30 @@ def accumulate_gradients(group: list, params: TrainParams, world: World, model: 
 
 def optimizer_step(params: TrainParams, world: World, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    state: RunState, loss: float) -> float | None:
-    """Clip the accumulated gradient and step with it, at the warm-up's rate while it lasts. A
-    non-finite loss or gradient (bad features, an overflow) would poison the weights: every rank
-    skips the step then. Returns the gradient norm of a step taken, None for a step skipped."""
+    """Clip the accumulated gradient and step with it, at the warm-up's share of the scheduler's rate
+    while the warm-up lasts; the optimizer keeps the scheduler's rate, so a warm-up longer than an
+    epoch neither undoes a scheduler step nor is undone by one. A non-finite loss or gradient (bad
+    features, an overflow) would poison the weights: every rank skips the step then. Returns the
+    gradient norm of a step taken, None for a step skipped."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), params.clip_grad_norm or float("inf")).item()
     finite = all_true(world, math.isfinite(loss) and math.isfinite(grad_norm))
     if finite:
-        if state.step < params.warmup_steps:  # linear: step k (from 0) at lr × (k + 1) / warmup_steps
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = params.lr * (state.step + 1) / params.warmup_steps
+        scheduled = [param_group["lr"] for param_group in optimizer.param_groups]
+        for param_group, lr in zip(optimizer.param_groups, scheduled):
+            param_group["lr"] = warmed_up(params, lr, state.step)
         optimizer.step()
+        for param_group, lr in zip(optimizer.param_groups, scheduled):
+            param_group["lr"] = lr
         state.step += 1
         state.nonfinite_in_a_row = 0
     optimizer.zero_grad(set_to_none=True)
     return grad_norm if finite else None
+
+
+def warmed_up(params: TrainParams, lr: float, step: int) -> float:
+    """The rate optimizer step `step` (from 0) runs at: linear, lr × (step + 1) / warmup_steps, while
+    the warm-up lasts; lr after it."""
+    return lr * (step + 1) / params.warmup_steps if step < params.warmup_steps else lr
 
 
 def skip_step(epoch: int, params: TrainParams, world: World, state: RunState, utterance_ids: list[str]) -> None:
@@ -632,7 +642,8 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
                 scheduler.step(valid_metrics["valid/ctc_loss"])
             elif params.scheduler.enabled:
                 scheduler.step()
-            metrics = {**train_metrics, **valid_metrics, "lr": optimizer.param_groups[0]["lr"],
+            next_rate = warmed_up(params, optimizer.param_groups[0]["lr"], state.step)
+            metrics = {**train_metrics, **valid_metrics, "lr": next_rate,
                        "audio_seconds_per_second": audio_seconds / seconds}
             improved = state.end_epoch(epoch, metrics, raw_model.state_dict(), params.average_epochs)
             rngs = all_gather(world, rng_state())  # every rank's streams, so a resumed run draws what this one would

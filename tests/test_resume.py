@@ -231,3 +231,30 @@ def test_two_processes_killed_within_an_epoch_resume_at_the_same_batch(tiny_pipe
     assert summary["run"]["resumed_from_epoch"] == 1 and summary["valid"] == reference_summary["valid"]
     for name in ("best.pt", "last.pt"):
         assert_identical(models[name], reference_models[name], name)
+
+
+def test_a_killed_cosine_run_resumes_on_its_curve_and_warm_up(tiny_pipeline, tmp_path):
+    """The cosine schedule and a warm-up longer than an epoch (8 steps, 6 an epoch), killed within
+    epoch 2 and rerun: the rates go on where they were, and the run ends bit for bit where an
+    uninterrupted one ends."""
+    train = {**TRAIN, "epochs": 3, "warmup_steps": 8, "scheduler": {"enabled": True, "kind": "cosine"}}
+    project = make_project(tmp_path / "killed", merge(tiny_params(), {"train": train}))
+    (project / "data/features").symlink_to(tiny_pipeline / "data/features")
+    stage, env = [sys.executable, "-m", "stages.train"], {**ENV, "PYTHONPATH": str(REPO)}
+    resume = project / "checkpoints/train/resume.pt"
+    kill_within_epoch(stage, project, resume, 2, tmp_path / "killed.log", env)
+    assert "resuming epoch 2 at its batch" in sh(*stage, cwd=project, env=env)
+
+    whole = tmp_path / "uninterrupted"
+    run(section("train", TrainParams, **train), features_dir=tiny_pipeline / "data/features",
+        model_dir=whole / "models", live_dir=whole / "metrics/train", resume_dir=whole / "checkpoints")
+    (series, summary, models), (reference, _, reference_models) = read_run(project), read_run(whole)
+    # The rate of each next epoch's first step: 0.002 × (1 + cos(π e / 3)) / 2 after epoch e, and
+    # after epoch 1 (6 steps done) still 7/8 of it, the warm-up's 7th step.
+    assert series["plots/metrics/lr.tsv"]["lr"].tolist() == pytest.approx([0.002 * 0.75 * 7 / 8, 0.0005, 0.0])
+    for name, frame in reference.items():
+        if "audio_seconds_per_second" not in name:  # a timing
+            pd.testing.assert_frame_equal(series[name], frame, check_exact=True, obj=name)
+    assert summary["run"]["resumed_from_epoch"] == 1
+    for name in ("best.pt", "last.pt"):
+        assert_identical(models[name], reference_models[name], name)

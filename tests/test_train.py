@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from pydantic import ValidationError
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import section, tiny_params
 from ctcflow.checkpoint import CheckpointError, average_weights, load_checkpoint, model_from_checkpoint
@@ -58,10 +59,31 @@ def test_cosine_scheduler_decays_over_the_epochs_whatever_the_loss(tiny_pipeline
 def test_warmup_rises_linearly_to_the_base_rate(tiny_pipeline, tmp_path):
     assert len(pd.read_csv(tiny_pipeline / "data/features/train/index.csv")) == TRAINING_UTTERANCES
     # 30 steps an epoch; the k-th step of the warm-up runs at lr × k / 75, then lr stays (the plateau
-    # scheduler, off here, is the only other thing that moves it).
+    # scheduler, off here, is the only other thing that moves it). The series logs the rate of each
+    # next epoch's first step: the 31st, the 61st, then lr.
     history = train(tiny_pipeline, tmp_path, epochs=3, lr=1e-3, warmup_steps=75, scheduler={"enabled": False},
                     batch_frames=1)
-    assert history["lr"].tolist() == pytest.approx([4e-4, 8e-4, 1e-3])
+    assert history["lr"].tolist() == pytest.approx([1e-3 * 31 / 75, 1e-3 * 61 / 75, 1e-3])
+
+
+def test_a_warmup_longer_than_an_epoch_scales_the_cosine_rate(tiny_pipeline, tmp_path):
+    # Every step's rate, as AdamW sees it: the warm-up's k / 75 of the rate cosine sets, which is lr
+    # in epoch 1, lr × 0.75 after it and lr × 0.25 after epoch 2 of 3. A warm-up that set the rate
+    # itself would run epoch 2 at lr × k / 75, and lr after the warm-up, whatever cosine said.
+    rates = []
+    hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: rates.append(optimizer.param_groups[0]["lr"]))
+    try:
+        history = train(tiny_pipeline, tmp_path, epochs=3, lr=1e-3, warmup_steps=75, batch_frames=1,
+                        scheduler={"enabled": True, "kind": "cosine"})
+    finally:
+        hook.remove()
+    assert len(rates) == 3 * TRAINING_UTTERANCES
+    assert rates[:30] == pytest.approx([1e-3 * k / 75 for k in range(1, 31)])
+    assert rates[30:60] == pytest.approx([0.75e-3 * k / 75 for k in range(31, 61)])
+    assert rates[60:75] == pytest.approx([0.25e-3 * k / 75 for k in range(61, 76)])
+    assert rates[75:] == pytest.approx([0.25e-3] * 15)
+    assert history["lr"].tolist() == pytest.approx([0.75e-3 * 31 / 75, 0.25e-3 * 61 / 75, 0.0], abs=1e-12)
 
 
 def test_init_from_starts_where_the_checkpoint_left_off(tiny_pipeline, tmp_path):
@@ -135,10 +157,11 @@ def test_loader_workers_train_the_same_weights(tiny_pipeline, tmp_path):
 
 def test_gradient_accumulation_steps_once_per_group_of_batches(tiny_pipeline, tmp_path):
     assert len(pd.read_csv(tiny_pipeline / "data/features/train/index.csv")) == TRAINING_UTTERANCES
-    # During a long warm-up the learning rate counts optimizer steps: lr × steps / warmup_steps.
-    # 30 batches in groups of 4: 7 full groups and a last one of 2, so 8 steps.
+    # During a long warm-up the learning rate counts optimizer steps: the series logs the next
+    # step's, lr × (steps + 1) / warmup_steps. 30 batches in groups of 4: 7 full groups and a last
+    # one of 2, so 8 steps.
     history = train(tiny_pipeline, tmp_path, lr=1.0, warmup_steps=1000, grad_accumulation=4, batch_frames=1)
-    assert history["lr"].tolist() == pytest.approx([8 / 1000])
+    assert history["lr"].tolist() == pytest.approx([9 / 1000])
 
 
 def test_bf16_autocast_trains_on_cpu(tiny_pipeline, tmp_path):
