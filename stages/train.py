@@ -6,7 +6,8 @@ validation pass; the learning rate then follows train.scheduler (ReduceLROnPlate
 loss, or a cosine decay over the epochs; train.scheduler.enabled false reproduces the original
 recipe's never-stepped scheduler). Per-epoch metrics go to metrics/train
 through dvclive; models/best.pt (lowest validation WER; with train.average_epochs > 1, the mean of
-that epoch's weights and those of the epochs just before it) and models/last.pt are kept.
+that epoch's weights and those of the epochs just before it), models/best_epoch.pt (that epoch's
+own weights, what a fine-tuning run starts from) and models/last.pt are kept.
 
 Surviving crashes: after every epoch, and every train.checkpoint_every optimizer steps within
 one, checkpoints/train/resume.pt holds the whole training state (weights, optimizer, scheduler,
@@ -64,7 +65,8 @@ RESUME_DIR = Path("checkpoints/train")
 RESUMABLE_CHANGES = {"epochs", "early_stopping_patience", "max_consecutive_nonfinite", "num_threads", "nproc",
                      "device", "resume", "loader_workers", "checkpoint_every"}
 # The resume checkpoint's layout; one of another layout, written by other code, is not resumed.
-RESUME_LAYOUT = 3  # 2: checkpoints within an epoch too; 3: the recent epochs' weights that best.pt averages
+RESUME_LAYOUT = 4  # 2: checkpoints within an epoch too; 3: the recent epochs' weights that best.pt averages;
+# 4: the best epoch's own weights
 
 
 class ModelParams(Section):
@@ -136,8 +138,8 @@ class TrainParams(Section):
 
 
 # The run state's part of the resume checkpoint.
-CHECKPOINTED = ("step", "history", "best_wer", "best_epoch", "best_model", "recent_models", "nonfinite_steps",
-                "nonfinite_in_a_row")
+CHECKPOINTED = ("step", "history", "best_wer", "best_epoch", "best_model", "best_epoch_model", "recent_models",
+                "nonfinite_steps", "nonfinite_in_a_row")
 
 
 @dataclass
@@ -149,6 +151,7 @@ class RunState:
     best_wer: float = math.inf  # the validation WER of best_epoch
     best_epoch: int = 0
     best_model: dict | None = None  # the weights of best_epoch (averaged with the epochs before it)
+    best_epoch_model: dict | None = None  # the weights of best_epoch alone
     recent_models: list[dict] = field(default_factory=list)  # the last average_epochs - 1 epochs' weights
     nonfinite_steps: int = 0  # skipped, over the whole run
     nonfinite_in_a_row: int = 0
@@ -170,7 +173,7 @@ class RunState:
         improved = metrics["valid/wer"] < self.best_wer
         if improved:
             self.best_wer, self.best_epoch = metrics["valid/wer"], epoch
-            self.best_model = average_weights(window)
+            self.best_model, self.best_epoch_model = average_weights(window), window[-1]
         self.recent_models = window[1 - average_epochs:] if average_epochs > 1 else []
         return improved
 
@@ -483,17 +486,21 @@ def save_model(path: Path, weights: dict, epoch: int, valid_wer: float, meta: di
     save_checkpoint(path, model=weights, epoch=epoch, valid_wer=valid_wer, **meta, **training)
 
 
-def save_best(live: Live, model_dir: Path, weights: dict, state: RunState, meta: dict) -> None:
-    save_model(model_dir / "best.pt", weights, state.best_epoch, state.best_wer, meta)
+def save_best(live: Live, model_dir: Path, state: RunState, meta: dict) -> None:
+    """models/best.pt (averaged, to transcribe and evaluate) and models/best_epoch.pt (the epoch's
+    own weights, to fine-tune: a mean of epochs fine-tuned worse on FSDD)."""
+    save_model(model_dir / "best.pt", state.best_model, state.best_epoch, state.best_wer, meta)
+    save_model(model_dir / "best_epoch.pt", state.best_epoch_model, state.best_epoch, state.best_wer, meta)
     live.summary["best"] = {"epoch": state.best_epoch, "valid_wer": state.best_wer}
 
 
 def save_epoch(live: Live, model_dir: Path, resume_path: Path, meta: dict, fingerprint: dict, state: RunState,
                improved: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, rngs: list) -> None:
-    """models/best.pt when the epoch improved on it, models/last.pt, and the resume checkpoint."""
+    """models/best.pt and best_epoch.pt when the epoch improved on them, models/last.pt, and the resume
+    checkpoint."""
     weights, record = model.state_dict(), state.history[-1]
     if improved:
-        save_best(live, model_dir, state.best_model, state, meta)
+        save_best(live, model_dir, state, meta)
     training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     save_model(model_dir / "last.pt", weights, record["epoch"], record["metrics"]["valid/wer"], meta, **training)
     save_resume(resume_path, meta, fingerprint, state, model, optimizer, scheduler, rngs, progress=None)
@@ -527,7 +534,7 @@ def rewrite_outputs(live: Live, model_dir: Path, resumed: dict, state: RunState,
     for record in state.history:
         log_epoch(live, record["epoch"], record["metrics"])
     if state.history:
-        save_best(live, model_dir, state.best_model, state, meta)
+        save_best(live, model_dir, state, meta)
     if not resumed["progress"]:
         save_model(model_dir / "last.pt", resumed["model"], state.epochs_done,
                    state.history[-1]["metrics"]["valid/wer"], meta, optimizer=resumed["optimizer"],

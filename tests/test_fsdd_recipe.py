@@ -80,9 +80,9 @@ def test_the_recipe_builds_the_demo_model_first_and_fine_tunes_it(repo):
 
     recipe = repo / "recipes/fsdd"
     lock = yaml.safe_load((recipe / "dvc.lock").read_text())["stages"]["train"]
-    demo_model = next(d for d in lock["deps"] if d["path"] == "../../models/last.pt")
-    assert demo_model["md5"] == hashlib.md5((repo / "models/last.pt").read_bytes()).hexdigest()
-    assert lock["params"]["params.yaml"]["train.init_from"] == "../../models/last.pt"
+    demo_model = next(d for d in lock["deps"] if d["path"] == "../../models/best_epoch.pt")
+    assert demo_model["md5"] == hashlib.md5((repo / "models/best_epoch.pt").read_bytes()).hexdigest()
+    assert lock["params"]["params.yaml"]["train.init_from"] == "../../models/best_epoch.pt"
 
     # Held-out speakers: jackson and lucas train, nicolas validates, george is the test; the 17
     # espeak utterances of 5 voices (manifest.train_sets.espeak) all train, whatever synth's split.
@@ -172,11 +172,11 @@ def test_the_recipe_tracks_what_the_project_s_pipeline_tracks():
     assert list(recipe) == RECIPE_STAGES
     for name, stage in recipe.items():
         code = [d for d in project[name]["deps"] if d.split("/")[0] in ("stages", "ctcflow")]
-        assert [d for d in stage["deps"] if d.startswith("../../") and d != "../../models/last.pt"] == \
+        assert [d for d in stage["deps"] if d.startswith("../../") and d != "../../models/best_epoch.pt"] == \
             [f"../../{d}" for d in code], name
         assert stage["params"] == project[name]["params"], name
         assert stage["cmd"] == project[name]["cmd"], name
-    assert "../../models/last.pt" in recipe["train"]["deps"]
+    assert "../../models/best_epoch.pt" in recipe["train"]["deps"]
 
     project_params = yaml.safe_load((REPO / "params.yaml").read_text())
     recipe_params = yaml.safe_load((REPO / "recipes/fsdd/params.yaml").read_text())
@@ -184,5 +184,5 @@ def test_the_recipe_tracks_what_the_project_s_pipeline_tracks():
     for name in RECIPE_STAGES:
         assert knob_names(recipe_params[name]) == knob_names(project_params[name]), name
     assert set(recipe_params["manifest"]["train_sets"]["espeak"]) == {"source", "corpus_dir", "table", "columns"}
-    assert recipe_params["train"]["init_from"] == "../../models/last.pt"
+    assert recipe_params["train"]["init_from"] == "../../models/best_epoch.pt"
     assert recipe_params["manifest"]["held_out_speakers"] == {"valid": ["nicolas"], "test": ["george"]}

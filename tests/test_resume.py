@@ -136,7 +136,8 @@ def test_killed_run_left_a_safe_checkpoint_within_epoch_2(killed):
     (progress,) = state["progress"]  # one process
     assert progress["batches_done"] in range(2, batches_in_epoch(repo / "data/features", 2), 2)
     assert progress["updates"] == progress["batches_done"] and progress["utterances"] > 0
-    assert {"model", "optimizer", "scheduler", "rng", "best_model", "recent_models", "fingerprint"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "rng", "best_model", "best_epoch_model", "recent_models",
+            "fingerprint"} <= set(state)
     assert len(state["recent_models"]) == 1  # epoch 1's weights, for best.pt's mean with a better epoch 2
 
 
@@ -144,7 +145,7 @@ def read_run(root: Path) -> tuple[dict, dict, dict]:
     live = root / "metrics/train"
     series = {str(f.relative_to(live)): pd.read_csv(f, sep="\t") for f in (live / "plots").rglob("*.tsv")}
     summary = json.loads((live / "metrics.json").read_text())
-    models = {name: load_checkpoint(root / "models" / name) for name in ("best.pt", "last.pt")}
+    models = {name: load_checkpoint(root / "models" / name) for name in ("best.pt", "best_epoch.pt", "last.pt")}
     return series, summary, models
 
 
@@ -175,7 +176,7 @@ def test_rerun_resumes_and_ends_like_an_uninterrupted_run(killed, tmp_path):
         del part["run"]["resumed_from_epoch"], part["audio_seconds_per_second"]
     assert summary == reference
 
-    for name in ("best.pt", "last.pt"):  # weights, optimizer and scheduler states, epoch, WER: bit for bit
+    for name in ("best.pt", "best_epoch.pt", "last.pt"):  # weights, optimizer, scheduler, epoch, WER: bit for bit
         assert_identical(resumed[2][name], uninterrupted[2][name], name)
 
 
@@ -229,7 +230,7 @@ def test_two_processes_killed_within_an_epoch_resume_at_the_same_batch(tiny_pipe
         if "audio_seconds_per_second" not in name:  # a timing
             pd.testing.assert_frame_equal(series[name], frame, check_exact=True, obj=name)
     assert summary["run"]["resumed_from_epoch"] == 1 and summary["valid"] == reference_summary["valid"]
-    for name in ("best.pt", "last.pt"):
+    for name in ("best.pt", "best_epoch.pt", "last.pt"):
         assert_identical(models[name], reference_models[name], name)
 
 
@@ -256,5 +257,5 @@ def test_a_killed_cosine_run_resumes_on_its_curve_and_warm_up(tiny_pipeline, tmp
         if "audio_seconds_per_second" not in name:  # a timing
             pd.testing.assert_frame_equal(series[name], frame, check_exact=True, obj=name)
     assert summary["run"]["resumed_from_epoch"] == 1
-    for name in ("best.pt", "last.pt"):
+    for name in ("best.pt", "best_epoch.pt", "last.pt"):
         assert_identical(models[name], reference_models[name], name)

@@ -245,9 +245,15 @@ def test_average_epochs_writes_the_mean_into_best_pt(tiny_pipeline, tmp_path, ca
     assert any(not torch.equal(before[k], own[k]) for k in own)  # two different epochs are averaged
     for name, value in best["model"].items():
         assert torch.allclose(value, (before[name] + own[name]) / 2, rtol=0, atol=1e-6), name
+    # best_epoch.pt, what fine-tuning starts from: the best epoch's own weights, bit for bit.
+    best_epoch = load_checkpoint(tmp_path / "averaged/models/best_epoch.pt")
+    assert best_epoch["epoch"] == epoch and best_epoch["valid_wer"] == summary["valid_wer"]
+    assert all(torch.equal(best_epoch["model"][k], own[k]) for k in own)
     # average_epochs 1: best.pt holds the best epoch's own weights, bit for bit.
     alone = load_checkpoint(tmp_path / "epochs3/models/best.pt")
     assert alone["epoch"] == epoch and all(torch.equal(alone["model"][k], own[k]) for k in own)
+    alone_epoch = load_checkpoint(tmp_path / "epochs3/models/best_epoch.pt")
+    assert all(torch.equal(alone_epoch["model"][k], own[k]) for k in own)
 
 
 def test_bad_new_params_name_the_key():
