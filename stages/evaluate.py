@@ -55,7 +55,7 @@ METRICS_FILE = Path("metrics/eval.json")
 
 
 class EvaluateParams(Section):
-    checkpoint: Literal["best", "last"]
+    checkpoint: Literal["best", "best_epoch", "last"]  # models/{checkpoint}.pt
     split: Literal["test", "valid"]
     batch_frames: int = Field(gt=0)
     num_examples: int = Field(ge=0)

@@ -31,7 +31,7 @@ METRICS_FILE = Path("metrics/export.json")
 
 
 class ExportParams(Section):
-    checkpoint: Literal["best", "last"]
+    checkpoint: Literal["best", "best_epoch", "last"]  # models/{checkpoint}.pt
     opset: int = Field(ge=14)  # the ONNX operator set; below 17, LayerNormalization is exported as its parts
     int8: bool
     batch_frames: int = Field(gt=0)

@@ -99,3 +99,20 @@ def test_bad_train_params_name_the_key(tmp_path):
     assert "train.blank_penalty.mode" in message and "argmax" in message
     assert "train.clip_grad_norm" in message
     assert "train.epochz" in message
+
+
+def test_evaluate_scores_the_checkpoint_named_in_params(tiny_pipeline, tmp_path):
+    from stages import evaluate
+
+    best = load_checkpoint(tiny_pipeline / "models/best.pt")
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.save(best, models / "best.pt")
+    torch.save({**best, "epoch": 7}, models / "best_epoch.pt")  # told apart by the epoch it says it is
+    for name, epoch in (("best", best["epoch"]), ("best_epoch", 7)):
+        metrics = evaluate.run(load_section("evaluate", evaluate.EvaluateParams, tiny_pipeline / "params.yaml")
+                               .model_copy(update={"checkpoint": name, "decoder": "greedy"}),
+                               features_dir=tiny_pipeline / "data/features", model_dir=models,
+                               report_dir=tmp_path / name, metrics_file=tmp_path / f"{name}.json",
+                               lm_dir=tiny_pipeline / "data/lm")
+        assert metrics["checkpoint_epoch"] == epoch, name
