@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import tiny_tokenizer
-from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import section, tiny_tokenizer
+from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ctcflow.data import FeatureSplit, read_feature_info
 from ctcflow.manifest import read_manifest
 from ctcflow.params import ParamsError, load_section
@@ -106,12 +106,10 @@ def test_evaluate_scores_the_checkpoint_named_in_params(tiny_pipeline, tmp_path)
 
     best = load_checkpoint(tiny_pipeline / "models/best.pt")
     models = tmp_path / "models"
-    models.mkdir()
-    torch.save(best, models / "best.pt")
-    torch.save({**best, "epoch": 7}, models / "best_epoch.pt")  # told apart by the epoch it says it is
+    save_checkpoint(models / "best.pt", **best)
+    save_checkpoint(models / "best_epoch.pt", **{**best, "epoch": 7})  # told apart by the epoch it says it is
     for name, epoch in (("best", best["epoch"]), ("best_epoch", 7)):
-        metrics = evaluate.run(load_section("evaluate", evaluate.EvaluateParams, tiny_pipeline / "params.yaml")
-                               .model_copy(update={"checkpoint": name, "decoder": "greedy"}),
+        metrics = evaluate.run(section("evaluate", evaluate.EvaluateParams, checkpoint=name, decoder="greedy"),
                                features_dir=tiny_pipeline / "data/features", model_dir=models,
                                report_dir=tmp_path / name, metrics_file=tmp_path / f"{name}.json",
                                lm_dir=tiny_pipeline / "data/lm")
