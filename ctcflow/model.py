@@ -224,5 +224,18 @@ def build_model(config: dict, n_mels: int, num_classes: int) -> nn.Module:
     return model_class(n_mels, num_classes, **{k: config[k] for k in ARCHITECTURE_KEYS[arch]})
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def freeze(model: nn.Module, prefixes: list[str]) -> None:
+    """Stop the gradients of every parameter under each prefix of its dotted name ("front",
+    "layers.0", "head"): the optimizer leaves them where they started."""
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name == prefix or name.startswith(f"{prefix}.") for name in names):
+            modules = sorted({name.rsplit(".", 1)[0] for name in names})
+            raise ValueError(f"{prefix!r} names no parameter of the model; its modules: {', '.join(modules)}")
+    for name, param in model.named_parameters():
+        if any(name == prefix or name.startswith(f"{prefix}.") for prefix in prefixes):
+            param.requires_grad_(False)

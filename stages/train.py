@@ -50,7 +50,7 @@ from ctcflow.features import spec_augment
 from ctcflow.inference import decode_split
 from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, LossTally
 from ctcflow.metrics import error_rates
-from ctcflow.model import ARCHITECTURES, build_model, count_parameters
+from ctcflow.model import ARCHITECTURES, build_model, count_parameters, freeze
 from ctcflow.params import Section, flatten
 from ctcflow.text import Tokenizer
 from stages.runner import StageError, stage_main
@@ -120,6 +120,7 @@ class TrainParams(Section):
     clip_grad_norm: float = Field(ge=0)  # 0 turns clipping off
     num_threads: int = Field(ge=1)  # per process
     init_from: str | None
+    freeze: list[str]  # parameter-name prefixes kept at their starting weights
     grad_accumulation: int = Field(ge=1)  # batches per optimizer step
     precision: Literal["fp32", "bf16"]  # bf16 = torch.autocast to bfloat16
     early_stopping_patience: int = Field(ge=0)  # epochs without a better validation WER; 0 = off
@@ -593,8 +594,14 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
     raw_model = build_model(model_config, n_mels, tokenizer.num_classes)
     if params.init_from:
         init_weights(raw_model, model_config, tokenizer, n_mels, params.init_from)
+    try:
+        freeze(raw_model, params.freeze)
+    except ValueError as err:
+        raise StageError(f"train.freeze: {err}") from err
     if world.master:
-        print(f"model {params.model.arch}: {count_parameters(raw_model) / 1e6:.2f} M parameters; "
+        frozen = count_parameters(raw_model) - count_parameters(raw_model, trainable_only=True)
+        print(f"model {params.model.arch}: {count_parameters(raw_model) / 1e6:.2f} M parameters"
+              + (f" ({frozen / 1e6:.2f} M frozen: {', '.join(params.freeze)})" if frozen else "") + "; "
               f"{len(train_set)} training and {len(valid_set)} validation utterances"
               + (f"; {world.world_size} processes" if world.distributed else ""))
     raw_model.to(world.device)
@@ -605,7 +612,8 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
 
     objective = CTCObjective(tokenizer.blank, params.ctc.zero_infinity, params.blank_penalty.mode,
                              params.blank_penalty.weight)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.lr,
+                                  weight_decay=params.weight_decay)
     scheduler = make_scheduler(params, optimizer)
     loader = make_loader(params, world, train_set)
     frame_seconds = feature_info["logmel"]["hop_length"] / feature_info["logmel"]["sample_rate"]

@@ -117,6 +117,26 @@ def test_init_from_another_vocabulary_is_a_clear_error(tiny_pipeline, tmp_path):
         train(tiny_pipeline, tmp_path, ctc={"blank": 0}, init_from=str(tiny_pipeline / "models/best.pt"))
 
 
+def test_freeze_keeps_the_named_weights_where_init_from_left_them(tiny_pipeline, tmp_path):
+    start = load_checkpoint(tiny_pipeline / "models/best.pt")["model"]
+    # weight_decay too: a frozen weight must not decay either.
+    train(tiny_pipeline, tmp_path, epochs=2, lr=1e-2, weight_decay=0.1, freeze=["front", "layers.0.ahead"],
+          init_from=str(tiny_pipeline / "models/best.pt"))
+    end = load_checkpoint(tmp_path / "models/last.pt")["model"]
+    frozen = [k for k in start if k.startswith(("front.", "layers.0.ahead."))]
+    assert len(frozen) == 4 + 4  # conv1, conv2: weight and bias; the forward LSTM: 2 matrices, 2 biases
+    assert all(torch.equal(end[k], start[k]) for k in frozen)
+    assert not any(torch.equal(end[k], start[k]) for k in start if k not in frozen)  # layers.0.back, the head
+
+
+def test_a_freeze_prefix_that_names_no_parameter_is_a_clear_error(tiny_pipeline, tmp_path):
+    # Prefixes end at a dot: "layers.0.ah" is not the forward LSTM.
+    for prefix in ("encoder", "layers.0.ah"):
+        with pytest.raises(StageError, match=rf"train.freeze: '{prefix}' names no parameter of the model; its "
+                                             r"modules: front.conv1, front.conv2, head, layers.0.ahead, layers.0.back"):
+            train(tiny_pipeline, tmp_path, freeze=[prefix])
+
+
 def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tiny_pipeline, tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(StageError, match="train.init_from .*notes.pt: cannot read the checkpoint: .*notes.pt: not a "
