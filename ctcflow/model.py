@@ -231,11 +231,14 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 def freeze(model: nn.Module, prefixes: list[str]) -> None:
     """Stop the gradients of every parameter under each prefix of its dotted name ("front",
     "layers.0", "head"): the optimizer leaves them where they started."""
-    names = [name for name, _ in model.named_parameters()]
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(f"{prefix}.")
+
+    params = dict(model.named_parameters())
     for prefix in prefixes:
-        if not any(name == prefix or name.startswith(f"{prefix}.") for name in names):
-            modules = sorted({name.rsplit(".", 1)[0] for name in names})
+        if not any(under(name, prefix) for name in params):
+            modules = sorted({name.rsplit(".", 1)[0] for name in params})
             raise ValueError(f"{prefix!r} names no parameter of the model; its modules: {', '.join(modules)}")
-    for name, param in model.named_parameters():
-        if any(name == prefix or name.startswith(f"{prefix}.") for prefix in prefixes):
+    for name, param in params.items():
+        if any(under(name, prefix) for prefix in prefixes):
             param.requires_grad_(False)
