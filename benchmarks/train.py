@@ -6,14 +6,17 @@ params, one epoch, in interleaved rounds, each figure the best of --rounds:
   - the stage: stages.train.run, everything included (data loader, SpecAugment, loss tally,
     non-finite checks, progress bar); its figure is the one the stage itself reports, over the
     training loop only (not loading, validation or checkpoints, which are timed apart); once for
-    each of --loader-workers (train.loader_workers; with workers, their start is in the epoch),
+    each of --loader-workers (train.loader_workers; with workers, their start is in the epoch)
+    and each of --precisions (train.precision: fp32, or bf16 autocast),
   - the bare loop: the same model (same seed, so the same initial weights), the same batches
     built beforehand and held in memory, the same SpecAugment, loss, clipping, warm-up and
-    AdamW, and nothing else: no logging, no metrics, no checks,
+    AdamW, and nothing else: no logging, no metrics, no checks; once for each precision,
   - the data loader alone: the same epoch's batches from the stage's DataLoader, no training,
     for each of --loader-workers.
-Prints input frames (real, unpadded) per second, the ratio of the stage to the bare loop, and
-the data loader's share of the stage's step time. Both loops draw the same random numbers in
+Prints input frames (real, unpadded) per second, the ratio of the stage to the bare loop, the
+ratio of each precision's bare loop to fp32's (bf16 pays off only on a CPU with bf16
+instructions, avx512_bf16 or AMX: the results say whether this one has them), and the data loader's
+share of the stage's step time. Both loops (of one precision) draw the same random numbers in
 the same order, so their weights after the epoch must match bit for bit, for any number of
 loader workers: the script checks it, which shows they did the same work. Writes
 benchmarks/results/train.json.
@@ -82,6 +85,7 @@ def epoch_batches(params: train.TrainParams, train_set: FeatureSplit) -> DataLoa
 
 def run_bare(params: train.TrainParams, store: Path) -> dict:
     """The floor: the stage's computation per step over batches already in memory, nothing else."""
+    precision = train.mixed_precision(params, World(0, 1, torch.device("cpu")))
     train.seed_everything(params.seed)  # the stage's random draws, in the stage's order
     torch.set_num_threads(params.num_threads)
     tokenizer = Tokenizer.load(store, blank=params.ctc.blank)
@@ -101,8 +105,10 @@ def run_bare(params: train.TrainParams, store: Path) -> dict:
         feats = batch.feats
         if params.specaugment.enabled:
             feats = augment(feats.transpose(1, 2)).transpose(1, 2)
-        log_probs, lengths = model(feats, batch.lengths)
-        objective(log_probs, lengths, batch.targets, batch.target_lengths).total.backward()
+        with precision:
+            log_probs, lengths = model(feats, batch.lengths)
+            loss = objective(log_probs, lengths, batch.targets, batch.target_lengths).total
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if step < params.warmup_steps:
             for group in optimizer.param_groups:
@@ -155,6 +161,8 @@ def main() -> None:
                              "other work, fewer threads than cores avoids the collapse that oversubscription causes")
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2],
                         help="train.loader_workers values to run the stage with, each in every round")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="train.precision values to run the stage and the bare loop with, each in every round")
     parser.add_argument("--seed", type=int, default=0, help="for the sample of utterances")
     parser.add_argument("--quick", action="store_true", help="200 utterances, 1 round: a smoke test, figures are noise")
     parser.add_argument("--profile", action="store_true", help="profile the stage once instead of benchmarking")
@@ -178,14 +186,15 @@ def main() -> None:
         if args.profile:
             profile_stage(params, store, work)
             return
-        variants = {f"{n} loader workers": params.model_copy(update={"loader_workers": n})
-                    for n in args.loader_workers}
+        variants = {f"{p}, {n} loader workers": params.model_copy(update={"precision": p, "loader_workers": n})
+                    for p in args.precisions for n in args.loader_workers}
         best: dict[str, float] = {}
         same = True
         for round_ in range(1, args.rounds + 1):
-            bare = run_bare(params, store)
-            timings = {"bare": bare["seconds"]}
+            bares = {p: run_bare(params.model_copy(update={"precision": p}), store) for p in args.precisions}
+            timings = {f"bare, {p}": bare["seconds"] for p, bare in bares.items()}
             for name, variant in variants.items():
+                bare = bares[variant.precision]
                 stage = run_stage(variant, store, work / "stage")
                 timings |= {f"stage, {name}": bare["frames"] / stage["frames_per_second"],
                             f"stage run, {name}": stage["run_seconds"], f"loader, {name}": run_loader(variant, store)}
@@ -193,9 +202,11 @@ def main() -> None:
                     torch.equal(stage["weights"][k], bare["weights"][k]) for k in bare["weights"])
             for name, value in timings.items():
                 best[name] = min(best.get(name, value), value)
-            print(f"  round {round_}: bare loop {bare['frames_per_second']:,.0f} frames/s; "
-                  + "; ".join(f"stage with {name} {bare['frames'] / timings[f'stage, {name}']:,.0f} frames/s, its data "
-                              f"loader alone {timings[f'loader, {name}']:.2f} s" for name in variants), flush=True)
+            print(f"  round {round_}: "
+                  + "; ".join(f"bare loop, {p} {bare['frames_per_second']:,.0f} frames/s" for p, bare in bares.items())
+                  + "; " + "; ".join(f"stage, {name} {bare['frames'] / timings[f'stage, {name}']:,.0f} frames/s, its "
+                                     f"data loader alone {timings[f'loader, {name}']:.2f} s" for name in variants),
+                  flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -204,15 +215,21 @@ def main() -> None:
     def by_variant(figure) -> dict:
         return {name: figure(name) for name in variants}
 
+    def bare_of(name: str) -> float:
+        return best[f"bare, {variants[name].precision}"]
+
     results = {
         "model": {**params.model.model_dump(), "parameters": bare["parameters"]},
         "batch_frames": params.batch_frames, "num_threads": params.num_threads, "utterances": args.utterances,
         "batches": bare["batches"], "frames": frames, "padding_share": round(1 - frames / bare["padded_frames"], 3),
-        "rounds": args.rounds, "quick": args.quick, **machine(),
-        "frames_per_second": {"bare PyTorch loop": round(frames / best["bare"]),
+        "rounds": args.rounds, "quick": args.quick, **machine(), "native_bf16": train.native_bf16(torch.device("cpu")),
+        "frames_per_second": {**{f"bare PyTorch loop, {p}": round(frames / best[f"bare, {p}"])
+                                 for p in args.precisions},
                               **{f"stage training loop, {name}": round(frames / best[f"stage, {name}"])
                                  for name in variants}},
-        "ratio_stage_to_bare": by_variant(lambda name: round(best["bare"] / best[f"stage, {name}"], 3)),
+        "ratio_bare_to_fp32_bare": ({p: round(best["bare, fp32"] / best[f"bare, {p}"], 3) for p in args.precisions}
+                                    if "fp32" in args.precisions else None),
+        "ratio_stage_to_bare": by_variant(lambda name: round(bare_of(name) / best[f"stage, {name}"], 3)),
         "data_loader_seconds": by_variant(lambda name: round(best[f"loader, {name}"], 2)),
         "data_loader_share_of_step_time": by_variant(lambda name: round(best[f"loader, {name}"]
                                                                         / best[f"stage, {name}"], 3)),
@@ -223,8 +240,13 @@ def main() -> None:
     }
     print(f"\nbest of {args.rounds}: {args.utterances} utterances, {bare['batches']} batches, {frames:,} frames "
           f"({results['padding_share']:.1%} of the padded batches is padding), model {params.model.arch} "
-          f"{bare['parameters'] / 1e6:.2f} M parameters, {params.num_threads} torch threads")
-    print(f"{'bare PyTorch loop':40s} {best['bare']:7.1f} s {frames / best['bare']:9,.0f} frames/s")
+          f"{bare['parameters'] / 1e6:.2f} M parameters, {params.num_threads} torch threads; "
+          f"bfloat16 {'native' if results['native_bf16'] else 'emulated'} on this CPU")
+    for p in args.precisions:
+        seconds = best[f"bare, {p}"]
+        ratio = results["ratio_bare_to_fp32_bare"]
+        print(f"{f'bare PyTorch loop, {p}':40s} {seconds:7.1f} s {frames / seconds:9,.0f} frames/s"
+              + (f": {ratio[p]:.3f}× fp32's" if ratio and p != "fp32" else ""))
     for name in variants:
         seconds = best[f"stage, {name}"]
         print(f"{f'stage training loop, {name}':40s} {seconds:7.1f} s {frames / seconds:9,.0f} frames/s: "
@@ -232,7 +254,8 @@ def main() -> None:
               f"{results['data_loader_seconds'][name]:.2f} s = {results['data_loader_share_of_step_time'][name]:.1%} "
               f"of the stage's step time; whole stage run (loading, validation, checkpoints) "
               f"{best[f'stage run, {name}']:.1f} s")
-    print(f"weights after the epoch: {'identical' if same else 'DIFFERENT'} (every stage run against the bare loop)")
+    print(f"weights after the epoch: {'identical' if same else 'DIFFERENT'} (every stage run against the bare loop "
+          f"of its precision)")
     print(f"({results['cpus']} CPUs, 1-minute load average {results['load_average_1min_at_end']} at the end"
           + ("; --quick: the figures are a smoke test, not a measurement)" if args.quick else ")"))
     write_results(results_path("train", args.quick, args.out), results)

@@ -122,7 +122,7 @@ class TrainParams(Section):
     init_from: str | None
     freeze: list[str]  # parameter-name prefixes kept at their starting weights
     grad_accumulation: int = Field(ge=1)  # batches per optimizer step
-    precision: Literal["fp32", "bf16"]  # bf16 = torch.autocast to bfloat16
+    precision: Literal["fp32", "bf16", "auto"]  # bf16 = torch.autocast to bfloat16; auto = bf16 where native
     early_stopping_patience: int = Field(ge=0)  # epochs without a better validation WER; 0 = off
     average_epochs: int = Field(ge=1)  # best.pt = the mean of the best epoch and those before it, this many; 1 = its own
     max_consecutive_nonfinite: int = Field(ge=1)  # skipped non-finite steps in a row that stop training
@@ -293,6 +293,22 @@ def loss_shares(sampler: LengthBatchSampler, world: World) -> Iterable[float]:
         return itertools.repeat(1.0)
     return [len(batch) * world.world_size / size
             for batch, size in zip(sampler.batches[sampler.start :], sampler.global_sizes[sampler.start :])]
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 in hardware. Elsewhere autocast to bfloat16 is emulated
+    and slower than float32 (benchmarks/train.py: 2.2× on AVX-512 without bf16, 12× on AVX2 only)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    # torch.cpu's probes are private, but the only ones torch ships (cpuinfo, any OS); ARM CPUs count as without.
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision as trained: auto is bf16 on a device with native bfloat16, fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 def mixed_precision(params: TrainParams, world: World) -> torch.autocast:
@@ -558,9 +574,9 @@ def validate_best(live: Live, model_dir: Path, state: RunState, params: TrainPar
                             "averaged_valid_loss": best["valid/loss"]}
 
 
-def summarize(live: Live, state: RunState, resumed_from: int, early_stopped: int) -> None:
+def summarize(live: Live, state: RunState, resumed_from: int, early_stopped: int, precision: str) -> None:
     live.summary["run"] = {"nonfinite_steps": state.nonfinite_steps, "resumed_from_epoch": resumed_from,
-                           "early_stopped_epoch": early_stopped}
+                           "early_stopped_epoch": early_stopped, "precision": precision}
     live.sync()
 
 
@@ -584,6 +600,11 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
           resume_dir: Path) -> dict:
     seed_everything(params.seed)
     torch.set_num_threads(params.num_threads)
+    requested_precision, precision = params.precision, resolve_precision(params.precision, world.device)
+    if world.master and precision == "bf16" and not native_bf16(world.device):
+        print(f"warning: train.precision bf16 on a {world.device.type.upper()} without native bfloat16: emulated, "
+              f"slower than fp32 (2-12× in benchmarks/train.py); fp32 or auto would be faster", flush=True)
+    params = params.model_copy(update={"precision": precision})
     tokenizer = load_tokenizer(features_dir, params.ctc.blank)
     feature_info = read_feature_info(features_dir)
     n_mels = feature_info["logmel"]["n_mels"]
@@ -603,7 +624,8 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
         print(f"model {params.model.arch}: {count_parameters(raw_model) / 1e6:.2f} M parameters"
               + (f" ({frozen / 1e6:.2f} M frozen: {', '.join(params.freeze)})" if frozen else "") + "; "
               f"{len(train_set)} training and {len(valid_set)} validation utterances"
-              + (f"; {world.world_size} processes" if world.distributed else ""))
+              + (f"; {world.world_size} processes" if world.distributed else "") + f"; {precision}"
+              + (" (train.precision auto)" if requested_precision == "auto" else ""))
     raw_model.to(world.device)
     # DDP averages the gradients of all ranks after each backward pass; raw_model is the plain model.
     model = DistributedDataParallel(raw_model) if world.distributed else raw_model
@@ -667,10 +689,10 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
                 print(epoch_line(epoch, metrics, seconds), flush=True)
                 save_epoch(live, model_dir, resume_path, meta, fingerprint, state, improved, raw_model, optimizer,
                            scheduler, rngs)
-                summarize(live, state, resumed_from, early_stopped=0)
+                summarize(live, state, resumed_from, early_stopped=0, precision=precision)
         if world.master:
             validate_best(live, model_dir, state, params, raw_model, valid_set, tokenizer, objective, world)
-            summarize(live, state, resumed_from, early_stopped)
+            summarize(live, state, resumed_from, early_stopped, precision)
             resume_path.unlink(missing_ok=True)  # finished: a rerun trains afresh
     return state.history[-1]["metrics"]
 

@@ -38,7 +38,9 @@ def test_train_benchmark_bare_loop_ends_with_the_stages_weights(tiny_pipeline, t
                             "--valid-utterances", "4", "--num-threads", "1", out=tmp_path / "train.json")
     assert results["weights_identical_after_the_epoch"] is True
     assert results["frames"] > 0 and results["batches"] >= 1
-    assert set(results["ratio_stage_to_bare"]) == {"0 loader workers", "2 loader workers"}
+    assert set(results["ratio_stage_to_bare"]) == {"fp32, 0 loader workers", "fp32, 2 loader workers",
+                                                   "bf16, 0 loader workers", "bf16, 2 loader workers"}
+    assert set(results["ratio_bare_to_fp32_bare"]) == {"fp32", "bf16"} and results["ratio_bare_to_fp32_bare"]["fp32"] == 1
     assert all(share > 0 for share in results["data_loader_share_of_step_time"].values())  # workers: their start too
 
 

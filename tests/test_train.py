@@ -18,6 +18,7 @@ from ctcflow.inference import decode_split
 from ctcflow.losses import CTCObjective
 from ctcflow.metrics import error_rates
 from stages.runner import StageError
+from stages import train as train_stage
 from stages.train import RunState, TrainParams, run
 
 # The tiny project's training split; with batch_frames 1, each of its utterances is a batch of its own.
@@ -191,6 +192,21 @@ def test_bf16_autocast_trains_on_cpu(tiny_pipeline, tmp_path):
     # bfloat16 keeps 8 bits of mantissa: close to the float32 run, but not equal to it.
     assert bf16["train/loss"].to_numpy() == pytest.approx(fp32["train/loss"].to_numpy(), rel=0.05)
     assert not bf16["train/loss"].equals(fp32["train/loss"])
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    for native, auto in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(train_stage, "native_bf16", lambda device, native=native: native)
+        assert [train_stage.resolve_precision(p, cpu) for p in ("auto", "fp32", "bf16")] == [auto, "fp32", "bf16"]
+
+
+def test_the_precision_trained_in_is_in_the_metrics(tiny_pipeline, tmp_path):
+    train(tiny_pipeline, tmp_path / "auto", precision="auto")
+    train(tiny_pipeline, tmp_path / "bf16", precision="bf16")
+    runs = [json.loads((tmp_path / name / "live/metrics.json").read_text())["run"] for name in ("auto", "bf16")]
+    this_cpu = "bf16" if train_stage.native_bf16(torch.device("cpu")) else "fp32"
+    assert [r["precision"] for r in runs] == [this_cpu, "bf16"]
 
 
 def test_early_stopping_on_validation_wer(tiny_pipeline, tmp_path):
