@@ -297,7 +297,7 @@ def loss_shares(sampler: LengthBatchSampler, world: World) -> Iterable[float]:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bfloat16 in hardware. Elsewhere autocast to bfloat16 is emulated
-    and slower than float32 (benchmarks/train.py: 2.2× on AVX-512 without bf16, 12× on AVX2 only)."""
+    and slower than float32 (benchmarks/train.py: 2× slower on AVX-512 without bf16, 17× on AVX2 only)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     # torch.cpu's probes are private, but the only ones torch ships (cpuinfo, any OS); ARM CPUs count as without.
@@ -603,7 +603,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
     requested_precision, precision = params.precision, resolve_precision(params.precision, world.device)
     if world.master and precision == "bf16" and not native_bf16(world.device):
         print(f"warning: train.precision bf16 on a {world.device.type.upper()} without native bfloat16: emulated, "
-              f"slower than fp32 (2-12× in benchmarks/train.py); fp32 or auto would be faster", flush=True)
+              f"slower than fp32 (2-17× in benchmarks/train.py); fp32 or auto would be faster", flush=True)
     params = params.model_copy(update={"precision": precision})
     tokenizer = load_tokenizer(features_dir, params.ctc.blank)
     feature_info = read_feature_info(features_dir)
