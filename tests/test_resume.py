@@ -170,7 +170,8 @@ def test_rerun_resumes_and_ends_like_an_uninterrupted_run(killed, tmp_path):
             pd.testing.assert_frame_equal(frame, reference[name], check_exact=True, obj=name)
 
     summary, reference = resumed[1], uninterrupted[1]
-    assert summary["run"] == {"nonfinite_steps": 0, "resumed_from_epoch": 1, "early_stopped_epoch": 0}
+    assert summary["run"] == {"nonfinite_steps": 0, "resumed_from_epoch": 1, "early_stopped_epoch": 0,
+                              "precision": "fp32"}
     assert reference["run"]["resumed_from_epoch"] == 0
     for part in (summary, reference):
         del part["run"]["resumed_from_epoch"], part["audio_seconds_per_second"]
