@@ -29,16 +29,47 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import soundfile
 import torch
 import torchaudio.functional as AF
 
-from ctcflow.audio import read_info
-from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from ctcflow.audio import AudioError, read_info
+from ctcflow.checkpoint import load_model
 from ctcflow.data import normalization, normalize_utterance
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
 from ctcflow.export import OnnxModel, subsampling_factor
 from ctcflow.features import LogMel, LogMelConfig
+
+
+def check_device(device: str, onnx: bool = False) -> torch.device:
+    """cpu, or a CUDA device this machine has (for a checkpoint); a ValueError that says why otherwise."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: choose cpu, cuda or cuda:N")
+    if onnx and parsed.type != "cpu":
+        raise ValueError(f"an ONNX model runs on the CPU (onnxruntime), not on {device}")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) here; use cpu")
+    return parsed
+
+
+# Integer PCM (WAV, FLAC, ...) cannot hold NaN or infinity; float WAV and the lossy codecs' float output can.
+_INTEGER_SUBTYPES = ("PCM_", "ULAW", "ALAW", "DWVW_", "DPCM_")
+
+
+def check_finite(path: str) -> None:
+    """Refuse a file with NaN or infinite samples, as featurize does (non_finite_samples): a NaN
+    makes every frame of its window NaN. Read in blocks, so memory stays bounded."""
+    with soundfile.SoundFile(path) as audio:
+        if audio.subtype.startswith(_INTEGER_SUBTYPES):
+            return
+        for block in audio.blocks(1 << 16, dtype="float32"):
+            if not np.isfinite(block).all():
+                raise AudioError("non_finite_samples", f"{path} contains NaN or infinite samples")
 
 
 @dataclass
@@ -83,15 +114,13 @@ class Transcriber:
                              f"chunk_seconds ({chunk_seconds})")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.device = torch.device(device)
-        if Path(checkpoint).suffix == ".onnx":
-            if self.device.type != "cpu":
-                raise ValueError(f"an ONNX model runs on the CPU (onnxruntime), not on {device}")
+        onnx = Path(checkpoint).suffix == ".onnx"
+        self.device = check_device(device, onnx)
+        if onnx:
             self.model = OnnxModel(checkpoint, num_threads)
             state, self.tokenizer = self.model.settings, self.model.tokenizer
         else:
-            state = load_checkpoint(checkpoint)
-            model, self.tokenizer = model_from_checkpoint(state)
+            state, model, self.tokenizer = load_model(checkpoint)
             self.model = model.to(self.device)
         self.config = LogMelConfig(**state["logmel"])
         self.logmel = LogMel(self.config).to(self.device)
@@ -114,6 +143,7 @@ class Transcriber:
         paths = [str(p) for p in paths]
         for p in paths:
             read_info(p)  # fail on a missing or unreadable file before any work
+            check_finite(p)
         done: dict[int, list[Word]] = {}
         words: dict[int, list[Word]] = {i: [] for i in range(len(paths))}
         next_out = 0

@@ -13,19 +13,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from ctcflow.audio import AudioError
-from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from ctcflow.checkpoint import check_features, load_model
 from ctcflow.data import FeatureSplit
 from ctcflow.errors import CtcflowError
 from ctcflow.export import OnnxModel, check_parity, export_onnx, quantize_int8
 from ctcflow.params import DEFAULT_PARAMS, ParamsError, load_section
-from ctcflow.transcribe import Transcriber
+from ctcflow.transcribe import Transcriber, check_device
 from ctcflow.transcribe import __doc__ as transcriber_doc
 from stages.evaluate import EvaluateParams
 
@@ -88,20 +88,21 @@ def transcribe(argv: list[str]) -> None:
     parser.add_argument("--decoder", choices=["greedy", "beam"],
                         help="beam reads its settings from the params file; default: evaluate.decoder of the "
                              "params file, greedy without one")
-    parser.add_argument("--blank-penalty", type=float,
+    parser.add_argument("--blank-penalty", type=finite_float,
                         help="subtracted from the blank log-probability before decoding; default: "
                              "evaluate.blank_penalty of the params file; 0 without one")
     parser.add_argument("--params", help="params file: its evaluate section gives the beam search settings "
                                          f"and the defaults above (default: {DEFAULT_PARAMS}, if it exists)")
     parser.add_argument("--lm-dir", default="data/lm", help="lexicon and LM for beam search (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="JSON lines with per-word start/end times")
-    parser.add_argument("--device", help="for a checkpoint: cuda where a GPU is available, else cpu (here: "
-                                          f"{default_device()}); an ONNX model runs on the cpu")
-    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch and onnxruntime (default: theirs)")
-    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="window length (default: %(default)s)")
-    parser.add_argument("--overlap-seconds", type=float, default=4.0,
+    parser.add_argument("--device", type=device_name,
+                        help=f"cpu, cuda or cuda:N; for a checkpoint: cuda where a GPU is available, else cpu (here: "
+                             f"{default_device()}); an ONNX model runs on the cpu")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads of PyTorch and onnxruntime (default: theirs)")
+    parser.add_argument("--chunk-seconds", type=finite_float, default=30.0, help="window length (default: %(default)s)")
+    parser.add_argument("--overlap-seconds", type=finite_float, default=4.0,
                         help="overlap of consecutive windows; longer than any word (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per batch (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         # A params file named on the command line must exist; the default one is optional.
@@ -125,12 +126,35 @@ def transcribe(argv: list[str]) -> None:
                 print(transcript.to_json(), flush=True)
             else:
                 print(transcript.text if len(args.audio) == 1 else f"{transcript.path}\t{transcript.text}", flush=True)
-    except (ParamsError, AudioError, FileNotFoundError, ValueError) as err:
+    except (CtcflowError, FileNotFoundError, ValueError) as err:  # ParamsError: a ValueError; AudioError: both
         sys.exit(f"ctcflow transcribe: error: {err}")
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# argparse types: a bad value is argparse's one-line error naming the flag, not torch's traceback later.
+def positive_int(text: str) -> int:
+    value = int(text)  # argparse reports its ValueError as an invalid value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    try:
+        check_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def export(argv: list[str]) -> None:
@@ -149,15 +173,19 @@ def export(argv: list[str]) -> None:
     parser.add_argument("--check-split", metavar="DIR", help="a split of a feature store, e.g. data/features/test, "
                                                              "to check the ONNX model(s) against PyTorch on")
     parser.add_argument("--opset", type=int, default=17, help="ONNX operator set (default: %(default)s)")
-    parser.add_argument("--batch-frames", type=int, default=40000,
+    parser.add_argument("--batch-frames", type=positive_int, default=40000,
                         help="--check-split: padded frames per batch (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch and onnxruntime (default: theirs)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads of PyTorch and onnxruntime (default: theirs)")
     args = parser.parse_args(argv)
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        checkpoint = load_checkpoint(args.model)
-        model, tokenizer = model_from_checkpoint(checkpoint)
+        checkpoint, model, tokenizer = load_model(args.model)
+        split = None
+        if args.check_split:  # read before any file is written
+            split = Path(args.check_split)
+            check_features(checkpoint, split.parent, args.model, units=False)
+            split = FeatureSplit(split.parent, split.name, tokenizer)
         export_onnx(checkpoint, model, tokenizer, args.out, args.opset)
         print(f"wrote {args.out}")
         files = [args.out]
@@ -165,9 +193,7 @@ def export(argv: list[str]) -> None:
             quantize_int8(args.out, args.int8)
             print(f"wrote {args.int8}")
             files.append(args.int8)
-        if args.check_split:
-            split = Path(args.check_split)
-            split = FeatureSplit(split.parent, split.name, tokenizer)
+        if split is not None:
             for path in files:
                 parity = check_parity(model, OnnxModel(path, args.threads), split, args.batch_frames)
                 print(parity.describe(path))

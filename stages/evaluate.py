@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
-from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from ctcflow.checkpoint import check_features, load_model
 from ctcflow.data import FeatureSplit
 from ctcflow.decoding import BeamParams, GreedyDecoder, aligned_words
 from ctcflow.inference import decode_split
@@ -59,10 +59,10 @@ class EvaluateParams(Section):
     split: Literal["test", "valid"]
     batch_frames: int = Field(gt=0)
     num_examples: int = Field(ge=0)
-    examples_seed: int
+    examples_seed: int = Field(ge=0)  # numpy's generators take no negative seed
     num_threads: int = Field(ge=1)
     decoder: Literal["greedy", "beam"]
-    blank_penalty: float
+    blank_penalty: float = Field(allow_inf_nan=False)
     beam: BeamParams
 
 
@@ -166,10 +166,11 @@ def report(name: str, scored: Scored, params: EvaluateParams) -> None:
 def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Path = MODEL_DIR,
         report_dir: Path = REPORT_DIR, metrics_file: Path = METRICS_FILE, lm_dir: Path = LM_DIR) -> dict:
     torch.set_num_threads(params.num_threads)
-    checkpoint = load_checkpoint(model_dir / f"{params.checkpoint}.pt")
-    model, tokenizer = model_from_checkpoint(checkpoint)
+    path = model_dir / f"{params.checkpoint}.pt"
+    checkpoint, model, tokenizer = load_model(path, also=("epoch",))
     if tokenizer.unit == "word" and params.decoder == "beam":
         raise StageError("evaluate.decoder: beam needs character or BPE units; set it to greedy for word units")
+    check_features(checkpoint, features_dir, str(path))
     scored = score(model, FeatureSplit(features_dir, params.split, tokenizer), tokenizer, params, lm_dir)
     metrics = {**scored.summary, "checkpoint_epoch": checkpoint["epoch"], **scored.per_decoder,
                "confidence": confidence_separation(scored.words)}

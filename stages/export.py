@@ -18,11 +18,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint
+from ctcflow.checkpoint import check_features, load_model
 from ctcflow.data import FeatureSplit
 from ctcflow.export import OnnxModel, check_parity, export_onnx, quantize_int8
 from ctcflow.params import Section
-from stages.runner import stage_main
+from stages.runner import StageError, stage_main
 
 MODEL_DIR = Path("models")
 FEATURES_DIR = Path("data/features")
@@ -41,8 +41,15 @@ class ExportParams(Section):
 def run(params: ExportParams, model_dir: Path = MODEL_DIR, features_dir: Path = FEATURES_DIR,
         out_dir: Path = OUT_DIR, metrics_file: Path = METRICS_FILE) -> dict:
     torch.set_num_threads(params.num_threads)
-    checkpoint = load_checkpoint(model_dir / f"{params.checkpoint}.pt")
-    model, tokenizer = model_from_checkpoint(checkpoint)
+    checkpoint_file = model_dir / f"{params.checkpoint}.pt"
+    checkpoint, model, tokenizer = load_model(checkpoint_file, also=("epoch",))
+    # Before the old export/ goes. Not tokens.json, no dep of this stage: the test split's
+    # transcripts must be spelled in the checkpoint's units instead.
+    check_features(checkpoint, features_dir, str(checkpoint_file), units=False)
+    try:
+        test = FeatureSplit(features_dir, "test", tokenizer)
+    except ValueError as err:
+        raise StageError(f"{features_dir / 'test'} does not fit the label units of {checkpoint_file}: {err}") from err
     shutil.rmtree(out_dir, ignore_errors=True)  # an int8 file of an earlier run must not outlive int8: false
     files = {"fp32": out_dir / "model.onnx"}
     export_onnx(checkpoint, model, tokenizer, files["fp32"], params.opset)
@@ -50,7 +57,6 @@ def run(params: ExportParams, model_dir: Path = MODEL_DIR, features_dir: Path = 
         files["int8"] = out_dir / "model.int8.onnx"
         quantize_int8(files["fp32"], files["int8"])
 
-    test = FeatureSplit(features_dir, "test", tokenizer)
     metrics: dict = {"checkpoint_epoch": checkpoint["epoch"], "opset": params.opset, "utterances": len(test)}
     for name, path in files.items():
         parity = check_parity(model, OnnxModel(path, params.num_threads), test, params.batch_frames)

@@ -3,9 +3,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
-from conftest import REPO, tiny_params
+from conftest import REPO, run_ctcflow, tiny_params
 from stages.cli import main
 
 
@@ -41,6 +42,34 @@ def test_a_missing_input_names_the_stage_to_run(tmp_path):
     done = ctcflow("evaluate", cwd=tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "models/best.pt not found" in done.stderr
+
+
+def test_transcribe_with_a_file_that_is_no_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    done = ctcflow("transcribe", "params.yaml", "x.wav", cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr == ("ctcflow transcribe: error: params.yaml: not a checkpoint that loads with weights_only=True "
+                           "(IndexError: pop from empty list)\n")
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("examples_seed", -1, "Input should be greater than or equal to 0 (got -1)"),
+    ("blank_penalty", float("nan"), "Input should be a finite number (got nan)"),
+    ("blank_penalty", float("inf"), "Input should be a finite number (got inf)"),
+])
+def test_a_bad_evaluate_value_fails_before_any_decoding(tiny_pipeline, tmp_path, capsys, monkeypatch, key, value,
+                                                        message):
+    params = tiny_params()
+    params["evaluate"][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for name in ("models", "data"):  # the tiny project's inputs; its outputs would land here
+        (tmp_path / name).symlink_to(tiny_pipeline / name)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_ctcflow(capsys, "evaluate")
+    assert (code, out) == (1, "")
+    assert err == (f"ctcflow evaluate: error: params.yaml: bad or missing value in section 'evaluate':\n"
+                   f"  evaluate.{key}: {message}\n")
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "metrics").exists()
 
 
 def test_unknown_command():

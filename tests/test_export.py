@@ -4,6 +4,7 @@ of a .onnx file, int8, the command and the export stage."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -132,6 +133,23 @@ def test_the_command_exports_checks_and_transcribes(tiny_pipeline, tmp_path, cap
     assert code == 0 and from_onnx == from_checkpoint, err
     code, _, err = run_ctcflow(capsys, "export", "models/none.pt", str(out))
     assert code != 0 and err.startswith("ctcflow export: error: checkpoint models/none.pt not found"), err
+
+
+def test_the_command_checks_the_split_s_features_before_writing(tiny_pipeline, tmp_path, capsys):
+    features = tmp_path / "features"
+    shutil.copytree(tiny_pipeline / "data/features", features)
+    info = json.loads((features / "features.json").read_text())
+    (features / "features.json").write_text(json.dumps({**info, "logmel": {**info["logmel"], "n_mels": 40}}))
+    model, out = tiny_pipeline / "models/best.pt", tmp_path / "m.onnx"
+    code, printed, err = run_ctcflow(capsys, "export", str(model), str(out), "--check-split", str(features / "test"))
+    assert (code, printed) == (1, "")
+    assert err == (f"ctcflow export: error: {model} does not fit the features of {features} (n_mels: 80 in {model}, 40 "
+                   f"in {features / 'features.json'}): rerun manifest and featurize with the settings it was trained "
+                   "on, or train again\n")
+    assert not out.exists()
+    code, printed, err = run_ctcflow(capsys, "export", str(model), str(out), "--threads", "-3")
+    assert (code, printed) == (2, "")
+    assert "\nctcflow export: error: argument --threads: must be at least 1, got -3\n" in err
 
 
 def test_the_stage_writes_both_files_and_the_check(tiny_pipeline, tmp_path):

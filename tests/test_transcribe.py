@@ -16,7 +16,7 @@ import torch
 import torchaudio.functional as AF
 
 from conftest import run_ctcflow
-from ctcflow.audio import decode_audio
+from ctcflow.audio import AudioError, decode_audio
 from ctcflow.data import FeatureSplit
 from ctcflow.transcribe import Transcriber
 
@@ -117,6 +117,57 @@ def test_command_errors_are_one_line(tiny_pipeline, capsys, monkeypatch):
     code, out, err = cli(capsys, "models/best.pt", test_utterances(tiny_pipeline)["audio_path"][0],
                          "--params", "nowhere.yaml")
     assert code != 0 and err.startswith("ctcflow transcribe: error: nowhere.yaml: no such params file"), err
+
+
+def test_a_file_with_a_nan_or_infinite_sample_is_refused_before_any_file_is_transcribed(tiny_pipeline, tmp_path,
+                                                                                          capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml: greedy decoding
+    model = str(tiny_pipeline / "models/best.pt")
+    good = tiny_pipeline / test_utterances(tiny_pipeline)["audio_path"][0]
+    samples, rate = soundfile.read(good, dtype="float32")
+    soundfile.write(tmp_path / "float.wav", samples, rate, subtype="FLOAT")  # float WAV can hold NaN; this one doesn't
+    code, out, err = cli(capsys, model, str(good), str(tmp_path / "float.wav"), "--blank-penalty", str(PENALTY))
+    assert code == 0, err
+    assert out.splitlines()[0].split("\t")[1] == out.splitlines()[1].split("\t")[1]  # the same samples, the same text
+    for name, value in (("nan.wav", np.nan), ("inf.wav", -np.inf)):
+        broken = samples.copy()
+        broken[len(broken) // 2] = value
+        soundfile.write(tmp_path / name, broken, rate, subtype="FLOAT")
+        # The good file comes first and is not printed either: every file is checked before any work.
+        code, out, err = cli(capsys, model, str(good), str(tmp_path / name), "--json", "--blank-penalty", str(PENALTY))
+        assert (code, out) == (1, "")
+        assert err == (f"ctcflow transcribe: error: non_finite_samples: {tmp_path / name} contains NaN or infinite "
+                       "samples\n")
+        with pytest.raises(AudioError, match=f"{name} contains NaN or infinite samples"):
+            list(transcriber(tiny_pipeline).transcribe([good, tmp_path / name]))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--device", "tpu"], "argument --device: device 'tpu': choose cpu, cuda or cuda:N"),
+    (["--device", "cuda:99"], f"argument --device: device 'cuda:99': PyTorch sees {torch.cuda.device_count()} CUDA "
+                              "GPU(s) here; use cpu"),
+    (["--threads", "-3"], "argument --threads: must be at least 1, got -3"),
+    (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--blank-penalty", "nan"], "argument --blank-penalty: must be a finite number, got nan"),
+    (["--blank-penalty=-inf"], "argument --blank-penalty: must be a finite number, got -inf"),
+    (["--chunk-seconds", "inf"], "argument --chunk-seconds: must be a finite number, got inf"),
+])
+def test_a_bad_option_is_argparse_s_error_naming_it(capsys, options, message):
+    # Checked before the model or the audio is read: neither needs to exist.
+    code, out, err = cli(capsys, "no/model.pt", "no/audio.wav", *options)
+    assert (code, out) == (2, "")
+    assert f"\nctcflow transcribe: error: {message}\n" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_cuda_without_a_gpu_is_refused_up_front(capsys):
+    code, out, err = cli(capsys, "no/model.pt", "no/audio.wav", "--device", "cuda")
+    assert (code, out) == (2, "")
+    assert ("\nctcflow transcribe: error: argument --device: device 'cuda': PyTorch sees 0 CUDA GPU(s) here; "
+            "use cpu\n") in err
+    with pytest.raises(ValueError, match="device 'cuda': PyTorch sees 0 CUDA GPU"):
+        Transcriber("no/model.pt", "greedy", None, None, 0.0, "cuda", 30.0, 4.0, 8, None)
 
 
 def test_without_a_params_file_decoding_is_greedy_and_beam_search_says_what_it_needs(tiny_pipeline, capsys,
