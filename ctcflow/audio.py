@@ -6,7 +6,9 @@ manifest stage can count rejects by reason instead of crashing on one bad file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,22 @@ class Decoded:
 
 
 FULL_SCALE = 0.999  # 16-bit full scale reads as 32767/32768 ≈ 0.99997
+# A float file may hold unscaled integer samples (up to 2**31), never more: larger numbers are no
+# audio, and their squares overflow float32 in the log-mel (inf frames that poison the statistics).
+MAX_PEAK = 2.0**31
+# torchaudio's resampling kernel has (target rate ÷ gcd) × (source rate ÷ gcd) taps: 70,560 for
+# 44,100 → 16,000 Hz, but 7 × 10**8 (12 GB while it is built) for 44,101 Hz. Above this many the
+# ratio is rounded to the nearest fraction within it: pitch and speed move by at most 0.013 %
+# (16,003 Hz, of every rate from 1 to 400 kHz to 16 kHz), where speed perturbation moves 10 %.
+MAX_RESAMPLE_TAPS = 10**7
+
+
+def resample(waveform: torch.Tensor, source_rate: int, target_rate: int) -> torch.Tensor:
+    ratio = Fraction(int(target_rate), int(source_rate))
+    if ratio.numerator * ratio.denominator > MAX_RESAMPLE_TAPS:
+        # numerator × denominator ≈ ratio × denominator²
+        ratio = ratio.limit_denominator(int(math.sqrt(MAX_RESAMPLE_TAPS / ratio)))
+    return AF.resample(waveform, ratio.denominator, ratio.numerator)
 
 
 def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = None) -> Decoded:
@@ -94,6 +112,8 @@ def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = 
     if not (np.isfinite(low) and np.isfinite(high)):
         raise AudioError("non_finite_samples", f"{path} contains NaN or infinite samples")
     peak = max(high, -low)
+    if peak > MAX_PEAK:
+        raise AudioError("implausible_amplitude", f"{path}: peak sample {peak:.3g} is beyond any audio scale (> 2**31)")
     if silence_db is not None and peak <= 10 ** (silence_db / 20):
         level = f"{20 * np.log10(peak):.1f} dBFS" if peak > 0 else "digital silence"
         raise AudioError("silent_audio", f"{path}: peak {level} <= silence_db {silence_db}")
@@ -102,5 +122,5 @@ def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = 
     # One channel is used as it is (a view): its mean over channels is the same numbers, copied.
     waveform = torch.from_numpy(samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1))
     if source_rate != sample_rate:
-        waveform = AF.resample(waveform, source_rate, sample_rate)
+        waveform = resample(waveform, source_rate, sample_rate)
     return Decoded(waveform, clipped)

@@ -52,10 +52,22 @@ def check_settings(config) -> None:
             raise ValueError(f"{name} is a (low, high) range, got {list(value)}")
 
 
+def check_within(name: str, values, low: float, high: float, why: str) -> None:
+    """Every value of a setting inside [low, high]: outside, an effect fails or writes NaN frames."""
+    values = values if isinstance(values, tuple) else (values,)
+    if not all(low <= v <= high for v in values):  # NaN fails every comparison
+        raise ValueError(f"{name} must lie within [{low:g}, {high:g}] ({why}), got {list(values)}")
+
+
 @dataclass(frozen=True)
 class SpeedConfig:
     enabled: bool
     factors: tuple[float, ...]  # one drawn per utterance; 1.1 is 10 % faster (shorter, higher)
+
+    def __post_init__(self):
+        if not self.factors:
+            raise ValueError("factors must list at least one speed factor, e.g. [0.9, 1.0, 1.1]")
+        check_within("factors", self.factors, 0.5, 2.0, "half to twice the speed")
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ class PitchConfig:
 
     def __post_init__(self):
         check_settings(self)
+        check_within("semitones", self.semitones, -12, 12, "an octave either way")
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,8 @@ class ReverbConfig:
 
     def __post_init__(self):
         check_settings(self)
+        check_within("rt60", self.rt60, 0.01, 10, "seconds")
+        check_within("drr_db", self.drr_db, -60, 60, "dB")
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,8 @@ class NoiseConfig:
 
     def __post_init__(self):
         check_settings(self)
+        check_within("snr_db", self.snr_db, -60, 120, "dB")
+        check_within("babble_speakers", self.babble_speakers, 1, 100, "other utterances")
         unknown = sorted(set(self.kinds) - set(NOISE_KINDS))
         if unknown or not self.kinds:
             raise ValueError(f"noise kinds must be some of {list(NOISE_KINDS)}, got {list(self.kinds)}")
@@ -104,6 +121,11 @@ class ChannelConfig:
 
     def __post_init__(self):
         check_settings(self)
+        check_within("low_cut_hz", self.low_cut_hz, 0, 1e6, "Hz")
+        check_within("high_cut_hz", self.high_cut_hz, 1, 1e6, "Hz")
+        check_within("eq_bands", self.eq_bands, 0, 32, "peaking filters")
+        check_within("eq_hz", self.eq_hz, 1, 1e6, "Hz")
+        check_within("eq_gain_db", self.eq_gain_db, -40, 40, "dB")
 
 
 @dataclass(frozen=True)
@@ -114,6 +136,10 @@ class AugmentConfig:
     noise: NoiseConfig
     channel: ChannelConfig
     gain_db: tuple[float, float]
+
+    def __post_init__(self):
+        check_settings(self)
+        check_within("gain_db", self.gain_db, -60, 60, "dB")
 
     @classmethod
     def from_dict(cls, params: dict) -> AugmentConfig:

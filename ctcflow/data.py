@@ -50,7 +50,8 @@ def read_index(folder: Path) -> pd.DataFrame:
     path = folder / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (run the featurize stage first)")
-    return pd.read_csv(path, dtype={"id": str, "speaker": str}, keep_default_na=False)
+    # Strings all: a transcript of digits ("01") or a numeric id must not come back as a number.
+    return pd.read_csv(path, dtype={"id": str, "speaker": str, "text_normalized": str}, keep_default_na=False)
 
 
 class MappedShard:

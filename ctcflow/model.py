@@ -192,14 +192,18 @@ class ConformerBlock(nn.Module):
         return self.norm(x)
 
 
+def check_conformer_shape(model_dim: int, attention_heads: int, conv_kernel: int) -> None:
+    if model_dim % (2 * attention_heads):
+        raise ValueError(f"model_dim {model_dim} must split into {attention_heads} heads of even width (rotary pairs)")
+    if conv_kernel % 2 == 0:
+        raise ValueError(f"conv_kernel {conv_kernel} must be odd, to keep every frame centred")
+
+
 class ConformerModel(nn.Module):
     def __init__(self, n_mels: int, num_classes: int, model_dim: int, blocks: int, attention_heads: int,
                  ffn_size: int, conv_kernel: int, dropout: float, subsample: int):
         super().__init__()
-        if model_dim % (2 * attention_heads):
-            raise ValueError(f"model_dim {model_dim} must split into {attention_heads} heads of even width (rotary pairs)")
-        if conv_kernel % 2 == 0:
-            raise ValueError(f"conv_kernel {conv_kernel} must be odd, to keep every frame centred")
+        check_conformer_shape(model_dim, attention_heads, conv_kernel)
         self.head_dim = model_dim // attention_heads
         self.front = Subsampler(n_mels, model_dim, subsample, dropout)
         self.blocks = nn.ModuleList(

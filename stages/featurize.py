@@ -53,7 +53,7 @@ import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from ctcflow.audio import decode_audio
+from ctcflow.audio import AudioError, decode_audio
 from ctcflow.augment import (AugmentConfig, ChannelConfig, NoiseConfig, PitchConfig, ReverbConfig, SpeedConfig,
                              augment)
 from ctcflow.data import Normalize, SplitWriter
@@ -83,6 +83,11 @@ class AugmentParams(Section):
     @property
     def config(self) -> AugmentConfig:
         return AugmentConfig(self.speed, self.pitch, self.reverb, self.noise, self.channel, self.gain_db)
+
+    @model_validator(mode="after")
+    def chain_fits(self):
+        self.config  # AugmentConfig checks the chain's own settings (gain_db) when the params are read
+        return self
 
 
 class FeaturizeParams(Section):
@@ -150,6 +155,10 @@ def extract(path: str, params: FeaturizeParams, precomputed: bool, with_stats: b
             feats, clipped_fraction = load_feature_array(path), 0.0
         else:
             decoded = decode_audio(path, params.sample_rate, params.silence_db)
+            if decoded.waveform.numel() <= params.n_fft:
+                # The centred STFT needs more than n_fft / 2 samples, and a copy at speed 2 halves them.
+                raise AudioError("shorter_than_window", f"{path}: {decoded.waveform.numel()} samples at "
+                                 f"{params.sample_rate} Hz, not more than featurize.n_fft {params.n_fft}")
             feats, clipped_fraction = log_mel(decoded.waveform, params.logmel), decoded.clipped_fraction
     except Rejected as err:
         return err

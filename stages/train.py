@@ -36,13 +36,13 @@ from typing import Annotated, Literal
 import numpy as np
 import torch
 from dvclive import Live
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ctcflow.checkpoint import (CheckpointError, average_weights, check_compatible, load_checkpoint, rng_state,
-                                save_checkpoint, set_rng_state)
+from ctcflow.checkpoint import (BUILD_KEYS, CheckpointError, average_weights, check_compatible, load_checkpoint,
+                                load_weights, require_keys, rng_state, save_checkpoint, set_rng_state)
 from ctcflow.data import (DistributedLengthBatchSampler, FeatureSplit, LengthBatchSampler, collate, normalization,
                           read_feature_info)
 from ctcflow.distributed import World, all_gather, all_sum, all_true, broadcast, join, launch, launched, leave
@@ -50,7 +50,7 @@ from ctcflow.features import spec_augment
 from ctcflow.inference import decode_split
 from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, LossTally
 from ctcflow.metrics import error_rates
-from ctcflow.model import ARCHITECTURES, build_model, count_parameters, freeze
+from ctcflow.model import ARCHITECTURES, build_model, check_conformer_shape, count_parameters, freeze
 from ctcflow.params import Section, flatten
 from ctcflow.text import Tokenizer
 from stages.runner import StageError, stage_main
@@ -82,6 +82,12 @@ class ModelParams(Section):
     ffn_size: int = Field(gt=0)
     conv_kernel: int = Field(gt=0)
 
+    @model_validator(mode="after")
+    def conformer_fits(self):
+        if self.arch == "conformer":  # here too, so a bad pair fails before the features load
+            check_conformer_shape(self.model_dim, self.attention_heads, self.conv_kernel)
+        return self
+
 
 class CTCParams(Section):
     # An index, or first/last; checked against the label unit's size when training starts.
@@ -111,7 +117,7 @@ class SpecAugmentParams(Section):
 
 
 class TrainParams(Section):
-    seed: int
+    seed: int = Field(ge=0)
     epochs: int = Field(gt=0)
     batch_frames: int = Field(gt=0)
     lr: float = Field(gt=0)
@@ -247,8 +253,10 @@ def init_weights(model: torch.nn.Module, model_config: dict, tokenizer: Tokenize
         checkpoint = load_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as err:
         raise StageError(f"train.init_from {path}: cannot read the checkpoint: {err}") from err
-    check_compatible(checkpoint, model_config, tokenizer, n_mels, f"train.init_from {path}")
-    model.load_state_dict(checkpoint["model"])
+    source = f"train.init_from {path}"
+    require_keys(checkpoint, BUILD_KEYS, source)
+    check_compatible(checkpoint, model_config, tokenizer, n_mels, source)
+    load_weights(model, checkpoint["model"], source)
 
 
 def train_sampler(params: TrainParams, world: World, train_set: FeatureSplit) -> LengthBatchSampler:

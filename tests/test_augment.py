@@ -6,9 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ctcflow.augment import (AugmentConfig, augment, babble, band_limit, colored_noise, equalize, gain, pitch_shift,
                              reverberate, speed, telephone)
+
+from conftest import merge, tiny_params
+from ctcflow.params import ParamsError, load_section
+from stages.featurize import FeaturizeParams
 
 RATE = 16000
 
@@ -254,3 +259,28 @@ def test_pitch_shift_moves_a_sine_and_keeps_the_length(semitones, expected_hz):
     shifted = pitch_shift(tone, RATE, semitones)
     assert shifted.numel() == tone.numel()
     assert peak_hz(shifted) == pytest.approx(expected_hz, rel=0.01)
+
+
+@pytest.mark.parametrize(("effects", "message"), [
+    ({"speed": {"factors": []}}, "factors must list at least one speed factor"),
+    ({"speed": {"factors": [0.0]}}, r"factors must lie within \[0.5, 2\] \(half to twice the speed\), got \[0.0\]"),
+    ({"pitch": {"semitones": [-100.0, -100.0]}}, r"semitones must lie within \[-12, 12\]"),
+    ({"reverb": {"rt60": [-0.5, 0.3]}}, r"rt60 must lie within \[0.01, 10\] \(seconds\)"),
+    ({"noise": {"babble_speakers": [-3, -1]}}, r"babble_speakers must lie within \[1, 100\]"),
+    ({"noise": {"snr_db": [float("nan"), 10.0]}}, r"snr_db must lie within \[-60, 120\] \(dB\), got \[nan, 10.0\]"),
+    ({"channel": {"eq_hz": [0.0, 0.0]}}, r"eq_hz must lie within \[1, 1e\+06\]"),
+    ({"channel": {"eq_bands": -2}}, r"eq_bands must lie within \[0, 32\]"),
+    ({"gain_db": [600.0, 600.0]}, r"gain_db must lie within \[-60, 60\] \(dB\), got \[600.0, 600.0\]"),
+])
+def test_settings_an_effect_cannot_take_are_refused(effects, message):
+    # Each of these used to fail halfway through featurize (speed [], semitones -100, eq_hz 0) or
+    # write NaN frames without a word (gain_db 600).
+    with pytest.raises(ValueError, match=message):
+        config(**effects)
+
+
+def test_the_featurize_params_refuse_a_gain_the_chain_cannot_take(tmp_path):
+    params = merge(tiny_params(), {"featurize": {"augment": {"gain_db": [600.0, 600.0]}}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=r"featurize\.augment\b.*gain_db must lie within \[-60, 60\]"):
+        load_section("featurize", FeaturizeParams, tmp_path / "params.yaml")

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
-from conftest import section, tiny_tokenizer
+from conftest import merge, section, tiny_params, tiny_tokenizer
 from ctcflow.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from ctcflow.data import FeatureSplit, read_feature_info
 from ctcflow.manifest import read_manifest
@@ -99,6 +100,22 @@ def test_bad_train_params_name_the_key(tmp_path):
     assert "train.blank_penalty.mode" in message and "argmax" in message
     assert "train.clip_grad_norm" in message
     assert "train.epochz" in message
+
+
+def test_train_params_the_run_cannot_take_fail_before_any_work(tmp_path):
+    # A negative seed used to fail in torch after the features loaded; a Conformer whose heads
+    # cannot split model_dim, when the model was built.
+    params = merge(tiny_params(), {"train": {"seed": -1, "model": {"arch": "conformer", "attention_heads": 5}}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError) as err:
+        load_section("train", TrainParams, tmp_path / "params.yaml")
+    message = str(err.value)
+    assert "train.seed: Input should be greater than or equal to 0" in message
+    assert "model_dim 144 must split into 5 heads of even width" in message
+    # The same heads are fine for the BiLSTM, which has none.
+    params["train"]["seed"], params["train"]["model"]["arch"] = 0, "bilstm"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert load_section("train", TrainParams, tmp_path / "params.yaml").model.attention_heads == 5
 
 
 def test_evaluate_scores_the_checkpoint_named_in_params(tiny_pipeline, tmp_path):
