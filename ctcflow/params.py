@@ -41,12 +41,21 @@ def load_section(name: str, schema: type[S], path: str | Path = DEFAULT_PARAMS) 
     try:
         return schema.model_validate(raw[name] or {})
     except ValidationError as err:
-        lines = [
-            f"  {name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            + ("" if e["type"] == "missing" else f" (got {e.get('input')!r})")
-            for e in err.errors()
-        ]
+        lines = [_section_error(name, schema, e) if not e["loc"] else
+                 f"  {name}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                 + ("" if e["type"] == "missing" else f" (got {e.get('input')!r})")
+                 for e in err.errors()]
         raise ParamsError(f"{path}: bad or missing value in section '{name}':\n" + "\n".join(lines)) from err
+
+
+def _section_error(name: str, schema: type[Section], error: dict) -> str:
+    """A cross-field (model) check's error, which has no loc: its input is the whole section, so it
+    is left out. A message that starts with one of the section's keys ("test_sets: bad name") is
+    about that key: `manifest.test_sets: bad name`."""
+    message = error["msg"].removeprefix("Value error, ")
+    if message.partition(":")[0] in schema.model_fields:
+        return f"  {name}.{message}"
+    return f"  {name}: {message}" + ("" if isinstance(error.get("input"), dict) else f" (got {error.get('input')!r})")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -11,6 +11,7 @@ the pattern), None for the others; the manifest stage rejects those rows without
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from pathlib import Path
@@ -46,29 +47,83 @@ def _split_names(values, where: str) -> list[str]:
     return names
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 (a Latin-1 é) are a SourceError naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise SourceError(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "save it as UTF-8") from None
+
+
+def _read_csv(path: Path, **options) -> pd.DataFrame:
+    """pd.read_csv with every value a string; a file it cannot parse is a SourceError naming it."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, **options)
+    except UnicodeDecodeError:  # pandas' byte offset is within its buffer: find the line in the file
+        _read_utf8(path)
+        raise
+    except (ValueError, pd.errors.ParserError) as err:
+        raise SourceError(f"{path}: cannot read it as a table: {err}") from err
+
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line, each value as JSON gives it (None where a key is absent), so that
+    the caller tells a string from a number or a list: pandas would turn ids into floats (1 → 1.0)
+    as soon as one row lacks the key, and a list into its Python repr."""
+    records = []
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 unescaped.
+    for number, line in enumerate(_read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise SourceError(f"{path}, line {number}: not JSON: {err}") from None
+        if not isinstance(record, dict):
+            raise SourceError(f"{path}, line {number}: expected a JSON object, got {json.dumps(record)[:80]}")
+        records.append(record)
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    return pd.DataFrame({c: [record.get(c) for record in records] for c in columns}, columns=columns, dtype=object)
+
+
+def _as_text(value) -> str:
+    """A JSON value as the text a CSV cell would hold: strings as they are, null '', others as JSON."""
+    return "" if value is None else value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
-    """CSV, TSV (by suffix or `sep`) or JSON lines, every value a string ('' where missing)."""
+    """CSV or TSV (by suffix or `sep`), every value a string ('' where missing); or JSON lines, every
+    value as JSON gives it (see _read_jsonl)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     suffix = path.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".json", ".ndjson") and sep is None:
-            frame = pd.read_json(path, lines=True, dtype=False)
-            return frame.astype(object).where(frame.notna(), "").astype(str)
-        sep = sep or ("\t" if suffix in (".tsv", ".tab") else ",")
-        # QUOTE_NONE for tabs: Common Voice sentences contain unbalanced quotes.
-        quoting = csv.QUOTE_NONE if sep in ("\t", "|") else csv.QUOTE_MINIMAL
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=quoting)
-    except (ValueError, pd.errors.ParserError) as err:
-        raise SourceError(f"{path}: cannot read it as {'JSON lines' if suffix.startswith('.j') else 'a table'}: {err}") from err
+    if suffix in JSONL_SUFFIXES and sep is None:
+        return _read_jsonl(path)
+    sep = sep or ("\t" if suffix in (".tsv", ".tab") else ",")
+    # QUOTE_NONE for tabs: Common Voice sentences contain unbalanced quotes.
+    quoting = csv.QUOTE_NONE if sep in ("\t", "|") else csv.QUOTE_MINIMAL
+    return _read_csv(path, sep=sep, quoting=quoting)
 
 
-def demo(corpus_dir: Path) -> pd.DataFrame:
-    """The synth stage's corpus: metadata.csv with id, split, path, text, speaker."""
+DEMO_COLUMNS = ["id", "split", "path", "text", "speaker"]
+
+
+def demo(corpus_dir: Path, key: str = "manifest") -> pd.DataFrame:
+    """The synth stage's corpus: metadata.csv with id, split, path, text, speaker. `key` is where
+    its params are (manifest, or a test or training set's), for messages."""
     metadata = corpus_dir / "metadata.csv"
     if not metadata.is_file():
-        raise SourceError(f"{metadata} not found: run the synth stage, or set manifest.source")
-    frame = pd.read_csv(metadata, dtype=str, keep_default_na=False)
+        raise SourceError(f"{metadata} not found: run the synth stage, or set {key}.source")
+    frame = _read_csv(metadata)
+    missing = [c for c in DEMO_COLUMNS if c not in frame.columns]
+    if missing:
+        raise SourceError(f"{metadata}: no column(s) {missing}; the synth stage writes {DEMO_COLUMNS}")
     return _frame(id=frame["id"], split=frame["split"], audio_path=[str(corpus_dir / p) for p in frame["path"]],
                   text=frame["text"], speaker=frame["speaker"])
 
@@ -86,7 +141,7 @@ def librispeech(corpus_dir: Path) -> pd.DataFrame:
         parts = trans.relative_to(corpus_dir).parts
         subset = parts[-4].lower() if len(parts) >= 4 else ""
         split = next((SPLIT_NAMES[p] for p in ("train", "dev", "test") if subset.startswith(p)), "")
-        for line in trans.read_text(encoding="utf-8").splitlines():
+        for line in _read_utf8(trans).splitlines():
             if line.strip():
                 utt_id, _, text = line.strip().partition(" ")
                 rows.append((utt_id, split, str(trans.parent / f"{utt_id}.flac"), text, parts[-3]))
@@ -123,7 +178,7 @@ def ljspeech(corpus_dir: Path) -> pd.DataFrame:
     path = corpus_dir / "metadata.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (LJSpeech)")
-    frame = pd.read_csv(path, sep="|", header=None, dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+    frame = _read_csv(path, sep="|", header=None, quoting=csv.QUOTE_NONE)
     if frame.shape[1] < 2:
         raise SourceError(f"{path}: expected lines '<id>|<text>|<normalized text>'")
     text = frame[2].where(frame[2] != "", frame[1]) if frame.shape[1] > 2 else frame[1]
@@ -155,23 +210,44 @@ def fsdd(corpus_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*ENTRY_COLUMNS, REJECTED_COLUMN])
 
 
+def _table_rejects(paths: list[str], texts: list, path_column: str) -> list[Rejected | None]:
+    """Rows settled without opening a file: an empty path (the table's own folder, not a recording),
+    a JSON value that is not a string as the transcript (a list or an object is no sentence)."""
+    def reject(audio_path: str, text) -> Rejected | None:
+        if not audio_path:
+            return Rejected("missing_file", f"the path column {path_column!r} is empty")
+        if text is not None and not isinstance(text, str):
+            return Rejected("bad_transcript", f"the transcript is a JSON {type(text).__name__}, not a string: "
+                                              f"{_as_text(text)[:80]}")
+        return None
+    return [reject(p, t) for p, t in zip(paths, texts)]
+
+
 def table(path: Path, path_column: str, text_column: str, speaker_column: str | None, split_column: str | None,
-          id_column: str | None) -> pd.DataFrame:
+          id_column: str | None, key: str = "manifest") -> pd.DataFrame:
     """A CSV, TSV or JSON-lines file, one utterance per row; relative paths are relative to its folder.
-    The optional columns may be None: no speakers, splits made later, ids from the file names."""
+    The optional columns may be None: no speakers, splits made later, ids from the file names (as for
+    a row whose id is empty). `key` is where its params are (its table and columns), for messages."""
+    if path.is_dir():
+        raise SourceError(f"{key}.table {path} is a directory: name a .csv, .tsv or .jsonl file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}.table {path} not found")
     frame = _read_table(path)
     wanted = [c for c in (path_column, text_column, speaker_column, split_column, id_column) if c]
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
-        raise SourceError(f"{path}: no column(s) {missing}; it has {list(frame.columns)} (set manifest.columns)")
+        raise SourceError(f"{path}: no column(s) {missing}; it has {list(frame.columns)} (set {key}.columns)")
+    rejected = _table_rejects(frame[path_column].map(_as_text).tolist(), frame[text_column].tolist(), path_column)
+    if path.suffix.lower() in JSONL_SUFFIXES:  # values as JSON gave them: now as a CSV cell holds them
+        frame = frame.map(_as_text)
     paths = frame[path_column].tolist()
     return _frame(
-        id=frame[id_column] if id_column else [Path(p).stem for p in paths],
+        id=[i or Path(p).stem for i, p in zip(frame[id_column], paths)] if id_column else [Path(p).stem for p in paths],
         split=_split_names(frame[split_column].tolist(), str(path)) if split_column else "",
-        audio_path=_resolve(path.parent, paths),
+        audio_path=[p and resolved for p, resolved in zip(paths, _resolve(path.parent, paths))],
         text=frame[text_column],
         speaker=frame[speaker_column] if speaker_column else "",
-    )
+    ).assign(**{REJECTED_COLUMN: rejected})
 
 
 def recipe_json(train_json: Path, test_json: Path, valid_json: Path | None) -> pd.DataFrame:
@@ -181,6 +257,8 @@ def recipe_json(train_json: Path, test_json: Path, valid_json: Path | None) -> p
     for split, path in files.items():
         if path is None:
             continue
+        if not path.is_file():
+            raise FileNotFoundError(f"manifest.{split}_json {path} not found")
         frame = table(path, "key", "text", speaker_column=None, split_column=None, id_column=None)
         frame["split"] = split
         frames.append(frame)

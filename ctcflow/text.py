@@ -214,6 +214,12 @@ def train_bpe(texts: list[str], vocab_size: int, alphabet: str) -> bytes:
     return model.getvalue()
 
 
+def bpe_min_vocab_size(alphabet: str) -> int:
+    """The fewest pieces train_bpe accepts for `alphabet`: sentencepiece needs one for each of its
+    characters but the space (required_chars), plus '▁' and <unk>."""
+    return len(set(alphabet) - {" "}) + 2
+
+
 def read_vocabulary(path: str | Path, lowercase: bool) -> tuple[str, ...]:
     """One unit per line; blank lines and surrounding spaces ignored; case folded like transcripts."""
     lines = [unicodedata.normalize("NFC", line.strip()) for line in Path(path).read_text().splitlines()]

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -58,8 +59,8 @@ from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, tally_rejects, 
 from ctcflow.params import Section
 from ctcflow.workers import ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
-from ctcflow.text import (BPE_MODEL_FILE, TOKENS_FILE, Tokenizer, has_digits, min_ctc_frames, normalize,
-                          read_vocabulary, train_bpe)
+from ctcflow.text import (BPE_MODEL_FILE, TOKENS_FILE, Tokenizer, bpe_min_vocab_size, has_digits, min_ctc_frames,
+                          normalize, read_vocabulary, train_bpe)
 
 OUT_DIR = Path("data/manifests")
 METRICS_FILE = Path("metrics/manifest.json")
@@ -71,6 +72,9 @@ SOURCES = (*TEST_SET_SOURCES, "recipe_json")
 TEST_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # data/manifests/<name>.jsonl and the data/features/<name>/ store folder must not overwrite these files
 RESERVED_NAMES = (*SPLITS, "rejects", "features.json", "tokens.json", "test_sets.json", "rejects.jsonl", "warnings.jsonl")
+# featurize names a training utterance's augmented copies <id>_aug1 … <id>_augN: a corpus id of that
+# form would collide with another utterance's copy in the feature index.
+RESERVED_ID = re.compile(r"_aug[0-9]+\Z")
 
 
 def inside(root: str, path: str) -> bool:
@@ -166,7 +170,7 @@ class ManifestParams(Section):
     train_sets: dict[str, ExtraCorpus] = {}
     valid_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
-    seed: int
+    seed: int = Field(ge=0)  # numpy's generators take no negative seed
     min_duration: float = Field(ge=0)
     max_duration: float = Field(gt=0)
     ctc_frame_rate: float = Field(gt=0)
@@ -181,6 +185,11 @@ class ManifestParams(Section):
             raise ValueError("source recipe_json needs manifest.train_json and manifest.test_json")
         if self.units == "word" and not self.vocabulary:
             raise ValueError("units word needs manifest.vocabulary (a file with one unit per line)")
+        # Checked here, not by sentencepiece once every header has been read.
+        if self.units == "bpe" and self.bpe_vocab_size < bpe_min_vocab_size(self.alphabet):
+            raise ValueError(f"bpe_vocab_size: {self.bpe_vocab_size} is below {bpe_min_vocab_size(self.alphabet)}, the "
+                             "least for units bpe: a piece for each character of manifest.alphabet but the space, "
+                             "plus '▁' and <unk>")
         if self.valid_fraction + self.test_fraction >= 1:
             raise ValueError("valid_fraction + test_fraction must leave something to train on")
         if self.min_duration >= self.max_duration:
@@ -198,7 +207,7 @@ def read_source(params: ManifestParams | ExtraCorpus, key: str = "manifest") -> 
     columns); `key` is where its params are, for messages."""
     corpus = Path(params.corpus_dir)
     if params.source == "demo":
-        return sources.demo(corpus)
+        return sources.demo(corpus, key)
     if params.source in ("librispeech", "common_voice", "ljspeech", "fsdd") and not corpus.is_dir():
         raise StageError(f"{key}.corpus_dir {corpus} is not a directory")
     if params.source == "librispeech":
@@ -211,7 +220,9 @@ def read_source(params: ManifestParams | ExtraCorpus, key: str = "manifest") -> 
         return sources.fsdd(corpus)
     if params.source == "table":
         c = params.columns
-        return sources.table(Path(params.table), c.path, c.text, c.speaker, c.split, c.id)
+        # An extra corpus's rows all go to one place: its split column is not read (docs/corpora.md).
+        split = None if isinstance(params, ExtraCorpus) else c.split
+        return sources.table(Path(params.table), c.path, c.text, c.speaker, split, c.id, key)
     return sources.recipe_json(Path(params.train_json), Path(params.test_json),
                                Path(params.valid_json) if params.valid_json else None)
 
@@ -225,6 +236,10 @@ def build_tokenizer(params: ManifestParams) -> Tokenizer:
         return Tokenizer(params.alphabet, "last", "char")
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest.vocabulary {params.vocabulary} not found") from None
+    except IsADirectoryError:
+        raise StageError(f"manifest.vocabulary {params.vocabulary} is a directory: name a file with one unit per line") from None
+    except OSError as err:
+        raise StageError(f"manifest.vocabulary {params.vocabulary}: {err.strerror}") from None
     except ValueError as err:
         raise StageError(f"manifest.{'vocabulary' if params.units == 'word' else 'alphabet'}: {err}") from err
 
@@ -264,12 +279,29 @@ def check(entry: dict, info: AudioInfo, params: ManifestParams, tokenizer: Token
     )
 
 
+def check_regular_file(path: str) -> None:
+    """Before anything opens `path`: a name the file system refuses (too long, say) is missing, and
+    only a regular file is read (a FIFO blocks the header read forever, a device never ends)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise Rejected("missing_file", f"{path} does not exist or is not a file") from None
+    except OSError as err:
+        raise Rejected("missing_file", f"{path}: {err.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise Rejected("missing_file", f"{path} is a directory")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise Rejected("not_a_regular_file", f"{path} is {kind}, not a regular file")
+
+
 def examine(entry: dict, corpus_dir: str, params: ManifestParams, tokenizer: Tokenizer) -> Utterance | Rejected:
     """One utterance: its place, header and transcript. The reject is returned, not raised, so one
     bad file never stops a worker. Paths outside the corpus are never opened (think /dev/zero)."""
     try:
         if not inside(corpus_dir, entry["audio_path"]):
             raise Rejected("path_outside_corpus", f"{entry['audio_path']} is not under corpus_dir {corpus_dir}")
+        check_regular_file(entry["audio_path"])
         if params.input == "features":
             info = read_feature_header(entry["audio_path"], params.feature_frame_rate)
         else:
@@ -295,9 +327,16 @@ def examine_corpus(entries: pd.DataFrame, corpus_dir: str, params: ManifestParam
     """Every entry, examined by `map_files` (an ordered map over worker processes): the accepted
     utterances and the rejects, both in the entries' order."""
     records = entries.to_dict("records")
-    # Settled without opening a file: an id seen before, or a row its reader could not use.
-    settled = [Rejected("duplicate_id", f"id {entry['id']!r} appears more than once") if duplicate
-               else entry.get(sources.REJECTED_COLUMN) for entry, duplicate in zip(records, entries["id"].duplicated())]
+
+    def settle(entry: dict, duplicate: bool) -> Rejected | None:
+        """Without opening a file: a row its reader could not use, a reserved id, an id seen before."""
+        if isinstance(rejected := entry.get(sources.REJECTED_COLUMN), Rejected):
+            return rejected
+        if RESERVED_ID.search(entry["id"]):
+            return Rejected("reserved_id", f"id {entry['id']!r} ends in _aug<k>, the suffix of featurize's augmented copies")
+        return Rejected("duplicate_id", f"id {entry['id']!r} appears more than once") if duplicate else None
+
+    settled = [settle(entry, duplicate) for entry, duplicate in zip(records, entries["id"].duplicated())]
     todo = [entry for entry, result in zip(records, settled) if result is None]
     results = iter(list(tqdm(map_files(partial(examine, corpus_dir=corpus_dir, params=params, tokenizer=tokenizer), todo),
                              total=len(todo), desc="manifest", unit="file", mininterval=1.0)))

@@ -10,13 +10,14 @@ import json
 import pandas as pd
 import pytest
 import torch
+from pydantic import ValidationError
 
 from conftest import section, write_word_lm
 from ctcflow.checkpoint import load_checkpoint, save_checkpoint
 from ctcflow.decoding import BeamSearchDecoder, GreedyDecoder, align_words
 from ctcflow.lm import read_lexicon
 from ctcflow.manifest import read_manifest
-from ctcflow.text import RECIPE_ALPHABET, Tokenizer, train_bpe
+from ctcflow.text import RECIPE_ALPHABET, Tokenizer, bpe_min_vocab_size, train_bpe
 from stages import evaluate, featurize, lm, manifest, train
 
 CORPUS = ["turn on the light", "turn off the light", "turn on the light in the kitchen", "the night is dark",
@@ -31,6 +32,19 @@ def test_training_is_deterministic_and_keeps_to_the_vocabulary_size():
     assert len(TOKENIZER.alphabet) <= 40 - 1  # <unk> is no class
     assert TOKENIZER.num_classes == len(TOKENIZER.alphabet) + 1 and TOKENIZER.blank == len(TOKENIZER.alphabet)
     assert train_bpe(CORPUS, 60, RECIPE_ALPHABET) != model
+
+
+@pytest.mark.parametrize("alphabet, least", [(RECIPE_ALPHABET, 29), ("abc", 5), ("' abc", 6)])
+def test_the_least_vocabulary_size_is_sentencepiece_s(alphabet, least):
+    """Each character but the space, plus '▁' and <unk>: the size the manifest's params check asks for,
+    so a smaller one is refused before any header is read, not by sentencepiece after all of them."""
+    assert bpe_min_vocab_size(alphabet) == least
+    assert train_bpe(["a b", "abc ab", "c"], least, alphabet)
+    with pytest.raises(RuntimeError, match="Vocabulary size is smaller than required_chars"):
+        train_bpe(["a b", "abc ab", "c"], least - 1, alphabet)
+    with pytest.raises(ValidationError, match=f"bpe_vocab_size: {least - 1} is below {least}, the least for units bpe"):
+        section("manifest", manifest.ManifestParams, units="bpe", alphabet=alphabet, bpe_vocab_size=least - 1)
+    section("manifest", manifest.ManifestParams, units="bpe", alphabet=alphabet, bpe_vocab_size=least)
 
 
 def test_round_trip_text_ids_text():

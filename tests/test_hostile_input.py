@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from conftest import section
+from conftest import REPO, make_project, section, tiny_params
 from ctcflow.manifest import read_manifest
 from stages.runner import StageError
 from stages import featurize, manifest
@@ -35,7 +38,7 @@ def build_corpus(root: Path) -> tuple[list[dict], dict[str, str], dict[str, str]
     root.mkdir(parents=True)
     rows: list[dict] = []
 
-    def row(utt_id: str, path: str, text: str = "hello world", split: str = "train") -> None:
+    def row(utt_id: str, path: str, text: object = "hello world", split: str = "train") -> None:
         rows.append({"id": utt_id, "path": path, "text": text, "split": split})
 
     # Usable, some only after down-mixing or resampling.
@@ -54,7 +57,7 @@ def build_corpus(root: Path) -> tuple[list[dict], dict[str, str], dict[str, str]
 
     manifest_reasons = {}
 
-    def bad(utt_id: str, path: str, reason: str, text: str = "hello world") -> None:
+    def bad(utt_id: str, path: str, reason: str, text: object = "hello world") -> None:
         row(utt_id, path, text)
         manifest_reasons[utt_id] = reason
 
@@ -82,6 +85,11 @@ def build_corpus(root: Path) -> tuple[list[dict], dict[str, str], dict[str, str]
     write(root.parent, "outside.wav", chirp(1.0, 16000))
     bad("dot_dot", "../outside.wav", "path_outside_corpus")
     bad("absolute", str(root.parent / "outside.wav"), "path_outside_corpus")
+    bad("long_name", "x" * 300 + ".wav", "missing_file")  # past NAME_MAX (255): the file system refuses to look
+    bad("empty_path", "", "missing_file")  # no file named: not the corpus folder itself
+    # featurize would name good_1's first augmented copy good_1_aug1 too
+    bad("good_1_aug1", write(root, "aug_suffix.wav", chirp(1.0, 16000)), "reserved_id")
+    bad("list_text", write(root, "list_text.wav", chirp(1.0, 16000)), "bad_transcript", text=["hello", "world"])
 
     featurize_reasons = {}
     nan = chirp(1.0, 16000)
@@ -110,10 +118,14 @@ def test_every_hostile_input_is_handled_and_counted(tmp_path):
 
     rejects = pd.read_json(out / "rejects.jsonl", lines=True, dtype=str)
     got = {f"{r.id}#2" if r.reason == "duplicate_id" else r.id: r.reason for r in rejects.itertuples()}
-    assert got == manifest_reasons and len(rejects) == 16
+    assert got == manifest_reasons and len(rejects) == 20
     counts = pd.Series(list(manifest_reasons.values())).value_counts().to_dict()
     assert m_metrics["rejected"] == {"total": len(manifest_reasons), **counts}
-    assert counts["unreadable_audio"] == 2 and counts["path_outside_corpus"] == 2
+    assert counts["unreadable_audio"] == 2 and counts["path_outside_corpus"] == 2 and counts["missing_file"] == 3
+    detail = rejects.set_index("id")["detail"]
+    assert detail["long_name"].endswith(".wav: File name too long")
+    assert detail["empty_path"] == "the path column 'path' is empty"
+    assert detail["list_text"] == 'the transcript is a JSON list, not a string: ["hello", "world"]'
     duplicate = rejects[rejects["reason"] == "duplicate_id"].iloc[0]
     assert duplicate.text == "a second row with the first row's id"
 
@@ -149,9 +161,9 @@ def test_every_hostile_input_is_handled_and_counted(tmp_path):
 def test_strict_mode_fails_on_any_reject(tmp_path):
     root = tmp_path / "corpus"
     build_corpus(root)
-    with pytest.raises(StageError, match=r"manifest.strict: 16 utterance\(s\) rejected"):
+    with pytest.raises(StageError, match=r"manifest.strict: 20 utterance\(s\) rejected"):
         manifest.run(manifest_params(root, strict=True), out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
-    assert len(pd.read_json(tmp_path / "m" / "rejects.jsonl", lines=True)) == 16  # still written, for the user
+    assert len(pd.read_json(tmp_path / "m" / "rejects.jsonl", lines=True)) == 20  # still written, for the user
     manifest.run(manifest_params(root), out_dir=tmp_path / "m", metrics_file=tmp_path / "m.json")
     with pytest.raises(StageError, match=r"featurize.strict: 3 utterance\(s\) rejected"):
         featurize.run(section("featurize", featurize.FeaturizeParams, strict=True), manifest_dir=tmp_path / "m",
@@ -196,3 +208,26 @@ def test_an_implausible_sample_rate_is_its_own_reason_when_decoding_too(tmp_path
     with pytest.raises(AudioError, match="8 Hz") as err:
         decode_audio(path, 16000, silence_db=-60.0)
     assert err.value.reason == "implausible_sample_rate"
+
+
+def test_a_fifo_or_a_device_is_rejected_never_opened(tmp_path):
+    """Reading a FIFO's header blocks until something writes to it: the stage, run as DVC runs it,
+    must reject it unopened. In a subprocess with a time limit, so a regression fails, not hangs."""
+    root = make_project(tmp_path / "project")
+    corpus = root / "corpus"
+    for name in ("a", "b", "c"):
+        write(corpus, f"{name}.wav", chirp(1.0, 16000))
+    os.mkfifo(corpus / "fifo.wav")
+    (corpus / "null.wav").symlink_to("/dev/null")  # inside the corpus by its path, a device by its target
+    (corpus / "list.csv").write_text("path,text\na.wav,hello\nb.wav,hello\nc.wav,hello\nfifo.wav,hello\nnull.wav,hello\n")
+    params = tiny_params()
+    params["manifest"].update(source="table", corpus_dir="corpus", table="corpus/list.csv", num_workers=1)
+    (root / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    done = subprocess.run([sys.executable, "-m", "stages.manifest"], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    rejects = pd.read_json(root / "data/manifests/rejects.jsonl", lines=True, dtype=str)
+    assert list(zip(rejects["id"], rejects["reason"], rejects["detail"])) == [
+        ("fifo", "not_a_regular_file", "corpus/fifo.wav is a FIFO, not a regular file"),
+        ("null", "not_a_regular_file", "corpus/null.wav is a device, not a regular file")]
+    assert json.loads((root / "metrics/manifest.json").read_text())["rejected"] == {"total": 2, "not_a_regular_file": 2}

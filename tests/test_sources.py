@@ -6,6 +6,7 @@ channel count, written here in the format each corpus ships (FLAC, MP3, WAV).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import yaml
 
 from pydantic import ValidationError
 
-from conftest import merge, section, tiny_params
+from conftest import merge, run_ctcflow, section, tiny_params
 from ctcflow import sources
 from ctcflow.manifest import read_manifest
 from ctcflow.params import ParamsError, load_section
@@ -456,3 +457,102 @@ def test_bad_test_sets_name_the_problem(test_sets, message):
     sets = {name: {"table": None, "columns": None, **s} for name, s in test_sets.items()}
     with pytest.raises(ValidationError, match=message):
         section("manifest", manifest.ManifestParams, test_sets=sets)
+
+
+def test_readers_name_the_file_and_line_that_is_not_utf8(tmp_path):
+    """A Latin-1 é in LibriSpeech's or LJSpeech's transcripts, or the demo's metadata without its
+    split column: the file (and line) is named, not a UnicodeDecodeError or a KeyError."""
+    libri = tmp_path / "LibriSpeech" / "19" / "198"
+    libri.mkdir(parents=True)
+    (libri / "19-198.trans.txt").write_bytes(b"19-198-0000 NORTHANGER ABBEY\n19-198-0001 CAF\xe9 AU LAIT\n")
+    with pytest.raises(SourceError, match=r"19-198.trans.txt, line 2: not UTF-8 text \(invalid continuation byte"):
+        sources.librispeech(tmp_path / "LibriSpeech")
+    (tmp_path / "LJ").mkdir()
+    (tmp_path / "LJ" / "metadata.csv").write_bytes(b"LJ001-0001|Cafe|Cafe\nLJ001-0002|Caf\xe9|Caf\xe9\n")
+    with pytest.raises(SourceError, match=r"LJ/metadata.csv, line 2: not UTF-8 text"):
+        sources.ljspeech(tmp_path / "LJ")
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "metadata.csv").write_text("id,path,text,speaker\na,a.wav,hello,s1\n")
+    with pytest.raises(SourceError, match=r"demo/metadata.csv: no column\(s\) \['split'\]; the synth stage writes"):
+        sources.demo(tmp_path / "demo")
+
+
+def test_jsonl_values_are_read_as_json_gives_them(tmp_path):
+    """Numeric ids stay "1" (pandas made them 1.0 once a row lacked one); a row without an id, or
+    with an empty one, gets its file name; a transcript that is a list or an object is a reject."""
+    root = tmp_path / "c"
+    records = [{"id": 1, "path": "a.wav", "text": "hello"}, {"id": 2, "path": "b.wav", "text": "hello"},
+               {"path": "sub/c.wav", "text": "hello"}, {"id": "", "path": "d.wav", "text": "hello"},
+               {"id": 5, "path": "e.wav", "text": ["hello", "world"]}, {"id": 6, "path": "f.wav", "text": {"en": "hi"}},
+               {"id": 7, "path": "g.wav", "text": 42}]
+    for r in records:
+        tone(root / r["path"], 1.0)
+    (root / "list.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows, metrics, rejects = run_manifest(tmp_path, source="table", corpus_dir=str(root), table=str(root / "list.jsonl"),
+                                          columns={"id": "id"})
+    assert sorted(rows["id"]) == ["1", "2", "c", "d"]
+    assert list(zip(rejects["id"], rejects["reason"], rejects["text"])) == [
+        ("5", "bad_transcript", '["hello", "world"]'), ("6", "bad_transcript", '{"en": "hi"}'),
+        ("7", "bad_transcript", "42")]
+    assert metrics["rejected"] == {"total": 3, "bad_transcript": 3}
+
+
+def test_an_extra_set_s_split_column_is_not_read(tmp_path):
+    """Every row of a test set is in that set, so a split value the main corpus would refuse is no error."""
+    make_librispeech(tmp_path / "LibriSpeech")
+    festival = tmp_path / "data/test_sets/festival"
+    for name in ("a", "b"):
+        tone(festival / f"{name}.wav", 1.0)
+    (festival / "list.csv").write_text("path,text,split\na.wav,hello,heldout\nb.wav,good night,\n")
+    columns = {"path": "path", "text": "text", "speaker": None, "split": "split", "id": None}
+    with contextlib.chdir(tmp_path):
+        _, metrics, _ = run_manifest(tmp_path, source="librispeech", corpus_dir="LibriSpeech", test_sets={
+            "festival": {"source": "table", "corpus_dir": "data/test_sets/festival",
+                         "table": "data/test_sets/festival/list.csv", "columns": columns}})
+    assert metrics["test_sets"]["festival"]["utterances"] == 2
+    assert sorted(read_manifest(tmp_path / "manifests/festival.jsonl")["id"]) == ["a", "b"]
+
+
+def manifest_error(capsys, tmp_path: Path, **settings) -> str:
+    """`ctcflow manifest` with the tiny project's params and `settings`, run in `tmp_path`: it fails,
+    and says why without a traceback; what it printed."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"manifest": merge(tiny_params()["manifest"], settings)}))
+    with contextlib.chdir(tmp_path):
+        code, _, err = run_ctcflow(capsys, "manifest", "--params", "params.yaml")
+    assert code == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+PARAMS_ERROR = "ctcflow manifest: error: params.yaml: bad or missing value in section 'manifest':\n  "
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seed": -1}, "manifest.seed: Input should be greater than or equal to 0 (got -1)"),
+    ({"units": "bpe", "bpe_vocab_size": 2}, "manifest.bpe_vocab_size: 2 is below 29, the least for units bpe: a piece "
+                                            "for each character of manifest.alphabet but the space, plus '▁' and <unk>"),
+    # A cross-field check names its key, without the whole section after it.
+    ({"test_sets": {"a/b": {"source": "fsdd", "corpus_dir": "data/test_sets/x", "table": None, "columns": None}}},
+     "manifest.test_sets: bad name(s) ['a/b']: letters, digits, '_', '.', '-', and none of ['train', 'valid', 'test', "
+     "'rejects', 'features.json', 'tokens.json', 'test_sets.json', 'rejects.jsonl', 'warnings.jsonl']"),
+    ({"min_duration": 5.0, "max_duration": 1.0}, "manifest: min_duration 5.0 must be below max_duration 1.0"),
+])
+def test_bad_params_are_refused_before_any_file_is_read(capsys, tmp_path, settings, message):
+    assert manifest_error(capsys, tmp_path, **settings) == PARAMS_ERROR + message
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"source": "table", "table": "c/nope.csv"}, "manifest.table c/nope.csv not found"),
+    ({"source": "table", "table": "c"}, "manifest.table c is a directory: name a .csv, .tsv or .jsonl file"),
+    ({"units": "word", "vocabulary": "c"}, "manifest.vocabulary c is a directory: name a file with one unit per line"),
+    ({"test_sets": {"t": {"source": "table", "corpus_dir": "data/test_sets/t", "table": "data/test_sets/t/list.csv",
+                          "columns": {"path": "wav", "text": "text", "speaker": None, "split": None, "id": None}}}},
+     "data/test_sets/t/list.csv: no column(s) ['wav']; it has ['path', 'text'] (set manifest.test_sets.t.columns)"),
+    ({"train_sets": {"espeak": {"source": "demo", "corpus_dir": "nowhere", "table": None, "columns": None}}},
+     "nowhere/metadata.csv not found: run the synth stage, or set manifest.train_sets.espeak.source"),
+])
+def test_a_bad_corpus_setting_is_one_line_naming_its_key(capsys, tmp_path, settings, message):
+    for folder in ("c", "data/test_sets/t"):
+        tone(tmp_path / folder / "a.wav", 1.0)
+        (tmp_path / folder / "list.csv").write_text("path,text\na.wav,hello\n")
+    main = {"source": "table", "corpus_dir": "c", "table": "c/list.csv", "columns": {"path": "path", "text": "text"}}
+    assert manifest_error(capsys, tmp_path, **{**main, **settings}) == f"ctcflow manifest: error: {message}"
