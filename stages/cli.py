@@ -213,11 +213,16 @@ def summary(argv: list[str]) -> None:
     metrics_file = Path(args.metrics)
     if not metrics_file.is_file():
         sys.exit(f"ctcflow summary: error: {metrics_file} not found (run the pipeline first: dvc repro)")
-    metrics = json.loads(metrics_file.read_text())
-    # Word units have no beam block: the beam search spells words in characters.
-    for name, label in (("greedy", "greedy decoding"), ("beam", "beam search")):
-        if name in metrics:
-            print(f"test WER {metrics[name]['wer']:6.2%}  CER {metrics[name]['cer']:6.2%}  {label}")
+    try:
+        metrics = json.loads(metrics_file.read_text())
+        # Word units have no beam block: the beam search spells words in characters.
+        lines = [f"test WER {metrics[name]['wer']:6.2%}  CER {metrics[name]['cer']:6.2%}  {label}"
+                 for name, label in (("greedy", "greedy decoding"), ("beam", "beam search")) if name in metrics]
+    except (ValueError, TypeError, KeyError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        sys.exit(f"ctcflow summary: error: {metrics_file} is not the evaluate stage's metrics "
+                 f"({type(err).__name__}: {err})")
+    for line in lines:
+        print(line)
     if args.elapsed is not None:
         print(f"pipeline time: {minutes_seconds(args.elapsed)}")
     print("plots: plots/*.png, or all of them in one HTML page: dvc plots show")

@@ -131,10 +131,14 @@ class Grammar:
 def load_grammar(path: Path, max_words_per_slot: int) -> Grammar:
     if not path.is_file():
         raise StageError(f"grammar file {path} not found (synth.grammar)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    templates, slots = raw.get("templates"), raw.get("slots")
-    if not templates or not isinstance(slots, dict):
-        raise StageError(f"{path}: needs a 'templates' list and a 'slots' mapping")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise StageError(f"{path} (synth.grammar): not valid YAML text: {err}") from None
+    templates, slots = (raw.get("templates"), raw.get("slots")) if isinstance(raw, dict) else (None, None)
+    if (not templates or not isinstance(templates, list) or not all(isinstance(t, str) for t in templates)
+            or not isinstance(slots, dict)):
+        raise StageError(f"{path}: needs a 'templates' list of strings and a 'slots' mapping")
     for name, entries in slots.items():
         bad = [e for e in entries or [None] if not isinstance(e, str) or not _PHRASE.fullmatch(e)]
         if bad:

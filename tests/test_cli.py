@@ -121,6 +121,18 @@ def test_summary_without_a_beam_block_or_a_time(tmp_path, capsys, monkeypatch):
                                "plots: plots/*.png, or all of them in one HTML page: dvc plots show\n")
 
 
+@pytest.mark.parametrize(("content", "reason"), [
+    ("not json", "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
+    ('{"greedy": {"wer": "high"}}', "ValueError: Unknown format code '%' for object of type 'str'"),
+    ('{"greedy": {"cer": 0.1}}', "KeyError: 'wer'"),
+])
+def test_summary_of_a_file_that_is_no_eval_metrics_is_one_line(tmp_path, content, reason):
+    (tmp_path / "eval.json").write_text(content)
+    done = ctcflow("summary", "--metrics", "eval.json", cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"ctcflow summary: error: eval.json is not the evaluate stage's metrics ({reason})\n"
+
+
 def test_summary_before_the_pipeline_ran(tmp_path):
     done = ctcflow("summary", cwd=tmp_path)
     assert done.returncode != 0

@@ -418,6 +418,19 @@ def test_bad_grammar_is_a_stage_error(tmp_path, grammar, message):
         load_grammar(path, max_words_per_slot=0)
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("templates: [call {name}\nslots: {", r"grammar.yaml \(synth.grammar\): not valid YAML text: "),
+    ("- call {name} now\n", r"grammar.yaml: needs a 'templates' list of strings and a 'slots' mapping"),
+    ("templates: [[call, now]]\nslots: {name: [kate]}\n", r"needs a 'templates' list of strings"),
+])
+def test_a_grammar_that_is_no_grammar_file_is_a_stage_error(tmp_path, text, message):
+    # These used to be a yaml ParserError, an AttributeError and a TypeError, each a traceback.
+    path = tmp_path / "grammar.yaml"
+    path.write_text(text)
+    with pytest.raises(StageError, match=message):
+        load_grammar(path, max_words_per_slot=0)
+
+
 def test_too_small_a_grammar_is_a_stage_error(tmp_path):
     path = tmp_path / "grammar.yaml"
     path.write_text(yaml.safe_dump({"templates": ["call {name} now"], "slots": {"name": ["kate", "max"]}}))
