@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-import torchaudio.functional as AF
 
-from ctcflow.audio import AudioError, read_info
+from ctcflow.audio import MAX_PEAK, AudioError, read_info, resample
 from ctcflow.checkpoint import load_model
 from ctcflow.data import normalization, normalize_utterance
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
@@ -61,15 +60,20 @@ def check_device(device: str, onnx: bool = False) -> torch.device:
 _INTEGER_SUBTYPES = ("PCM_", "ULAW", "ALAW", "DWVW_", "DPCM_")
 
 
-def check_finite(path: str) -> None:
-    """Refuse a file with NaN or infinite samples, as featurize does (non_finite_samples): a NaN
-    makes every frame of its window NaN. Read in blocks, so memory stays bounded."""
+def check_samples(path: str) -> None:
+    """Refuse what featurize's decode_audio refuses in the samples, with its reasons: NaN or infinite
+    samples (a NaN makes every frame of its window NaN) and float samples beyond MAX_PEAK (their
+    log-mel overflows). Read in blocks, so memory stays bounded, where decode_audio reads the whole file."""
     with soundfile.SoundFile(path) as audio:
         if audio.subtype.startswith(_INTEGER_SUBTYPES):
             return
         for block in audio.blocks(1 << 16, dtype="float32"):
-            if not np.isfinite(block).all():
+            low, high = float(block.min()), float(block.max())
+            if not (np.isfinite(low) and np.isfinite(high)):
                 raise AudioError("non_finite_samples", f"{path} contains NaN or infinite samples")
+            if max(high, -low) > MAX_PEAK:
+                raise AudioError("implausible_amplitude",
+                                 f"{path}: peak sample {max(high, -low):.3g} is beyond any audio scale (> 2**31)")
 
 
 @dataclass
@@ -143,7 +147,7 @@ class Transcriber:
         paths = [str(p) for p in paths]
         for p in paths:
             read_info(p)  # fail on a missing or unreadable file before any work
-            check_finite(p)
+            check_samples(p)
         done: dict[int, list[Word]] = {}
         words: dict[int, list[Word]] = {i: [] for i in range(len(paths))}
         next_out = 0
@@ -176,7 +180,7 @@ class Transcriber:
                     t0 = start / rate
                     waveform = torch.from_numpy(samples.mean(axis=1))
                     if rate != self.config.sample_rate:
-                        waveform = AF.resample(waveform, rate, self.config.sample_rate)
+                        waveform = resample(waveform, rate, self.config.sample_rate)
                     yield _Window(i, t0, len(samples) / rate, 0.0 if start == 0 else t0 + half,
                                   float("inf") if last else t0 + self.chunk_seconds - half, waveform, last)
                     if last:

@@ -69,6 +69,24 @@ def test_any_sample_rate_and_channel_count(tiny_pipeline, tmp_path):
     check_words(transcript, len(stereo) / 44100)
 
 
+def test_a_rate_sharing_no_factor_with_the_model_s_resamples_as_featurize_does(tiny_pipeline, tmp_path):
+    # 44,101 Hz: torchaudio's kernel for it would be 7 × 10**8 taps (12 GB); decode_audio's bounded
+    # resample builds another, and transcribe must hear what featurize hears.
+    utt = test_utterances(tiny_pipeline).iloc[1]
+    samples, rate = soundfile.read(tiny_pipeline / utt.audio_path, dtype="float32")
+    soundfile.write(tmp_path / "odd.wav", AF.resample(torch.from_numpy(samples), rate, 44100).numpy(), 44101,
+                    subtype="FLOAT")
+    model = transcriber(tiny_pipeline)
+    [window] = list(model._windows([str(tmp_path / "odd.wav")]))
+    assert torch.equal(window.waveform, decode_audio(tmp_path / "odd.wav", model.config.sample_rate).waveform)
+
+
+def test_float_samples_beyond_any_audio_scale_are_refused_as_featurize_refuses_them(tiny_pipeline, tmp_path):
+    soundfile.write(tmp_path / "huge.wav", np.full(16000, 3e9, dtype=np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"huge.wav: peak sample 3e\+09 is beyond any audio scale \(> 2\*\*31\)"):
+        list(transcriber(tiny_pipeline).transcribe([tmp_path / "huge.wav"]))
+
+
 def test_batches_keep_the_order_and_the_results_of_one_file_at_a_time(tiny_pipeline):
     paths = [tiny_pipeline / p for p in test_utterances(tiny_pipeline)["audio_path"][:5]]
     batched = list(transcriber(tiny_pipeline, batch_size=2).transcribe(paths))
