@@ -7,6 +7,8 @@ manifest stage can count rejects by reason instead of crashing on one bad file.
 from __future__ import annotations
 
 import math
+import os
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -34,11 +36,22 @@ class AudioInfo:
         return self.num_frames / self.sample_rate
 
 
-def check_file(path: Path, error: type[Rejected]) -> None:
-    """Reject a path that is no file, or an empty file, saying which."""
-    if not path.is_file():
-        raise error("missing_file", f"{path} does not exist or is not a file")
-    if path.stat().st_size == 0:
+def check_file(path: str | Path, error: type[Rejected]) -> None:
+    """Reject a path that is no regular file, or an empty one, saying which. Called before a file
+    is opened, since only a regular file is safe to read: a FIFO blocks the read forever, a
+    device never ends; a name the file system refuses (too long, say) is missing."""
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        raise error("missing_file", f"{path} does not exist or is not a file") from None
+    except OSError as err:
+        raise error("missing_file", f"{path}: {err.strerror}") from None
+    if stat.S_ISDIR(status.st_mode):
+        raise error("missing_file", f"{path} is a directory")
+    if not stat.S_ISREG(status.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(status.st_mode) else "a socket" if stat.S_ISSOCK(status.st_mode) else "a device"
+        raise error("not_a_regular_file", f"{path} is {kind}, not a regular file")
+    if status.st_size == 0:
         raise error("empty_file", f"{path} has zero bytes")
 
 
@@ -95,6 +108,18 @@ def resample(waveform: torch.Tensor, source_rate: int, target_rate: int) -> torc
     return AF.resample(waveform, ratio.denominator, ratio.numerator)
 
 
+def check_peak(samples: np.ndarray, path: str | Path) -> float:
+    """The peak of these samples; NaN, infinite or beyond MAX_PEAK is an AudioError."""
+    # Two reductions and no temporary arrays: a NaN makes both NaN, and an infinity one of them.
+    low, high = float(samples.min()), float(samples.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise AudioError("non_finite_samples", f"{path} contains NaN or infinite samples")
+    peak = max(high, -low)
+    if peak > MAX_PEAK:
+        raise AudioError("implausible_amplitude", f"{path}: peak sample {peak:.3g} is beyond any audio scale (> 2**31)")
+    return peak
+
+
 def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = None) -> Decoded:
     """Read all samples: reject NaN/inf and (if silence_db is set) audio whose peak stays below it.
 
@@ -107,13 +132,7 @@ def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = 
     if samples.size == 0:
         raise AudioError("no_samples", f"{path} holds no audio samples")
     check_sample_rate(source_rate, path)
-    # Two reductions and no temporary arrays: a NaN makes both NaN, and an infinity one of them.
-    low, high = float(samples.min()), float(samples.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise AudioError("non_finite_samples", f"{path} contains NaN or infinite samples")
-    peak = max(high, -low)
-    if peak > MAX_PEAK:
-        raise AudioError("implausible_amplitude", f"{path}: peak sample {peak:.3g} is beyond any audio scale (> 2**31)")
+    peak = check_peak(samples, path)
     if silence_db is not None and peak <= 10 ** (silence_db / 20):
         level = f"{20 * np.log10(peak):.1f} dBFS" if peak > 0 else "digital silence"
         raise AudioError("silent_audio", f"{path}: peak {level} <= silence_db {silence_db}")

@@ -28,14 +28,48 @@ class Section(BaseModel):
 S = TypeVar("S", bound=Section)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; DVC's ruamel refuses them, and so
+    does this, so a stage run alone reads no other value than `dvc repro` would accept."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (the second would silently win)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path, what: str = "params file") -> object:
+    """A YAML file's contents; any reason it cannot be read is a ParamsError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a directory, not a {what}")
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such {what}")
+    try:
+        loader = _UniqueKeyLoader(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: not a {what}: byte {err.start} is not UTF-8 text") from None
+    loader.name = str(path)  # the error marks name the file, not "<unicode string>"
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
 def load_section(name: str, schema: type[S], path: str | Path = DEFAULT_PARAMS) -> S:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ParamsError(f"{path}: no such params file (run from the project root, or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: not a params file: a mapping of sections is expected, got {type(raw).__name__}")
     if name not in raw:
         raise ParamsError(f"{path}: has no '{name}:' section")
     try:

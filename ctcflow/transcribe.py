@@ -29,11 +29,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import soundfile
 import torch
 
-from ctcflow.audio import MAX_PEAK, AudioError, read_info, resample
+from ctcflow.audio import check_peak, read_info, resample
 from ctcflow.checkpoint import load_model
 from ctcflow.data import normalization, normalize_utterance
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
@@ -68,12 +67,7 @@ def check_samples(path: str) -> None:
         if audio.subtype.startswith(_INTEGER_SUBTYPES):
             return
         for block in audio.blocks(1 << 16, dtype="float32"):
-            low, high = float(block.min()), float(block.max())
-            if not (np.isfinite(low) and np.isfinite(high)):
-                raise AudioError("non_finite_samples", f"{path} contains NaN or infinite samples")
-            if max(high, -low) > MAX_PEAK:
-                raise AudioError("implausible_amplitude",
-                                 f"{path}: peak sample {max(high, -low):.3g} is beyond any audio scale (> 2**31)")
+            check_peak(block, path)
 
 
 @dataclass

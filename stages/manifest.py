@@ -40,7 +40,6 @@ import dataclasses
 import json
 import os
 import re
-import stat
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -52,7 +51,7 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from ctcflow import sources
-from ctcflow.audio import AudioInfo, read_info
+from ctcflow.audio import AudioInfo, check_file, read_info
 from ctcflow.features import read_feature_header
 from ctcflow.errors import Rejected
 from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, tally_rejects, write_jsonl, write_test_set_names
@@ -279,29 +278,13 @@ def check(entry: dict, info: AudioInfo, params: ManifestParams, tokenizer: Token
     )
 
 
-def check_regular_file(path: str) -> None:
-    """Before anything opens `path`: a name the file system refuses (too long, say) is missing, and
-    only a regular file is read (a FIFO blocks the header read forever, a device never ends)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise Rejected("missing_file", f"{path} does not exist or is not a file") from None
-    except OSError as err:
-        raise Rejected("missing_file", f"{path}: {err.strerror}") from None
-    if stat.S_ISDIR(mode):
-        raise Rejected("missing_file", f"{path} is a directory")
-    if not stat.S_ISREG(mode):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        raise Rejected("not_a_regular_file", f"{path} is {kind}, not a regular file")
-
-
 def examine(entry: dict, corpus_dir: str, params: ManifestParams, tokenizer: Tokenizer) -> Utterance | Rejected:
     """One utterance: its place, header and transcript. The reject is returned, not raised, so one
     bad file never stops a worker. Paths outside the corpus are never opened (think /dev/zero)."""
     try:
         if not inside(corpus_dir, entry["audio_path"]):
             raise Rejected("path_outside_corpus", f"{entry['audio_path']} is not under corpus_dir {corpus_dir}")
-        check_regular_file(entry["audio_path"])
+        check_file(entry["audio_path"], Rejected)
         if params.input == "features":
             info = read_feature_header(entry["audio_path"], params.feature_frame_rate)
         else:

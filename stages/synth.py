@@ -29,12 +29,11 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-import yaml
 from pydantic import AfterValidator, Field, field_validator, model_validator
 from tqdm import tqdm
 
 from ctcflow import espeak
-from ctcflow.params import Section
+from ctcflow.params import ParamsError, Section, read_yaml
 from stages.runner import StageError, stage_main
 
 CORPUS_DIR = Path("data/corpus")
@@ -132,9 +131,9 @@ def load_grammar(path: Path, max_words_per_slot: int) -> Grammar:
     if not path.is_file():
         raise StageError(f"grammar file {path} not found (synth.grammar)")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise StageError(f"{path} (synth.grammar): not valid YAML text: {err}") from None
+        raw = read_yaml(path, "grammar file")
+    except ParamsError as err:
+        raise StageError(f"synth.grammar: {err}") from None
     templates, slots = (raw.get("templates"), raw.get("slots")) if isinstance(raw, dict) else (None, None)
     if (not templates or not isinstance(templates, list) or not all(isinstance(t, str) for t in templates)
             or not isinstance(slots, dict)):
@@ -231,8 +230,9 @@ def draw_speakers(params: SynthParams) -> dict[str, list[Speaker]]:
 
     Variants (m1, f3, klatt, ...) set most of a voice's timbre, so splitting variants, not
     just (dialect, variant) pairs, keeps valid and test voices truly unheard in training.
-    Variants are shared out in proportion to each split's speakers; held-out splits are
-    dealt first, so resizing train leaves valid and test unchanged.
+    Variants are shared out in proportion to each split's speakers, held-out splits first. So
+    train's utterances and word lists leave valid and test as they were, but its speaker count
+    moves the shares, and with them which voices valid and test get.
     """
     rng = random.Random(f"{params.seed}:speakers")
     variants = [v for v in espeak.list_variants() if v not in params.exclude_variants]

@@ -85,6 +85,24 @@ def test_a_missing_params_key_is_named(tmp_path):
                           "  plots.dpi: Field required\n"
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    # PyYAML kept the last dpi, so a stage run alone plotted at 50 where `dvc repro` refused the file.
+    (b"plots:\n  dpi: 100\n  dpi: 50\n",
+     "params.yaml: not valid YAML: duplicate key 'dpi' (the second would silently win)\n"
+     '  in "params.yaml", line 3, column 3:\n      dpi: 50\n      ^'),
+    (b"plots:\n  dpi: 100\n\xff\xfe\x00", "params.yaml: not a params file: byte 18 is not UTF-8 text"),
+    (b"- plots\n", "params.yaml: not a params file: a mapping of sections is expected, got list"),
+    (None, "params.yaml: is a directory, not a params file"),
+])
+def test_a_params_file_that_cannot_be_read_is_one_line(tmp_path, capsys, monkeypatch, content, message):
+    if content is None:
+        (tmp_path / "params.yaml").mkdir()
+    else:
+        (tmp_path / "params.yaml").write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    assert run_ctcflow(capsys, "plots") == (1, "", f"ctcflow plots: error: {message}\n")
+
+
 EVAL = {"wer": 0.0068, "cer": 0.0053, "sentence_accuracy": 0.955, "ctc_loss": 0.078, "blank_ratio": 0.093,
         "utterances": 400, "checkpoint_epoch": 10,
         "greedy": {"wer": 0.07402, "cer": 0.017956, "sentence_accuracy": 0.6725, "blank_ratio": 0.095},

@@ -18,7 +18,7 @@ import yaml
 from conftest import merge, run_python, synth_in_fresh_process, tiny_params
 from ctcflow.params import ParamsError, load_section
 from stages.runner import StageError
-from stages.synth import SynthParams, Splits, _SLOT, draw_sentences, draw_word_lists, load_grammar
+from stages.synth import SynthParams, Splits, _SLOT, draw_sentences, draw_speakers, draw_word_lists, load_grammar
 
 GRAMMAR = Path(__file__).resolve().parents[1] / "data" / "demo_grammar.yaml"
 LETTERS = set("' abcdefghijklmnopqrstuvwxyz")
@@ -139,6 +139,25 @@ def test_the_projects_sizes_train_every_held_out_word():
     held_out = {w for split in ("valid", "test") for s in sentences[split] for w in s.split()}
     assert held_out <= train_words
     assert len(set(sentences["test"])) == params.splits.test.utterances
+
+
+def test_train_utterances_keep_the_held_out_voices_and_train_speakers_move_them():
+    params = load_section("synth", SynthParams, Path(__file__).resolve().parents[1] / "params.yaml")
+    splits = params.splits.model_dump()
+
+    def voices(train: dict) -> dict[str, list]:
+        changed = params.model_copy(update={"splits": Splits(**{**splits, "train": {**splits["train"], **train}})})
+        return {split: [s.voice for s in speakers] for split, speakers in draw_speakers(changed).items()}
+
+    demo = voices({})
+    more_utterances = voices({"utterances": 8000, "word_lists": 0})
+    assert (more_utterances["valid"], more_utterances["test"]) == (demo["valid"], demo["test"])
+    # The shares follow the speaker counts (docs/corpora.md): 300 train speakers of 390 give
+    # the held-out splits more of the 104 variants, so other voices.
+    fewer_speakers = voices({"speakers": 300})
+    variants = {split: {v.variant for v in found} for split, found in fewer_speakers.items()}
+    assert len(variants["test"]) > len({v.variant for v in demo["test"]})
+    assert not variants["test"] & variants["train"] and not variants["valid"] & variants["train"]
 
 
 def test_word_lists_are_vocabulary_words_and_spare_the_held_out_transcripts():
@@ -419,14 +438,19 @@ def test_bad_grammar_is_a_stage_error(tmp_path, grammar, message):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("templates: [call {name}\nslots: {", r"grammar.yaml \(synth.grammar\): not valid YAML text: "),
+    ("templates: [call {name}\nslots: {", r"synth.grammar: .*grammar.yaml: not valid YAML: "),
+    # PyYAML kept the second list alone, and the sentences lost kate without a word.
+    ("templates: ['call {name} now']\nslots:\n  name: [kate]\n  name: [max]\n",
+     r"synth.grammar: .*grammar.yaml: not valid YAML: duplicate key 'name' \(the second would silently win\)\n  in \".*grammar.yaml\", line 4"),
+    ("templates: ['call {name} now']\nslots: {name: [k\xe9te]}\n".encode("latin-1"),
+     r"synth.grammar: .*grammar.yaml: not a grammar file: byte 47 is not UTF-8 text$"),
     ("- call {name} now\n", r"grammar.yaml: needs a 'templates' list of strings and a 'slots' mapping"),
     ("templates: [[call, now]]\nslots: {name: [kate]}\n", r"needs a 'templates' list of strings"),
 ])
 def test_a_grammar_that_is_no_grammar_file_is_a_stage_error(tmp_path, text, message):
     # These used to be a yaml ParserError, an AttributeError and a TypeError, each a traceback.
     path = tmp_path / "grammar.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(StageError, match=message):
         load_grammar(path, max_words_per_slot=0)
 
