@@ -224,10 +224,11 @@ def _table_rejects(paths: list[str], texts: list, path_column: str) -> list[Reje
 
 
 def table(path: Path, path_column: str, text_column: str, speaker_column: str | None, split_column: str | None,
-          id_column: str | None, key: str = "manifest") -> pd.DataFrame:
+          id_column: str | None, key: str = "manifest", fixed_columns: bool = False) -> pd.DataFrame:
     """A CSV, TSV or JSON-lines file, one utterance per row; relative paths are relative to its folder.
     The optional columns may be None: no speakers, splits made later, ids from the file names (as for
-    a row whose id is empty). `key` is where its params are (its table and columns), for messages."""
+    a row whose id is empty). `key` is where its params are (its table and columns), for messages;
+    `fixed_columns`: a format whose column names no param sets (recipe_json)."""
     if path.is_dir():
         raise SourceError(f"{key}.table {path} is a directory: name a .csv, .tsv or .jsonl file")
     if not path.is_file():
@@ -236,7 +237,8 @@ def table(path: Path, path_column: str, text_column: str, speaker_column: str | 
     wanted = [c for c in (path_column, text_column, speaker_column, split_column, id_column) if c]
     missing = [c for c in wanted if c not in frame.columns]
     if missing:
-        raise SourceError(f"{path}: no column(s) {missing}; it has {list(frame.columns)} (set {key}.columns)")
+        fix = f"the format needs {wanted}" if fixed_columns else f"set {key}.columns"
+        raise SourceError(f"{path}: no column(s) {missing}; it has {list(frame.columns)} ({fix})")
     rejected = _table_rejects(frame[path_column].map(_as_text).tolist(), frame[text_column].tolist(), path_column)
     if path.suffix.lower() in JSONL_SUFFIXES:  # values as JSON gave them: now as a CSV cell holds them
         frame = frame.map(_as_text)
@@ -259,7 +261,8 @@ def recipe_json(train_json: Path, test_json: Path, valid_json: Path | None) -> p
             continue
         if not path.is_file():
             raise FileNotFoundError(f"manifest.{split}_json {path} not found")
-        frame = table(path, "key", "text", speaker_column=None, split_column=None, id_column=None)
+        frame = table(path, "key", "text", speaker_column=None, split_column=None, id_column=None,
+                      key=f"manifest.{split}_json", fixed_columns=True)
         frame["split"] = split
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)

@@ -229,6 +229,14 @@ def test_table_names_a_missing_column(tmp_path):
         run_manifest(tmp_path, source="table", corpus_dir=str(tmp_path), table=str(table))
 
 
+def test_recipe_json_without_its_key_column_says_what_the_format_needs(tmp_path):
+    # It said "set manifest.columns", a param recipe_json never reads.
+    (tmp_path / "train.json").write_text(json.dumps({"path": "a.wav", "text": "hello"}) + "\n")
+    with pytest.raises(sources.SourceError, match=r"train.json: no column\(s\) \['key'\]; it has \['path', 'text'\] "
+                                                  r"\(the format needs \['key', 'text'\]\)$"):
+        sources.recipe_json(tmp_path / "train.json", tmp_path / "train.json", None)
+
+
 def test_recipe_json_keys(tmp_path):
     root = tmp_path / "recipe"
     expected = []
