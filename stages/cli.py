@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = argv[0], argv[1:]
     if command == "repro":
-        sys.exit(subprocess.call(["dvc", "repro", *rest]))
+        # This interpreter's dvc, and its `python` for the stage commands, as in an activated venv.
+        bin_dir = str(Path(sys.executable).parent)
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        sys.exit(subprocess.call([sys.executable, "-m", "dvc", "repro", *rest], env=env))
     if command == "transcribe":
         return transcribe(rest)
     if command == "export":
@@ -149,6 +153,24 @@ def finite_float(text: str) -> float:
     return value
 
 
+def seconds(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+# The TorchScript exporter's range (torch.onnx.export with dynamo=False); 17 is its default.
+MIN_OPSET, MAX_OPSET = 9, 20
+
+
+def opset(text: str) -> int:
+    value = int(text)
+    if not MIN_OPSET <= value <= MAX_OPSET:
+        raise argparse.ArgumentTypeError(f"must be {MIN_OPSET}–{MAX_OPSET}, got {value}")
+    return value
+
+
 def device_name(text: str) -> str:
     try:
         check_device(text)
@@ -172,7 +194,8 @@ def export(argv: list[str]) -> None:
                                                            "dynamic quantization) to this file")
     parser.add_argument("--check-split", metavar="DIR", help="a split of a feature store, e.g. data/features/test, "
                                                              "to check the ONNX model(s) against PyTorch on")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX operator set (default: %(default)s)")
+    parser.add_argument("--opset", type=opset, default=17,
+                        help=f"ONNX operator set, {MIN_OPSET}–{MAX_OPSET} (default: %(default)s)")
     parser.add_argument("--batch-frames", type=positive_int, default=40000,
                         help="--check-split: padded frames per batch (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, help="CPU threads of PyTorch and onnxruntime (default: theirs)")
@@ -184,6 +207,10 @@ def export(argv: list[str]) -> None:
         split = None
         if args.check_split:  # read before any file is written
             split = Path(args.check_split)
+            if not split.is_dir() and (split.parent / "features.json").is_file():
+                found = sorted(d.name for d in split.parent.iterdir() if d.is_dir())
+                raise ValueError(f"--check-split {split}: {split.parent} has no split {split.name!r} "
+                                 f"(it has {', '.join(found)})")
             check_features(checkpoint, split.parent, args.model, units=False)
             split = FeatureSplit(split.parent, split.name, tokenizer)
         export_onnx(checkpoint, model, tokenizer, args.out, args.opset)
@@ -206,7 +233,7 @@ def summary(argv: list[str]) -> None:
         prog="ctcflow summary",
         description="A few lines for the end of `make demo`: the test WER and CER of greedy decoding and of "
                     "beam search, how long the pipeline took, and where the plots are.")
-    parser.add_argument("--elapsed", type=float, metavar="SECONDS", help="the pipeline's run time, to print")
+    parser.add_argument("--elapsed", type=seconds, metavar="SECONDS", help="the pipeline's run time, to print")
     parser.add_argument("--metrics", default="metrics/eval.json",
                         help="the evaluate stage's metrics (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -218,6 +245,8 @@ def summary(argv: list[str]) -> None:
         # Word units have no beam block: the beam search spells words in characters.
         lines = [f"test WER {metrics[name]['wer']:6.2%}  CER {metrics[name]['cer']:6.2%}  {label}"
                  for name, label in (("greedy", "greedy decoding"), ("beam", "beam search")) if name in metrics]
+        if not lines:  # another stage's metrics (lm.json, say) would print nothing but the plots line
+            raise ValueError("no 'greedy' or 'beam' block")
     except (ValueError, TypeError, KeyError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         sys.exit(f"ctcflow summary: error: {metrics_file} is not the evaluate stage's metrics "
                  f"({type(err).__name__}: {err})")

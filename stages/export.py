@@ -72,7 +72,8 @@ def run(params: ExportParams, model_dir: Path = MODEL_DIR, features_dir: Path = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_main("export", ExportParams, run, __doc__, argv)
+    # `ctcflow export` is the command that exports any checkpoint (stages/cli.py), not this stage.
+    stage_main("export", ExportParams, run, __doc__, argv, prog="python -m stages.export")
 
 
 if __name__ == "__main__":

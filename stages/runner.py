@@ -25,9 +25,10 @@ def stage_main(
     run: Callable[[S], object],
     description: str | None,
     argv: list[str] | None = None,
+    prog: str | None = None,
 ) -> None:
     parser = argparse.ArgumentParser(
-        prog=f"ctcflow {section}",
+        prog=prog or f"ctcflow {section}",
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -30,6 +30,15 @@ def test_stage_help_describes_the_stage_and_its_params():
     assert "blank penalty" in done.stdout and "--params" in done.stdout
 
 
+def test_the_export_stage_s_help_names_the_command_that_runs_it(capsys):
+    # It said "usage: ctcflow export [--params PARAMS]", which is the other export command's name.
+    from stages import export
+
+    with pytest.raises(SystemExit):
+        export.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m stages.export [-h] [--params PARAMS]\n")
+
+
 def test_a_bad_param_is_one_clear_line_not_a_traceback(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  blank_penalty: {mode: argmax}\n")
     done = ctcflow("train", cwd=tmp_path)
@@ -143,12 +152,33 @@ def test_summary_without_a_beam_block_or_a_time(tmp_path, capsys, monkeypatch):
     ("not json", "JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
     ('{"greedy": {"wer": "high"}}', "ValueError: Unknown format code '%' for object of type 'str'"),
     ('{"greedy": {"cer": 0.1}}', "KeyError: 'wer'"),
+    # The LM stage's metrics printed the plots line alone, rc 0.
+    ('{"order": 2, "vocabulary": 10}', "ValueError: no 'greedy' or 'beam' block"),
 ])
 def test_summary_of_a_file_that_is_no_eval_metrics_is_one_line(tmp_path, content, reason):
     (tmp_path / "eval.json").write_text(content)
     done = ctcflow("summary", "--metrics", "eval.json", cwd=tmp_path)
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == f"ctcflow summary: error: eval.json is not the evaluate stage's metrics ({reason})\n"
+
+
+@pytest.mark.parametrize(("elapsed", "message"), [("nan", "must be a finite number, got nan"),
+                                                ("-30", "must be 0 or more, got -30")])
+def test_summary_refuses_a_time_it_cannot_print(tmp_path, capsys, elapsed, message):
+    # nan was a ValueError traceback; -30 printed "pipeline time: -1 min 30 s".
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL))
+    code, out, err = run_ctcflow(capsys, "summary", "--metrics", str(tmp_path / "eval.json"), "--elapsed", elapsed)
+    assert (code, out) == (2, "")
+    assert f"\nctcflow summary: error: argument --elapsed: {message}\n" in err, err
+
+
+def test_repro_runs_this_environment_s_dvc_without_an_activated_venv(tmp_path):
+    # With no dvc on PATH it was a FileNotFoundError traceback; another dvc on PATH would have run
+    # the stage commands with another python.
+    done = subprocess.run([sys.executable, "-m", "stages.cli", "repro", "--help"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: dvc repro ")
 
 
 def test_summary_before_the_pipeline_ran(tmp_path):

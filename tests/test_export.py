@@ -152,6 +152,25 @@ def test_the_command_checks_the_split_s_features_before_writing(tiny_pipeline, t
     assert "\nctcflow export: error: argument --threads: must be at least 1, got -3\n" in err
 
 
+def test_the_command_refuses_an_opset_or_split_it_cannot_use(tiny_pipeline, tmp_path, capsys):
+    model, out = tiny_pipeline / "models/best.pt", tmp_path / "m.onnx"
+    for opset in ("3", "99"):  # torch's RuntimeError traceback, after the checkpoint was read
+        code, printed, err = run_ctcflow(capsys, "export", str(model), str(out), "--opset", opset)
+        assert (code, printed) == (2, "")
+        assert f"\nctcflow export: error: argument --opset: must be 9–20, got {opset}\n" in err, err
+    # The lowest opset of that range exports this model, and onnxruntime runs it.
+    code, printed, err = run_ctcflow(capsys, "export", str(model), str(out), "--opset", "9",
+                                     "--check-split", str(tiny_pipeline / "data/features/test"))
+    assert code == 0 and "differ on 0 of 6 utterances" in printed, err
+    # A misspelt split said "run the featurize stage first".
+    code, printed, err = run_ctcflow(capsys, "export", str(model), str(tmp_path / "n.onnx"),
+                                     "--check-split", str(tiny_pipeline / "data/features/tset"))
+    assert (code, printed) == (1, "")
+    assert err == (f"ctcflow export: error: --check-split {tiny_pipeline / 'data/features/tset'}: "
+                   f"{tiny_pipeline / 'data/features'} has no split 'tset' (it has test, train, valid)\n")
+    assert not (tmp_path / "n.onnx").exists()
+
+
 def test_the_stage_writes_both_files_and_the_check(tiny_pipeline, tmp_path):
     params = section("export", export_stage.ExportParams, num_threads=1)
     assert params.int8 and params.checkpoint == "best"
