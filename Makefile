@@ -40,7 +40,7 @@ serve: $(STAMP)
 flow: $(STAMP)
 	$(BIN)/python -m pipeline run $(foreach kv,$(SET),--set $(kv))
 
-# flow.sweep's grid as DVC experiments, ranked by test WER.
+# flow.sweep's grid as DVC experiments, ranked by flow.sweep.rank_by (test WER by default).
 sweep: $(STAMP)
 	$(BIN)/python -m pipeline sweep
 

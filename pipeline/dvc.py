@@ -17,9 +17,14 @@ from pathlib import Path
 
 import yaml
 
-# A stage that fails on its own terms exits with this prefix (stages.runner.stage_main):
-# bad params or missing inputs, which a retry cannot fix.
+# A stage that fails on its own terms exits with this prefix (stages.runner.stage_main): bad params
+# or missing inputs, which a retry cannot fix, whatever words its message holds.
 STAGE_ERROR_PREFIX = "ctcflow "
+# What DVC, git or the system print for a failure that can pass on a second try: DVC's lock or
+# git's index lock held by another process, a lost or refused connection (a remote), a process
+# killed by a signal (DVC's "exited with -9").
+TRANSIENT_MARKERS = ("Unable to acquire lock", "index.lock", "Connection", "connection", "timed out",
+                     "Temporary failure", "exited with -")
 # DVC's own words for an up-to-date stage.
 UP_TO_DATE = "didn't change, skipping"
 
@@ -33,15 +38,20 @@ class DvcFailed(RuntimeError):
 
     @property
     def transient(self) -> bool:
-        """Worth a retry unless the stage said what is wrong itself (bad params, a missing input):
-        a killed process, a held DVC lock or a crash may pass the next time."""
-        return not any(line.startswith(STAGE_ERROR_PREFIX) and ": error:" in line for line in self.tail)
+        """Worth a retry only if it can pass the next time (see TRANSIENT_MARKERS), or dvc itself was
+        killed by a signal. Anything else (a stage's own error, a missing input, a bad experiment
+        name or --set value) fails the same way again."""
+        if any(line.startswith(STAGE_ERROR_PREFIX) and ": error:" in line for line in self.tail):
+            return False
+        return self.returncode < 0 or any(marker in line for line in self.tail for marker in TRANSIENT_MARKERS)
 
 
-def dvc_env() -> dict[str, str]:
+def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for dvc and the stages it runs, with `extra` (runtime knobs)."""
     # Stage commands call `python`: make it this interpreter, whose environment has the deps.
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TQDM_DISABLE": "1"}
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TQDM_DISABLE": "1",
+            **(extra or {})}
 
 
 def stop_process_group(process: subprocess.Popen, grace_seconds: float = 15) -> None:
@@ -59,10 +69,11 @@ def stop_process_group(process: subprocess.Popen, grace_seconds: float = 15) -> 
 
 
 def run_dvc(args: list[str], project_dir: str | Path, log: Callable[[str], None] = print,
-            tail_lines: int = 30) -> str:
-    """Run `dvc ARGS` in project_dir, passing each output line to `log` as it comes; return the output."""
+            tail_lines: int = 30, env: dict[str, str] | None = None) -> str:
+    """Run `dvc ARGS` in project_dir, passing each output line to `log` as it comes; return the output.
+    env: variables added to this process's environment, for dvc and the stages it runs."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "dvc", *args], cwd=project_dir, env=dvc_env(),
+        [sys.executable, "-m", "dvc", *args], cwd=project_dir, env=dvc_env(env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
         start_new_session=True,  # a process group of its own, which stop_process_group stops as a whole
     )

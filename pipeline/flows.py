@@ -4,77 +4,238 @@
 the Prefect UI shows every stage's state, duration and logs while DVC still decides what is up
 to date. With overrides it runs the pipeline as one DVC experiment instead (`dvc exp run --temp
 --set-param …`), which leaves the workspace clean and shows up in `dvc exp show`. With a Dask
-address, featurize reads the files on that cluster: runtime knobs, which DVC does not track.
+address, featurize reads the files on that cluster: a runtime knob passed in the environment, so
+it lands in no params file and no experiment.
 `sweep_flow` runs a grid of such experiments and ranks them. Both publish Prefect artifacts.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import re
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.tasks import exponential_backoff
-from ruamel.yaml import YAML
+import yaml
 
 from pipeline.config import FlowParams, load_flow_params
-from pipeline.dvc import UP_TO_DATE, DvcFailed, dvc_json, pipeline_stages, run_dvc
-from pipeline.report import metrics_table, plots_markdown, sweep_row
+from pipeline.dvc import STAGE_ERROR_PREFIX, UP_TO_DATE, DvcFailed, dvc_json, pipeline_stages, run_dvc
+from pipeline.report import metrics_table, plots_markdown, rank_rows, sweep_row
 
 PIPELINE_FLOW = "ctcflow-pipeline"
 SWEEP_FLOW = "ctcflow-sweep"
+# The environment variable featurize reads as its scheduler (stages.featurize.DASK_SCHEDULER_ENV).
+DASK_SCHEDULER_ENV = "CTCFLOW_DASK_SCHEDULER"
+# Top-level sections of params.yaml that no stage reads: an experiment differing only there is the
+# same experiment (editing flow.sweep.grid must not make the earlier points "other" experiments).
+UNREAD_SECTIONS = {"flow"}
+
+
+class FlowError(ValueError):
+    """A mistake in what the flow was asked to do (a bad name, override or branch): one line, not retried."""
+
+
+class SweepPointsFailed(RuntimeError):
+    """Raised at the end of a sweep in which some points failed; rows holds the whole ranked table."""
+
+    def __init__(self, rows: list[dict], failed: list[dict]):
+        self.rows = rows
+        super().__init__(f"{len(failed)} of {len(rows)} sweep points failed: "
+                         + "; ".join(f"{row['experiment']}: {row['error']}" for row in failed))
 
 
 def retry_if_transient(task, task_run, state) -> bool:
-    """Prefect retry condition: a stage's own error (bad params, missing input) is not retried."""
+    """Prefect retry condition: a dvc failure only if it may pass next time (DvcFailed.transient),
+    never a FlowError (the request itself is wrong), anything else (a crash) as before."""
     error = state.data
+    if isinstance(error, FlowError):
+        return False
     return not isinstance(error, DvcFailed) or error.transient
 
 
 @task(task_run_name="{stage}", retry_condition_fn=retry_if_transient)
-def run_stage(stage: str, project_dir: str, known_up_to_date: bool = False) -> str:
+def run_stage(stage: str, project_dir: str, known_up_to_date: bool = False,
+              env: dict[str, str] | None = None) -> str:
     logger = get_run_logger()
     if known_up_to_date:
         logger.info("%s is up to date (dvc status): nothing to run", stage)
         return "up to date"
-    output = run_dvc(["repro", "--single-item", stage], project_dir, logger.info)
+    output = run_dvc(["repro", "--single-item", stage], project_dir, logger.info, env=env)
     if UP_TO_DATE in output:
         logger.info("%s is up to date: DVC skipped it", stage)
         return "up to date"
     return "ran"
 
 
-def experiment_name(overrides: dict[str, Any]) -> str:
-    """A readable, git-ref-safe name: train.blank_penalty.mode=none → mode-none."""
-    parts = [f"{key.rsplit('.', 1)[-1]}-{value}" for key, value in overrides.items()]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts))[:120] or "exp"
+def parse_override(text: str):
+    """A `--set` value as `dvc exp run -S` parses it (Hydra's override grammar), or a FlowError."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    key, sep, _ = text.partition("=")
+    if not sep or "." not in key:
+        raise FlowError(f"--set {text!r}: expected section.param=value, e.g. train.epochs=2")
+    try:
+        return OverridesParser.create().parse_overrides([text])[0]
+    except OverrideParseException as err:
+        raise FlowError(f"--set {text!r}: not a value `dvc exp run -S` takes: "
+                        f"{' '.join(str(err).split())}") from None
+
+
+def hydra_value(value: Any) -> str:
+    """A params value (YAML's types) as Hydra's override grammar writes it, the text `dvc exp run -S`
+    takes: null, true/false, [1,2], {mode:soft_ratio,weight:0.5}; a string bare where Hydra reads it
+    back as that string, else quoted."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    with_bare = f"k.k={text}"
+    try:
+        if parse_override(with_bare).value() == text:
+            return text
+    except FlowError:
+        pass
+    # In a quoted string only a quote, and backslashes just before a quote or the end, are escaped.
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), text) + "'"
+
+
+def valid_ref_name(name: str) -> bool:
+    """Whether git (and so DVC, for an experiment) takes `name` as a ref's last part: DVC's own check."""
+    from dulwich.refs import check_ref_format
+
+    return bool(name) and "/" not in name and check_ref_format(f"refs/exps/{name}".encode())
+
+
+# Overrides shown in a name as they are: keys and values of these characters, joined by = and ,.
+_BARE_KEY, _BARE_VALUE = re.compile(r"[A-Za-z0-9_.+-]+"), re.compile(r"[A-Za-z0-9_.+-]*")
+MAX_READABLE = 100
+
+
+def experiment_name(overrides: list[str], shown: Iterable[str] | None = None) -> str:
+    """A valid experiment name, one per set of overrides: `train.clip_grad_norm=1.0,train.seed=0`,
+    the overrides of the keys in `shown` (all by default), sorted. A short hash of all of them is
+    added whenever the readable part alone could be another set's too: keys left out, characters
+    replaced, or cut at MAX_READABLE."""
+    pairs = sorted(tuple(text.split("=", 1)) for text in overrides)
+    shown = None if shown is None else set(shown)
+    kept = [(key, value) for key, value in pairs if shown is None or key in shown]
+    readable = ",".join(f"{key}={value}" for key, value in kept)
+    if (len(kept) == len(pairs) and len(readable) <= MAX_READABLE and valid_ref_name(readable)
+            and all(_BARE_KEY.fullmatch(key) and _BARE_VALUE.fullmatch(value) for key, value in kept)):
+        return readable
+    digest = hashlib.sha1("\n".join(f"{key}={value}" for key, value in pairs).encode()).hexdigest()[:7]
+    safe = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.+=,-]+", "_", readable))[:MAX_READABLE]
+    return f"{safe}-{digest}" if safe else digest
+
+
+def check_experiment_name(name: str) -> None:
+    if not valid_ref_name(name):
+        raise FlowError(f"--name {name!r}: not a valid experiment name (git's ref rules: no spaces, "
+                        "no / ~ ^ : ? * [ \\, no '..', not ending in '.' or '.lock')")
+
+
+def check_branch(project_dir: str, branch: str) -> None:
+    """Before a sweep, not after it: the branch the best experiment is to be kept as must be free."""
+    from scmrepo.git import Git
+
+    with Git(project_dir) as scm:
+        if not scm.check_ref_format(f"refs/heads/{branch}") or branch.startswith("-"):
+            raise FlowError(f"--branch {branch!r}: not a valid git branch name")
+        if scm.get_ref(f"refs/heads/{branch}") is not None:
+            raise FlowError(f"--branch {branch!r}: the branch exists already; name another or delete it "
+                            f"(git branch -D {branch})")
+
+
+def expected_params(project_dir: str, overrides: list[str]) -> dict:
+    """params.yaml as the experiment will have it: the workspace's, with the overrides applied by
+    DVC's own code for `exp run -S`, on a copy. A key or value DVC would refuse is a FlowError now."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "params.yaml"
+        shutil.copyfile(Path(project_dir) / "params.yaml", copy)
+        try:
+            apply_overrides(copy, overrides)
+        except InvalidArgumentError as err:
+            cause = " ".join(str(err.__cause__ or err).split())
+            raise FlowError(f"--set {' '.join(overrides)}: DVC would refuse it: {cause}") from None
+        return yaml.safe_load(copy.read_text())
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def params_differences(old: dict, new: dict) -> list[str]:
+    """`key: old there, new now` for each param of a stage-read section that differs."""
+    old_flat = flatten({k: v for k, v in old.items() if k not in UNREAD_SECTIONS})
+    new_flat = flatten({k: v for k, v in new.items() if k not in UNREAD_SECTIONS})
+    return [f"{key}: {old_flat.get(key)!r} there, {new_flat.get(key)!r} now"
+            for key in sorted(old_flat.keys() | new_flat.keys()) if old_flat.get(key) != new_flat.get(key)]
+
+
+def find_experiment(name: str, project_dir: str) -> dict | None:
+    """The experiment of this name on the current baseline (`dvc exp show`): its rev and data."""
+    for baseline in dvc_json(["exp", "show", "--no-fetch"], project_dir) or []:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                if rev.get("name") == name:
+                    return rev
+    return None
 
 
 @task(task_run_name="experiment {name}", retry_condition_fn=retry_if_transient)
-def run_experiment(overrides: dict[str, Any], name: str, project_dir: str) -> str:
-    """One `dvc exp run --temp`: DVC copies the workspace, runs what the overrides change and
-    stores the result as an experiment ref; returns the experiment's commit."""
+def run_experiment(overrides: list[str], name: str, project_dir: str, env: dict[str, str] | None = None) -> str:
+    """One `dvc exp run --temp -S …`: DVC copies the workspace, runs what the overrides change and
+    stores the result as an experiment ref; returns the experiment's commit. overrides: Hydra's
+    `key=value` texts, passed to DVC as they are. env: runtime knobs for the stages."""
     logger = get_run_logger()
-    set_params = [arg for key, value in overrides.items() for arg in ("--set-param", f"{key}={value}")]
-    # A point run again replaces its earlier experiment. Not with `exp run --force`: that reruns
-    # every stage, upstream ones too, instead of restoring them from DVC's run-cache.
-    if name in run_dvc(["exp", "list", "--name-only"], project_dir, logger.debug).split():
+    expected = expected_params(project_dir, overrides)
+    target = name
+    if (existing := find_experiment(name, project_dir)) is not None:
+        old = (((existing.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data") or {}
+        if differences := params_differences(old, expected):
+            raise FlowError(f"experiment {name!r} exists with other params ({'; '.join(differences[:3])}): "
+                            f"give another --name, or remove it first (dvc exp remove {name})")
+        # The same point again (new code, say) replaces it, but only once the new run has worked:
+        # it runs under another name first. Not with `exp run --force`: that reruns every stage,
+        # upstream ones too, instead of restoring them from DVC's run-cache.
+        target = f"{name}-rerun"
+        if find_experiment(target, project_dir) is not None:  # left by a rerun that was stopped
+            run_dvc(["exp", "remove", target], project_dir, logger.info)
+    set_params = [arg for text in overrides for arg in ("--set-param", text)]
+    run_dvc(["exp", "run", "--temp", "--name", target, *set_params], project_dir, logger.info, env=env)
+    if target != name:
         run_dvc(["exp", "remove", name], project_dir, logger.info)
-    run_dvc(["exp", "run", "--temp", "--name", name, *set_params], project_dir, logger.info)
+        run_dvc(["exp", "rename", target, name], project_dir, logger.info)
     return experiment_rev(name, project_dir)
 
 
 def experiment_rev(name: str, project_dir: str) -> str:
-    for baseline in dvc_json(["exp", "show", "--no-fetch", "--only-changed"], project_dir) or []:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs", []):
-                if rev.get("name") == name:
-                    return rev["rev"]
-    raise DvcFailed(["exp", "show"], 1, [f"experiment {name!r} not found after it ran"])
+    if (rev := find_experiment(name, project_dir)) is None:
+        raise DvcFailed(["exp", "show"], 1, [f"experiment {name!r} not found after it ran"])
+    return rev["rev"]
 
 
 def retrying(task_fn, params: FlowParams):
@@ -83,35 +244,27 @@ def retrying(task_fn, params: FlowParams):
                                 if params.retry_delay_seconds else 0)
 
 
-def dask_knobs(dask_address: str | None) -> dict[str, Any]:
-    """The params that send featurize's file reading to the Dask scheduler at dask_address."""
-    return {"featurize.executor": "dask", "featurize.scheduler_address": dask_address} if dask_address else {}
+def runtime_env(dask_address: str | None) -> dict[str, str] | None:
+    """The environment that sends featurize's file reading to the Dask scheduler at dask_address.
+    Not a param: DVC would store it in the experiment, the workspace (`exp apply`) or a branch,
+    and the next plain `dvc repro` would need that cluster."""
+    return {DASK_SCHEDULER_ENV: dask_address} if dask_address else None
 
 
-@contextlib.contextmanager
-def runtime_knobs_set(project_dir: str, knobs: dict[str, Any]) -> Iterator[None]:
-    """params.yaml with these runtime knobs set while `dvc repro` runs the stages, as `dvc exp run -S`
-    would set them, then put back as it was. DVC tracks none of them, so they change no stage's
-    state: dvc.lock and `dvc status` stay as they would be without them."""
-    if not knobs:
-        yield
-        return
-    path = Path(project_dir) / "params.yaml"
-    original = path.read_text()
-    yaml = YAML()  # round trip: the comments stay, should the run be killed before the file is put back
-    params = yaml.load(original)
-    for dotted, value in knobs.items():
-        *sections, key = dotted.split(".")
-        section = params
-        for name in sections:
-            section = section[name]
-        section[key] = value
-    with path.open("w") as file:
-        yaml.dump(params, file)
-    try:
-        yield
-    finally:
-        path.write_text(original)
+def short_error(error: BaseException) -> str:
+    """One line for a failed point's row: a stage's own error, DVC's ERROR line, or the message."""
+    if isinstance(error, DvcFailed):
+        for marker in (STAGE_ERROR_PREFIX, "ERROR:"):
+            if starts := [i for i, line in enumerate(error.tail) if line.startswith(marker)]:
+                # with the indented lines that go on with it ("  train.warmup_steps: …")
+                message = [error.tail[starts[-1]]]
+                for line in error.tail[starts[-1] + 1:]:
+                    if not line[:1].isspace():
+                        break
+                    message.append(line.strip())
+                return " ".join(message)
+        return error.tail[-1] if error.tail else str(error)
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 @task
@@ -125,51 +278,83 @@ def publish_report(project_dir: str, rev: str | None, title: str) -> str:
 
 
 @flow(name=PIPELINE_FLOW, log_prints=True)
-def pipeline_flow(project_dir: str = ".", overrides: dict[str, Any] | None = None,
+def pipeline_flow(project_dir: str = ".", overrides: list[str] | None = None,
                   experiment: str | None = None, dask_address: str | None = None) -> dict[str, str]:
     """Run the DVC pipeline: stage by stage, or as one DVC experiment when params are overridden.
+    overrides: `section.param=value` texts as `dvc exp run -S` takes them (Hydra's grammar).
+    experiment: the experiment's name (default: one made from the overrides).
     dask_address: a Dask scheduler (tcp://host:8786) that featurize reads the files on."""
     project_dir = str(Path(project_dir).resolve())
     params = load_flow_params(project_dir)
-    knobs = dask_knobs(dask_address)
+    env = runtime_env(dask_address)
     if overrides:
+        for text in overrides:
+            parse_override(text)
+        if experiment is not None:
+            check_experiment_name(experiment)
         name = experiment or experiment_name(overrides)  # named by what changes the results
-        rev = retrying(run_experiment, params)({**overrides, **knobs}, name, project_dir)
+        rev = retrying(run_experiment, params)(list(overrides), name, project_dir, env)
         publish_report(project_dir, rev, f"Experiment {name}")
         return {"experiment": name, "rev": rev}
+    if experiment is not None:
+        raise FlowError("--name names the experiment that --set makes: without --set there is none")
     outcome, something_ran = {}, False
-    with runtime_knobs_set(project_dir, knobs):
-        # One `dvc status` up front spares a dvc process per unchanged stage; it stays valid only
-        # until some stage runs, since that may change the deps of every stage after it.
-        changed = set(dvc_json(["status"], project_dir) or {})
-        for stage in pipeline_stages(project_dir):
-            skip = not something_ran and stage not in changed
-            outcome[stage] = retrying(run_stage, params)(stage, project_dir, known_up_to_date=skip)
-            something_ran |= outcome[stage] == "ran"
+    # One `dvc status` up front spares a dvc process per unchanged stage; it stays valid only
+    # until some stage runs, since that may change the deps of every stage after it.
+    changed = set(dvc_json(["status"], project_dir) or {})
+    for stage in pipeline_stages(project_dir):
+        skip = not something_ran and stage not in changed
+        outcome[stage] = retrying(run_stage, params)(stage, project_dir, known_up_to_date=skip, env=env)
+        something_ran |= outcome[stage] == "ran"
     publish_report(project_dir, None, "Pipeline run")
     return outcome
+
+
+def sweep_overrides(point: dict[str, Any]) -> list[str]:
+    return [f"{key}={hydra_value(value)}" for key, value in point.items()]
+
+
+def point_name(sweep, point: dict[str, Any]) -> str:
+    """A sweep point's experiment name: its grid keys and seed readable, flow.sweep.fixed's only in
+    the hash (a grid key that is also fixed is shown: its grid value is the one that counts)."""
+    grid_keys = {key for block in sweep.grid for key in block}
+    return experiment_name(sweep_overrides(point), [k for k in point if k not in sweep.fixed or k in grid_keys])
 
 
 @flow(name=SWEEP_FLOW, log_prints=True)
 def sweep_flow(project_dir: str = ".", apply_best: bool = False, branch: str | None = None,
                dask_address: str | None = None) -> list[dict]:
-    """Run flow.sweep's grid as DVC experiments, rank them by test WER, optionally keep the best.
+    """Run flow.sweep's grid as DVC experiments, rank them by flow.sweep.rank_by, optionally keep the
+    best. A point that fails is a row with its error; the others still run, and the flow fails at
+    the end (SweepPointsFailed) once the ranking is published.
     dask_address: a Dask scheduler (tcp://host:8786) that featurize reads the files on."""
     project_dir = str(Path(project_dir).resolve())
     params = load_flow_params(project_dir)
     sweep = params.sweep
-    knobs = dask_knobs(dask_address)
+    if branch:
+        check_branch(project_dir, branch)  # now, not after hours of training
+    env = runtime_env(dask_address)
+    logger = get_run_logger()
     rows = []
     for point in sweep.points():
-        name = experiment_name({k: v for k, v in point.items() if k not in sweep.fixed})
-        rev = retrying(run_experiment, params)({**point, **knobs}, name, project_dir)
-        rows.append(sweep_row(project_dir, name, rev, point))
-    rows.sort(key=lambda row: (row.get(f"test_{sweep.rank_by}") is None, row.get(f"test_{sweep.rank_by}")))
+        name = point_name(sweep, point)
+        state = retrying(run_experiment, params)(sweep_overrides(point), name, project_dir, env, return_state=True)
+        if state.is_completed():
+            rows.append(sweep_row(project_dir, name, state.result(), point))
+        else:
+            error = short_error(state.result(raise_on_failure=False))
+            logger.error("sweep point %s failed: %s", name, error)
+            rows.append(sweep_row(project_dir, name, None, point, error=error))
+    rows = rank_rows(rows, sweep.rank_by)
+    failed = [row for row in rows if row["error"]]
     create_table_artifact(table=rows, key="sweep-ranking",
-                          description=f"{len(rows)} experiments ranked by test {sweep.rank_by}")
-    best = rows[0]["experiment"]
-    if apply_best:
-        run_dvc(["exp", "apply", best], project_dir, get_run_logger().info)
-    if branch:
-        run_dvc(["exp", "branch", best, branch], project_dir, get_run_logger().info)
+                          description=f"{len(rows)} experiments ranked by test {sweep.rank_by}"
+                          + (f"; {len(failed)} failed (column error)" if failed else ""))
+    if best := next((row["experiment"] for row in rows if not row["error"]), None):
+        if apply_best:
+            run_dvc(["exp", "apply", best], project_dir, logger.info)
+        if branch:
+            run_dvc(["exp", "branch", best, branch], project_dir, logger.info)
+    if failed:
+        raise SweepPointsFailed(rows, failed)
     return rows

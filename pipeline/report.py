@@ -8,6 +8,7 @@ from typing import Any
 
 import dvc.api
 
+from pipeline.config import RANK_METRICS
 from pipeline.dvc import dvc_json
 
 PLOTS = ("plots/loss.png", "plots/error_rates.png", "plots/blank_ratio.png", "plots/calibration.png")
@@ -46,19 +47,38 @@ def plots_markdown(project_dir: str, rev: str | None) -> str:
     return "\n\n".join(parts) or "(no plots)"
 
 
-def sweep_row(project_dir: str, name: str, rev: str, point: dict[str, Any]) -> dict[str, Any]:
-    """One ranked-table row: the experiment's settings, test error rates and final losses."""
-    new = {f"{path}:{key}": values.get("new") for path, metrics in metrics_diff(project_dir, rev).items()
-           for key, values in metrics.items()}
-    row: dict[str, Any] = {"experiment": name}
-    row.update({key.rsplit(".", 1)[-1]: value for key, value in point.items()})
-    for column, key in [("test_wer", "metrics/eval.json:wer"), ("test_cer", "metrics/eval.json:cer"),
-                        ("test_greedy_wer", "metrics/eval.json:greedy.wer"),
-                        ("train_loss", "metrics/train/metrics.json:train.loss"),
-                        ("train_ctc_loss", "metrics/train/metrics.json:train.ctc_loss"),
-                        ("train_blank_penalty", "metrics/train/metrics.json:train.blank_penalty"),
-                        ("valid_blank_ratio", "metrics/train/metrics.json:valid.blank_ratio"),
-                        ("test_blank_ratio", "metrics/eval.json:blank_ratio")]:
-        row[column] = new.get(key)
-    row["rev"] = rev[:7]
+def rank_column(rank_by: str) -> str:
+    """The sweep table's column of a flow.sweep.rank_by metric: greedy.wer → test_greedy_wer."""
+    return "test_" + rank_by.replace(".", "_")
+
+
+# The sweep table's metric columns: every metric flow.sweep.rank_by may name, then the final losses.
+SWEEP_COLUMNS = [(rank_column(key), f"metrics/eval.json:{key}") for key in RANK_METRICS] + [
+    ("train_loss", "metrics/train/metrics.json:train.loss"),
+    ("train_ctc_loss", "metrics/train/metrics.json:train.ctc_loss"),
+    ("train_blank_penalty", "metrics/train/metrics.json:train.blank_penalty"),
+    ("valid_blank_ratio", "metrics/train/metrics.json:valid.blank_ratio"),
+    ("test_blank_ratio", "metrics/eval.json:blank_ratio"),
+]
+
+
+def sweep_row(project_dir: str, name: str, rev: str | None, point: dict[str, Any],
+              error: str | None = None) -> dict[str, Any]:
+    """One ranked-table row: the experiment's settings by their full keys (two sections may share
+    a param name: train.seed, featurize.augment.seed), test metrics and final losses; or, for a
+    point that failed, its error."""
+    row: dict[str, Any] = {"experiment": name, **point}
+    new = {} if rev is None else {f"{path}:{key}": values.get("new")
+                                  for path, metrics in metrics_diff(project_dir, rev).items()
+                                  for key, values in metrics.items()}
+    row.update({column: new.get(key) for column, key in SWEEP_COLUMNS})
+    row["rev"] = rev[:7] if rev else None
+    row["error"] = error
     return row
+
+
+def rank_rows(rows: list[dict[str, Any]], rank_by: str) -> list[dict[str, Any]]:
+    """Best first by rank_by (higher first where more is better); failed points and missing values last."""
+    column, higher = rank_column(rank_by), RANK_METRICS[rank_by]
+    return sorted(rows, key=lambda row: (row.get(column) is None,
+                                         -row[column] if higher and row.get(column) is not None else row.get(column)))

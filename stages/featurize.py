@@ -33,7 +33,8 @@ train, evaluate and (through the checkpoint) `ctcflow transcribe` apply it after
 statistics (ctcflow.data.normalize_utterance).
 
 Files are read and turned into features in featurize.num_workers processes (ctcflow/workers.py),
-or with featurize.executor dask on a Dask cluster (featurize.scheduler_address; docs/orchestration.md).
+or with featurize.executor dask on a Dask cluster (featurize.scheduler_address, or the environment's
+CTCFLOW_DASK_SCHEDULER, which overrides both; docs/orchestration.md).
 The shards, statistics, rejects and warnings are written here in manifest order, so any number
 of workers, on either executor, writes the same bytes.
 """
@@ -41,7 +42,9 @@ of workers, on either executor, writes the same bytes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -232,8 +235,18 @@ class Tally:
         return {"utterances": self.utterances, "frames": self.frames, "hours": round(self.seconds / 3600, 4)}
 
 
+# A runtime knob from the environment, set by the flows' --dask-address: the scheduler to featurize on,
+# overriding featurize.executor and featurize.scheduler_address. Kept out of params.yaml, so it never
+# lands in an experiment, a kept branch or the workspace (docs/orchestration.md).
+DASK_SCHEDULER_ENV = "CTCFLOW_DASK_SCHEDULER"
+
+
 def file_map(params: FeaturizeParams):
     """Where the files are read: processes of this machine or a Dask cluster (ctcflow/workers.py)."""
+    if address := os.environ.get(DASK_SCHEDULER_ENV):
+        print(f"featurize: {DASK_SCHEDULER_ENV}={address} overrides featurize.executor and "
+              "featurize.scheduler_address", file=sys.stderr)
+        params = params.model_copy(update={"executor": "dask", "scheduler_address": address})
     setup = {"preload": __name__, "max_chunk": 32, "initializer": torch.set_num_threads,
              "initargs": (params.num_threads,)}
     if params.executor == "dask":

@@ -38,8 +38,8 @@ def test_sweep_points_are_the_union_of_block_products_without_repeats():
         {"train.epochs": 2, "train.blank_penalty.mode": "none", "train.clip_grad_norm": 1.0, "train.seed": 1},
         {"train.epochs": 2, "train.blank_penalty.mode": "soft_ratio", "train.clip_grad_norm": 1.0, "train.seed": 1},
     ]
-    assert experiment_name({"train.blank_penalty.mode": "none", "train.clip_grad_norm": 1.0}) == \
-        "mode-none_clip_grad_norm-1.0"
+    assert experiment_name(["train.clip_grad_norm=1.0", "train.blank_penalty.mode=none"]) == \
+        "train.blank_penalty.mode=none,train.clip_grad_norm=1.0"
 
 
 def test_a_bad_cron_or_grid_is_refused_up_front():
@@ -180,19 +180,38 @@ def test_overrides_run_as_an_experiment_and_leave_the_workspace_clean(prefect_en
     git("commit", "-qm", "pipeline run", "--allow-empty", cwd=project)
     done = run_flow(prefect_env, project, "--set", "train.clip_grad_norm=0.5", "--name", "clip1")
     assert done.returncode == 0, done.stdout + done.stderr
-    # The same name again replaces that experiment; the stages before train come from the run-cache.
+    clip1 = experiments_of(project, prefect_env)["clip1"]["rev"]
+    # The same name with other overrides is refused, and the experiment of that name is kept.
     done = run_flow(prefect_env, project, "--set", "train.clip_grad_norm=1.0", "--name", "clip1")
+    assert done.returncode != 0
+    assert "experiment 'clip1' exists with other params (train.clip_grad_norm: 0.5 there, 1.0 now)" in done.stderr
+    assert "AwaitingRetry" not in done.stdout + done.stderr
+    assert experiments_of(project, prefect_env)["clip1"]["rev"] == clip1
+    # Other overrides, another experiment; the stages before train come from the run-cache.
+    done = run_flow(prefect_env, project, "--set", "train.clip_grad_norm=1.0")
     assert done.returncode == 0, done.stdout + done.stderr
     log = done.stdout + done.stderr
     assert "Running stage 'train'" in log
     assert not any(f"Running stage '{stage}'" in log for stage in ("synth", "manifest", "featurize", "lm")), log
+    # The same overrides and name again replace the experiment (once the new run has worked).
+    done = run_flow(prefect_env, project, "--set", "train.clip_grad_norm=0.5", "--name", "clip1")
+    assert done.returncode == 0, done.stdout + done.stderr
     assert git("status", "--porcelain", cwd=project) == ""
+    experiments = experiments_of(project, prefect_env)
+    assert experiments["clip1"]["rev"] != clip1
+    assert "clip1-rerun" not in experiments
+    assert experiments["clip1"]["data"]["params"]["params.yaml"]["data"]["train"]["clip_grad_norm"] == 0.5
+    assert experiments["train.clip_grad_norm=1.0"]["data"]["params"]["params.yaml"]["data"]["train"][
+        "clip_grad_norm"] == 1.0
+    assert "metrics/eval.json" in experiments["clip1"]["data"]["metrics"]
+
+
+def experiments_of(project: Path, env: dict) -> dict[str, dict]:
+    """The experiments of the current baseline by name, as `dvc exp show --json` lists them."""
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=project,
-                           capture_output=True, text=True, env=prefect_env)
-    experiments = {rev["name"]: rev["data"] for baseline in json.loads(shown.stdout)
-                   for exp in baseline.get("experiments") or [] for rev in exp["revs"]}
-    assert experiments["clip1"]["params"]["params.yaml"]["data"]["train"]["clip_grad_norm"] == 1.0
-    assert "metrics/eval.json" in experiments["clip1"]["metrics"]
+                           capture_output=True, text=True, env=env)
+    return {rev["name"]: rev for baseline in json.loads(shown.stdout)
+            for exp in baseline.get("experiments") or [] for rev in exp["revs"]}
 
 
 def test_a_stage_error_fails_the_flow_with_the_stage_message_and_no_retry(prefect_env, project):
@@ -313,7 +332,7 @@ def test_sweep_ranks_its_experiments_and_keeps_the_best_as_a_branch(prefect_env,
                           env=prefect_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(done.stdout[done.stdout.index("[\n"):])
-    assert sorted(row["clip_grad_norm"] for row in rows) == [0.5, 2.0]
+    assert sorted(row["train.clip_grad_norm"] for row in rows) == [0.5, 2.0]
     assert [row["test_wer"] for row in rows] == sorted(row["test_wer"] for row in rows)
     for row in rows:
         assert all(isinstance(row[k], float) for k in ("test_wer", "test_cer", "test_greedy_wer", "train_loss",
@@ -321,7 +340,7 @@ def test_sweep_ranks_its_experiments_and_keeps_the_best_as_a_branch(prefect_env,
     artifacts = api(prefect_env["PREFECT_API_URL"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["sweep-ranking"]}}})
     assert artifacts and artifacts[0]["type"] == "table"
     best = git("show", "best:params.yaml", cwd=repo)
-    assert f"clip_grad_norm: {rows[0]['clip_grad_norm']}" in best
+    assert f"clip_grad_norm: {rows[0]['train.clip_grad_norm']}" in best
     assert git("status", "--porcelain", cwd=repo) == ""
 
 
@@ -341,6 +360,7 @@ def test_a_sweep_sends_featurize_to_the_dask_address(prefect_env, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert f"featurize.scheduler_address = {unreachable}: no Dask scheduler answered" in done.stdout + done.stderr
+    assert "1 of 1 sweep points failed" in done.stderr
     assert (repo / "params.yaml").read_bytes() == params_yaml
     assert git("status", "--porcelain", cwd=repo) == ""
 
@@ -383,8 +403,33 @@ def test_a_dask_address_featurizes_on_the_cluster_and_changes_no_stage_state(pre
     assert done.returncode == 0, output
     assert "Running stage 'train'" in output
     assert not any(f"Running stage '{stage}'" in output for stage in ("synth", "manifest", "featurize")), output
-    shown = json.loads(dvc("exp", "show", "--json", cwd=repo))
-    experiments = {rev["name"]: rev["data"] for baseline in shown for exp in baseline.get("experiments") or []
-                   for rev in exp["revs"]}
-    assert experiments["on_dask"]["params"]["params.yaml"]["data"]["featurize"]["scheduler_address"] == address
+    # The address is a runtime knob of this run only: the experiment keeps the workspace's executor,
+    # so applying it (or keeping it as a branch) needs no cluster.
+    featurize = experiments_of(repo, prefect_env)["on_dask"]["data"]["params"]["params.yaml"]["data"]["featurize"]
+    assert (featurize["executor"], featurize["scheduler_address"]) == ("local", None)
     assert git("status", "--porcelain", cwd=repo) == ""
+
+
+def test_an_edit_to_params_yaml_during_a_dask_run_is_kept(prefect_env, tmp_path):
+    repo = make_dvc_repo(tmp_path / "repo", tiny_params())
+    dvc("repro", "manifest", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-qm", "manifests", cwd=repo)
+    unreachable = f"tcp://127.0.0.1:{free_port()}"
+    flow = start([sys.executable, "-m", "pipeline", "run", "--project-dir", str(repo), "--dask-address", unreachable],
+                 {**prefect_env, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "20s"})
+    try:
+        output = []
+        for line in flow.stdout:  # featurize now waits on the scheduler that is not there
+            output.append(line)
+            if "Running stage 'featurize'" in line:
+                break
+        params = (repo / "params.yaml").read_text()
+        assert "executor: local" in params  # the address is not written into params.yaml
+        (repo / "params.yaml").write_text(params.replace("\n  epochs: 1\n", "\n  epochs: 3\n"))
+        output.append(flow.stdout.read())
+        assert flow.wait(120) != 0
+    finally:
+        stop(flow)
+    assert "no Dask scheduler answered" in "".join(output)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"] == 3
