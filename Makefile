@@ -12,6 +12,8 @@ env: $(STAMP)
 
 # Exact versions come from constraints.txt, so every machine gets the same environment.
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "ctcflow needs Python 3.11, \
+	and $(PYTHON) is $$($(PYTHON) --version 2>&1): run make PYTHON=python3.11 (after make clean if .venv exists)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 # lines: test WER and CER of both decoders, the time dvc repro took, where the plots are.
 # `&&`: a failing dvc repro fails make, and no summary is printed.
 demo: $(STAMP)
-	@test -d .git || { echo "make demo needs a git checkout (DVC runs inside one)"; exit 1; }
+	@git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { echo "make demo needs a git checkout (DVC runs inside one)"; exit 1; }
 	@start=$$(date +%s) && dvc repro && ctcflow summary --elapsed $$(( $$(date +%s) - start ))
 
 test: $(STAMP)
@@ -36,26 +38,31 @@ server: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/python -m pipeline serve
 
-# The pipeline flow once; SET="train.epochs=2 train.seed=1" makes it a DVC experiment.
+# The pipeline flow once; SET="train.epochs=2 train.seed=1" makes it a DVC experiment. Make splits
+# SET at spaces, so write each value without them (train.blank_penalty={mode:none,weight:0.0}), or
+# call python -m pipeline run --set directly. Quoted: bash would brace-expand {a,b}.
 flow: $(STAMP)
-	$(BIN)/python -m pipeline run $(foreach kv,$(SET),--set $(kv))
+	$(BIN)/python -m pipeline run $(foreach kv,$(SET),--set '$(kv)')
 
 # flow.sweep's grid as DVC experiments, ranked by flow.sweep.rank_by (test WER by default).
 sweep: $(STAMP)
 	$(BIN)/python -m pipeline sweep
 
-# Every benchmark on this project's demo outputs (run `make demo` first), ~30 min on an idle
-# 2-core machine; figures in benchmarks/results/ (docs/performance.md). QUICK=1: a ~5-minute
-# smoke test whose figures are noise, written to benchmarks/results/quick/.
+# Every benchmark on this project's demo outputs (run `make demo` first), about 37 min on an idle
+# 2-core machine (benchmarks/run_all.py); figures in benchmarks/results/ (docs/performance.md).
+# QUICK=1: a 3–4-minute smoke test whose figures are noise, written to benchmarks/results/quick/.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py --project-dir . $(if $(QUICK),--quick)
+	$(BIN)/python benchmarks/run_all.py --project-dir . $(if $(filter 1 yes true,$(QUICK)),--quick)
 
 bench-orchestration: $(STAMP)
 	$(BIN)/python benchmarks/orchestration.py
 
-# Re-pin constraints.txt after changing dependencies in pyproject.toml.
-lock:
-	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt
+# Re-pin constraints.txt after adding a dependency to pyproject.toml: the environment is brought up
+# to date first (a new package installs unpinned), then frozen into a new file that replaces the old
+# one only once it is whole. To move a pinned version, edit its line in constraints.txt instead.
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV)

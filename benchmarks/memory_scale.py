@@ -273,6 +273,8 @@ def main() -> None:
         args.hours = [0.25, 1.0]
     args.hours = sorted(args.hours)
     ddp_hours = args.ddp_hours if args.ddp_hours is not None else min(args.hours, key=lambda h: abs(h - 20))
+    if ddp_hours not in args.hours:  # it was skipped without a word
+        parser.error(f"--ddp-hours {ddp_hours:g} is none of --hours {' '.join(f'{h:g}' for h in args.hours)}")
     args.corpus = (args.project_dir / "data" / "corpus").resolve()
     if not (args.corpus / "metadata.csv").is_file():
         raise SystemExit(f"{args.corpus}/metadata.csv not found: run `make demo` (or `dvc repro synth`) first")

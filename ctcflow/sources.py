@@ -207,6 +207,9 @@ def fsdd(corpus_dir: Path) -> pd.DataFrame:
         else:
             rows.append((path.stem, "", str(path), "", "", Rejected(
                 "bad_file_name", f"{path.name} does not fit FSDD's {{digit}}_{{speaker}}_{{index}}.wav")))
+    if all(row[-1] is not None for row in rows):  # else held_out_speakers would say "the corpus has 0"
+        raise SourceError(f"none of the {len(files)} .wav files in {folder} fits FSDD's "
+                          f"{{digit}}_{{speaker}}_{{index}}.wav (the first: {files[0].name}): is it FSDD?")
     return pd.DataFrame(rows, columns=[*ENTRY_COLUMNS, REJECTED_COLUMN])
 
 

@@ -355,6 +355,12 @@ def test_fsdd_file_names_give_the_transcript_and_the_speaker(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match=r"no \.wav files in .*empty: expected FSDD's recordings"):
         sources.fsdd(tmp_path / "empty")
+    # A folder of other recordings said "held_out_speakers.valid: unknown speaker(s) ['nicolas']; the corpus has 0".
+    for name in ("hello.wav", "b_take2.wav"):
+        tone(tmp_path / "other" / name, 0.5, rate=8000)
+    with pytest.raises(SourceError, match=r"^none of the 2 \.wav files in .*other fits FSDD's "
+                                          r"\{digit\}_\{speaker\}_\{index\}\.wav \(the first: b_take2\.wav\): is it FSDD\?$"):
+        sources.fsdd(tmp_path / "other")
 
 
 def test_held_out_speakers_override_the_corpus_splits(tmp_path):
