@@ -106,3 +106,27 @@ def test_fsdd_transforms_benchmark_scores_every_transform(tiny_pipeline, tmp_pat
         assert set(scores) == {"fsdd/greedy", "fsdd/beam"}
         assert all(s["wer"] >= 0 and 0 <= s["empty"] <= 100 for s in scores.values())
     assert set(results["blank_penalty"]) == {"0.0", "2.0"}
+
+
+def test_make_bench_sees_the_demo_pipeline_up_to_date_beside_a_recipe_never_run(tmp_path):
+    # `dvc status` without a target also checked recipes/fsdd/dvc.yaml, never up to date without
+    # FSDD's recordings, so make bench skipped its orchestration benchmark on every run.
+    import os
+    import subprocess
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import run_all
+
+    def dvc(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc("init", "-q")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    (tmp_path / "recipes/r").mkdir(parents=True)
+    (tmp_path / "recipes/r/dvc.yaml").write_text(
+        "stages:\n  read:\n    cmd: cat data/missing.txt > copy.txt\n    deps: [data/missing.txt]\n    outs: [copy.txt]\n")
+    env = dict(os.environ)
+    assert run_all.pipeline_state(tmp_path, env).startswith("the pipeline is not up to date (changed: hello)")
+    dvc("repro")  # the root dvc.yaml, as make demo runs it
+    assert run_all.pipeline_state(tmp_path, env) is None
