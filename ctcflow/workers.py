@@ -82,8 +82,8 @@ def ordered_map(num_workers: int, setting: str, preload: str, max_chunk: int,
 
 @contextlib.contextmanager
 def dask_map(address: str | None, num_workers: int, section: str, preload: str, max_chunk: int,
-             initializer: Callable[..., None] | None = None, initargs: tuple = ()
-             ) -> Iterator[Callable[[Callable, list], Iterable]]:
+             initializer: Callable[..., None] | None = None, initargs: tuple = (),
+             address_from: str | None = None) -> Iterator[Callable[[Callable, list], Iterable]]:
     """Yields `map(fn, items)` as ordered_map does, run on a Dask cluster: the scheduler at
     `address`, or with None a local cluster of `num_workers` processes on 127.0.0.1.
 
@@ -91,13 +91,14 @@ def dask_map(address: str | None, num_workers: int, section: str, preload: str, 
     name. preload: the module that holds the mapped functions; each worker imports it, checked up
     front. max_chunk: the most items in one Dask task (Dask's docs put a task's overhead near a
     millisecond, so each carries several files). initializer(*initargs) runs in the worker thread
-    before each task.
+    before each task. address_from: the environment variable the address came from, which the
+    errors then name instead of the params.
     """
     # Imported here: the local executor never pays for loading Dask.
     from distributed import Client
 
-    where = (f"{section}.scheduler_address = {address}" if address else
-             f"{section}.scheduler_address = null (a local Dask cluster of {section}.num_workers = {num_workers})")
+    where = (f"{address_from} = {address}" if address_from else f"{section}.scheduler_address = {address}" if address
+             else f"{section}.scheduler_address = null (a local Dask cluster of {section}.num_workers = {num_workers})")
     with contextlib.ExitStack() as stack:
         if address:
             try:
@@ -105,8 +106,9 @@ def dask_map(address: str | None, num_workers: int, section: str, preload: str, 
                 # DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT environment variable sets it).
                 client = stack.enter_context(Client(address))
             except OSError as err:
+                instead = f"unset {address_from}" if address_from else f"set {section}.executor: local"
                 raise WorkerError(f"{where}: no Dask scheduler answered ({err}); start one (`dask scheduler`) "
-                                  f"or set {section}.executor: local") from err
+                                  f"or {instead}") from err
             if not client.nthreads():
                 print(f"waiting for a Dask worker to join the scheduler at {address}", file=sys.stderr)
                 client.wait_for_workers(1)

@@ -243,12 +243,12 @@ DASK_SCHEDULER_ENV = "CTCFLOW_DASK_SCHEDULER"
 
 def file_map(params: FeaturizeParams):
     """Where the files are read: processes of this machine or a Dask cluster (ctcflow/workers.py)."""
+    setup = {"preload": __name__, "max_chunk": 32, "initializer": torch.set_num_threads,
+             "initargs": (params.num_threads,)}
     if address := os.environ.get(DASK_SCHEDULER_ENV):
         print(f"featurize: {DASK_SCHEDULER_ENV}={address} overrides featurize.executor and "
               "featurize.scheduler_address", file=sys.stderr)
-        params = params.model_copy(update={"executor": "dask", "scheduler_address": address})
-    setup = {"preload": __name__, "max_chunk": 32, "initializer": torch.set_num_threads,
-             "initargs": (params.num_threads,)}
+        return dask_map(address, params.num_workers, "featurize", **setup, address_from=DASK_SCHEDULER_ENV)
     if params.executor == "dask":
         return dask_map(params.scheduler_address, params.num_workers, "featurize", **setup)
     return ordered_map(params.num_workers, "featurize.num_workers", **setup)

@@ -146,6 +146,19 @@ def test_an_unreachable_scheduler_is_a_clear_error_naming_the_key(tiny_pipeline,
             featurize_here(tiny_pipeline, tmp_path, executor="dask", scheduler_address=address)
 
 
+def test_an_unreachable_scheduler_from_the_environment_names_the_variable(tiny_pipeline, tmp_path, monkeypatch):
+    # It named featurize.scheduler_address and said "set featurize.executor: local", neither of
+    # which the run used: the flows' --dask-address travels as this variable.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv(featurize.DASK_SCHEDULER_ENV, address)
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        with pytest.raises(WorkerError, match=rf"^CTCFLOW_DASK_SCHEDULER = {address}: no Dask scheduler answered "
+                                              r"\(Timed out .* after 2 s\); start one .* or unset CTCFLOW_DASK_SCHEDULER$"):
+            featurize_here(tiny_pipeline, tmp_path)
+
+
 def test_a_cluster_running_another_checkout_is_named_before_any_work(tiny_pipeline, tmp_path):
     # The scheduler unpickles the tasks and the workers run them: from another checkout of the
     # project, they would fail on a function it lacks, or run other code.

@@ -359,7 +359,7 @@ def test_a_sweep_sends_featurize_to_the_dask_address(prefect_env, tmp_path):
                           env={**prefect_env, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
-    assert f"featurize.scheduler_address = {unreachable}: no Dask scheduler answered" in done.stdout + done.stderr
+    assert f"CTCFLOW_DASK_SCHEDULER = {unreachable}: no Dask scheduler answered" in done.stdout + done.stderr
     assert "1 of 1 sweep points failed" in done.stderr
     assert (repo / "params.yaml").read_bytes() == params_yaml
     assert git("status", "--porcelain", cwd=repo) == ""
@@ -377,7 +377,7 @@ def test_a_dask_address_featurizes_on_the_cluster_and_changes_no_stage_state(pre
     done = run_flow({**prefect_env, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}, repo,
                     "--dask-address", unreachable)
     assert done.returncode != 0
-    assert f"ctcflow featurize: error: featurize.scheduler_address = {unreachable}: no Dask scheduler answered" in \
+    assert f"ctcflow featurize: error: CTCFLOW_DASK_SCHEDULER = {unreachable}: no Dask scheduler answered" in \
         done.stdout + done.stderr
     assert (repo / "params.yaml").read_bytes() == params_yaml  # put back after a failed run too
 
