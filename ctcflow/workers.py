@@ -80,6 +80,12 @@ def ordered_map(num_workers: int, setting: str, preload: str, max_chunk: int,
         pool.shutdown(cancel_futures=True)
 
 
+# A runtime knob from the environment, set by the flows' --dask-address: the scheduler featurize
+# runs on, overriding featurize.executor and featurize.scheduler_address. Kept out of params.yaml,
+# so it never lands in an experiment, a kept branch or the workspace (docs/orchestration.md).
+DASK_SCHEDULER_ENV = "CTCFLOW_DASK_SCHEDULER"
+
+
 @contextlib.contextmanager
 def dask_map(address: str | None, num_workers: int, section: str, preload: str, max_chunk: int,
              initializer: Callable[..., None] | None = None, initargs: tuple = (),

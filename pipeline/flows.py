@@ -24,14 +24,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.tasks import exponential_backoff
 import yaml
 
+from ctcflow.params import flatten
+from ctcflow.workers import DASK_SCHEDULER_ENV
 from pipeline.config import FlowParams, load_flow_params
 from pipeline.dvc import STAGE_ERROR_PREFIX, UP_TO_DATE, DvcFailed, dvc_json, pipeline_stages, run_dvc
 from pipeline.report import metrics_table, plots_markdown, rank_rows, sweep_row
 
 PIPELINE_FLOW = "ctcflow-pipeline"
 SWEEP_FLOW = "ctcflow-sweep"
-# The environment variable featurize reads as its scheduler (stages.featurize.DASK_SCHEDULER_ENV).
-DASK_SCHEDULER_ENV = "CTCFLOW_DASK_SCHEDULER"
 # Top-level sections of params.yaml that no stage reads: an experiment differing only there is the
 # same experiment (editing flow.sweep.grid must not make the earlier points "other" experiments).
 UNREAD_SECTIONS = {"flow"}
@@ -177,16 +177,6 @@ def expected_params(project_dir: str, overrides: list[str]) -> dict:
         return yaml.safe_load(copy.read_text())
 
 
-def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in params.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def params_differences(old: dict, new: dict) -> list[str]:
     """`key: old there, new now` for each param of a stage-read section that differs."""
     old_flat = flatten({k: v for k, v in old.items() if k not in UNREAD_SECTIONS})
@@ -195,14 +185,15 @@ def params_differences(old: dict, new: dict) -> list[str]:
             for key in sorted(old_flat.keys() | new_flat.keys()) if old_flat.get(key) != new_flat.get(key)]
 
 
-def find_experiment(name: str, project_dir: str) -> dict | None:
-    """The experiment of this name on the current baseline (`dvc exp show`): its rev and data."""
+def named_experiments(project_dir: str) -> dict[str, dict]:
+    """The experiments on the current baseline by name (one `dvc exp show`): each its rev and data."""
+    found: dict[str, dict] = {}
     for baseline in dvc_json(["exp", "show", "--no-fetch"], project_dir) or []:
         for exp in baseline.get("experiments") or []:
             for rev in exp.get("revs", []):
-                if rev.get("name") == name:
-                    return rev
-    return None
+                if rev.get("name"):
+                    found.setdefault(rev["name"], rev)
+    return found
 
 
 @task(task_run_name="experiment {name}", retry_condition_fn=retry_if_transient)
@@ -212,8 +203,8 @@ def run_experiment(overrides: list[str], name: str, project_dir: str, env: dict[
     `key=value` texts, passed to DVC as they are. env: runtime knobs for the stages."""
     logger = get_run_logger()
     expected = expected_params(project_dir, overrides)
-    target = name
-    if (existing := find_experiment(name, project_dir)) is not None:
+    target, found = name, named_experiments(project_dir)
+    if (existing := found.get(name)) is not None:
         old = (((existing.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data") or {}
         if differences := params_differences(old, expected):
             raise FlowError(f"experiment {name!r} exists with other params ({'; '.join(differences[:3])}): "
@@ -222,7 +213,7 @@ def run_experiment(overrides: list[str], name: str, project_dir: str, env: dict[
         # it runs under another name first. Not with `exp run --force`: that reruns every stage,
         # upstream ones too, instead of restoring them from DVC's run-cache.
         target = f"{name}-rerun"
-        if find_experiment(target, project_dir) is not None:  # left by a rerun that was stopped
+        if target in found:  # left by a rerun that was stopped
             run_dvc(["exp", "remove", target], project_dir, logger.info)
     set_params = [arg for text in overrides for arg in ("--set-param", text)]
     run_dvc(["exp", "run", "--temp", "--name", target, *set_params], project_dir, logger.info, env=env)
@@ -233,7 +224,7 @@ def run_experiment(overrides: list[str], name: str, project_dir: str, env: dict[
 
 
 def experiment_rev(name: str, project_dir: str) -> str:
-    if (rev := find_experiment(name, project_dir)) is None:
+    if (rev := named_experiments(project_dir).get(name)) is None:
         raise DvcFailed(["exp", "show"], 1, [f"experiment {name!r} not found after it ran"])
     return rev["rev"]
 

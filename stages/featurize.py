@@ -64,7 +64,7 @@ from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file
 from ctcflow.errors import Rejected
 from ctcflow.manifest import SPLITS, Reject, iter_manifest, read_test_set_names, tally_rejects, write_test_set_names
 from ctcflow.params import Section
-from ctcflow.workers import dask_map, ordered_map
+from ctcflow.workers import DASK_SCHEDULER_ENV, dask_map, ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
 from ctcflow.text import TOKENS_FILE
 
@@ -233,12 +233,6 @@ class Tally:
 
     def metrics(self) -> dict:
         return {"utterances": self.utterances, "frames": self.frames, "hours": round(self.seconds / 3600, 4)}
-
-
-# A runtime knob from the environment, set by the flows' --dask-address: the scheduler to featurize on,
-# overriding featurize.executor and featurize.scheduler_address. Kept out of params.yaml, so it never
-# lands in an experiment, a kept branch or the workspace (docs/orchestration.md).
-DASK_SCHEDULER_ENV = "CTCFLOW_DASK_SCHEDULER"
 
 
 def file_map(params: FeaturizeParams):
