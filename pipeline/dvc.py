@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,10 +22,12 @@ import yaml
 # or missing inputs, which a retry cannot fix, whatever words its message holds.
 STAGE_ERROR_PREFIX = "ctcflow "
 # What DVC, git or the system print for a failure that can pass on a second try: DVC's lock or
-# git's index lock held by another process, a lost or refused connection (a remote), a process
-# killed by a signal (DVC's "exited with -9").
+# git's index lock held by another process, a lost or refused connection (a remote).
 TRANSIENT_MARKERS = ("Unable to acquire lock", "index.lock", "Connection", "connection", "timed out",
-                     "Temporary failure", "exited with -")
+                     "Temporary failure")
+# A stage's command killed by a signal (the OOM killer, a timeout): DVC says "exited with -9" where
+# the shell ($SHELL) execs the command, "exited with 137" (128 + 9) where the shell runs it as a child.
+KILLED_BY_SIGNAL = re.compile(r"exited with (-\d+|1(29|[3-8]\d|9[0-2]))\b")
 # DVC's own words for an up-to-date stage.
 UP_TO_DATE = "didn't change, skipping"
 
@@ -38,12 +41,13 @@ class DvcFailed(RuntimeError):
 
     @property
     def transient(self) -> bool:
-        """Worth a retry only if it can pass the next time (see TRANSIENT_MARKERS), or dvc itself was
-        killed by a signal. Anything else (a stage's own error, a missing input, a bad experiment
+        """Worth a retry only if it can pass the next time (see TRANSIENT_MARKERS), or dvc or a
+        stage's command was killed by a signal. Anything else (a stage's own error, a missing input, a bad experiment
         name or --set value) fails the same way again."""
         if any(line.startswith(STAGE_ERROR_PREFIX) and ": error:" in line for line in self.tail):
             return False
-        return self.returncode < 0 or any(marker in line for line in self.tail for marker in TRANSIENT_MARKERS)
+        return self.returncode < 0 or any(
+            KILLED_BY_SIGNAL.search(line) or any(marker in line for marker in TRANSIENT_MARKERS) for line in self.tail)
 
 
 def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
