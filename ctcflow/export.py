@@ -41,6 +41,7 @@ OUTPUTS = ["log_probs", "log_prob_lengths"]
 SETTINGS = ("tokenizer", "logmel", "mean", "std", "normalize")
 MODEL_TYPE = "ctcflow_ctc"
 BLANK_TOKEN = "<blk>"  # sherpa-onnx's name for the blank in tokens.txt
+MAX_OPSET = 20  # the newest operator set torch's TorchScript exporter (dynamo=False) writes
 
 
 def subsampling_factor(model, n_mels: int, device: torch.device | str = "cpu") -> int:

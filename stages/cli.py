@@ -24,7 +24,7 @@ import torch
 from ctcflow.checkpoint import check_features, load_model
 from ctcflow.data import FeatureSplit
 from ctcflow.errors import CtcflowError
-from ctcflow.export import OnnxModel, check_parity, export_onnx, quantize_int8
+from ctcflow.export import MAX_OPSET, OnnxModel, check_parity, export_onnx, quantize_int8
 from ctcflow.params import DEFAULT_PARAMS, ParamsError, load_section
 from ctcflow.transcribe import Transcriber, check_device
 from ctcflow.transcribe import __doc__ as transcriber_doc
@@ -160,8 +160,8 @@ def seconds(text: str) -> float:
     return value
 
 
-# The TorchScript exporter's range (torch.onnx.export with dynamo=False); 17 is its default.
-MIN_OPSET, MAX_OPSET = 9, 20
+# The oldest operator set the TorchScript exporter writes (torch.onnx.export with dynamo=False).
+MIN_OPSET = 9
 
 
 def opset(text: str) -> int:

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from ctcflow.checkpoint import check_features, load_model
 from ctcflow.data import FeatureSplit
-from ctcflow.export import OnnxModel, check_parity, export_onnx, quantize_int8
+from ctcflow.export import MAX_OPSET, OnnxModel, check_parity, export_onnx, quantize_int8
 from ctcflow.params import Section
 from stages.runner import StageError, stage_main
 
@@ -32,7 +32,8 @@ METRICS_FILE = Path("metrics/export.json")
 
 class ExportParams(Section):
     checkpoint: Literal["best", "best_epoch", "last"]  # models/{checkpoint}.pt
-    opset: int = Field(ge=14)  # the ONNX operator set; below 17, LayerNormalization is exported as its parts
+    # The ONNX operator set; below 17, LayerNormalization is exported as its parts.
+    opset: int = Field(ge=14, le=MAX_OPSET)
     int8: bool
     batch_frames: int = Field(gt=0)
     num_threads: int = Field(ge=1)

@@ -1,6 +1,6 @@
 """Stage manifest: list every utterance with its header and transcript, one file per split.
 
-Sources (manifest.source; see README "Corpora"):
+Sources (manifest.source; see docs/corpora.md):
   demo          the synth stage's corpus: <corpus_dir>/metadata.csv
   librispeech   <corpus_dir>/[<subset>/]<reader>/<chapter>/*.flac with *.trans.txt
   common_voice  <corpus_dir>/{train,dev,test}.tsv or validated.tsv, audio in clips/

@@ -171,6 +171,14 @@ def test_the_command_refuses_an_opset_or_split_it_cannot_use(tiny_pipeline, tmp_
     assert not (tmp_path / "n.onnx").exists()
 
 
+def test_the_stage_takes_the_opsets_its_exporter_writes():
+    # 21 was a torch traceback after the checkpoint was read.
+    for opset, bound in ((13, "greater than or equal to 14"), (21, "less than or equal to 20")):
+        with pytest.raises(ValueError, match=f"opset\n  Input should be {bound}"):
+            section("export", export_stage.ExportParams, opset=opset)
+    assert section("export", export_stage.ExportParams, opset=20).opset == 20
+
+
 def test_the_stage_writes_both_files_and_the_check(tiny_pipeline, tmp_path):
     params = section("export", export_stage.ExportParams, num_threads=1)
     assert params.int8 and params.checkpoint == "best"
