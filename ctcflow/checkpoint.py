@@ -48,6 +48,8 @@ def average_weights(states: list[dict]) -> dict:
 
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory: name a checkpoint file in it, e.g. {path / 'best.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     if path.stat().st_size == 0:
@@ -151,13 +153,25 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
 
 
 def _mismatches(err: Exception, shown: int = 3) -> str:
-    """load_state_dict's error, a line per mismatch, as one short line: the first few, then a count."""
+    """load_state_dict's error, a line per mismatch, as one short line: the first few, then a count.
+    Missing and unexpected keys come as one line each listing every name (hundreds for another
+    architecture): a count and the first few names."""
     lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
     lines = [re.sub(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from checkpoint, "
                     r"the shape in current model is torch.Size\((\[.*?\])\)\.?", r"\1: \2 saved, \3 built", line)
              for line in lines]
+    lines = [_key_list(line, shown) for line in lines]
     more = f"; {len(lines) - shown} more" if len(lines) > shown else ""
     return "; ".join(lines[:shown]) + more
+
+
+def _key_list(line: str, shown: int) -> str:
+    listed = re.match(r"(Missing|Unexpected) key\(s\) in state_dict: (.*)", line)
+    if not listed:
+        return line
+    names = re.findall(r'"([^"]+)"', listed.group(2))
+    more = f", {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)} {listed.group(1).lower()} key(s): {', '.join(names[:shown])}{more}"
 
 
 def rng_state() -> dict:

@@ -116,6 +116,28 @@ def test_weights_that_do_not_fit_their_own_model_config_are_named(best, tiny_pip
                    "layers.0.ahead.bias_ih_l0: [128] saved, [64] built; 6 more)\n")
 
 
+def test_another_architectures_keys_are_counted_not_listed(best, tiny_pipeline, tmp_path, capsys):
+    # A BiLSTM's weights under a Conformer's config: load_state_dict lists every missing and
+    # unexpected key on one line each (a 3,000-character error for the demo model).
+    path = tmp_path / "relabelled.pt"
+    save_checkpoint(path, **{**best, "model_config": {**best["model_config"], "arch": "conformer"}})
+    code, out, err = run_ctcflow(capsys, "export", str(path), str(tmp_path / "model.onnx"))
+    assert (code, out) == (1, "")
+    assert err == (f"ctcflow export: error: {path}: its weights do not fit its own model_config (60 missing key(s): "
+                   "blocks.0.ffn1.sequential.0.weight, blocks.0.ffn1.sequential.0.bias, "
+                   "blocks.0.ffn1.sequential.1.weight, 57 more; 8 unexpected key(s): layers.0.ahead.weight_ih_l0, "
+                   "layers.0.ahead.weight_hh_l0, layers.0.ahead.bias_ih_l0, 5 more; "
+                   "front.conv1.weight: [32, 80, 5] saved, [144, 80, 5] built; 4 more)\n")
+
+
+def test_a_directory_given_as_the_checkpoint_is_named_as_one(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    models = tiny_pipeline / "models"
+    code, out, err = run_ctcflow(capsys, "transcribe", str(models), str(utterance(tiny_pipeline)), "--device", "cpu")
+    assert (code, out) == (1, "")  # it said "checkpoint models not found"
+    assert err == f"ctcflow transcribe: error: {models} is a directory: name a checkpoint file in it, e.g. {models / 'best.pt'}\n"
+
+
 def test_init_from_a_checkpoint_without_weights_or_with_misfit_weights_is_a_stage_error(best, tiny_pipeline,
                                                                                          tmp_path):
     def init_from(path: Path) -> str:
