@@ -135,6 +135,13 @@ def write_lexicon(path: str | Path, words: list[str], tokenizer: Tokenizer) -> N
     Path(path).write_text("".join(f"{w}\t{' '.join(spelling(w))}\n" for w in sorted(set(words))))
 
 
+def oov_rate(texts: list[str], vocabulary: set[str]) -> float:
+    """The share of the words of `texts` outside `vocabulary`: words a beam search held to the
+    lexicon can never output."""
+    words = [word for text in texts for word in text.split()]
+    return sum(word not in vocabulary for word in words) / len(words) if words else 0.0
+
+
 def read_lexicon(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ctcflow.errors import CtcflowError
+
 SPLITS = ("train", "valid", "test")
 TEST_SETS_FILE = "test_sets.json"
 
@@ -65,6 +67,10 @@ STRING_COLUMNS = {"id": str, "speaker": str, "text": str, "text_normalized": str
 CHUNK_ROWS = 2000  # rows iter_manifest parses at a time
 
 
+class ManifestError(CtcflowError, ValueError):
+    """A manifest file that is not what the manifest stage writes (edited by hand, or cut short)."""
+
+
 def _manifest_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -75,7 +81,7 @@ def _manifest_file(path: str | Path) -> Path:
 def _columns(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     missing = set(COLUMNS) - set(frame.columns)
     if missing:
-        raise ValueError(f"manifest {path} lacks columns {sorted(missing)}")
+        raise ManifestError(f"manifest {path} lacks columns {sorted(missing)}")
     return frame[COLUMNS]
 
 
@@ -83,7 +89,11 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = _manifest_file(path)
     if path.stat().st_size == 0:
         return pd.DataFrame(columns=COLUMNS)
-    return _columns(pd.read_json(path, lines=True, dtype=STRING_COLUMNS), path)
+    try:
+        frame = pd.read_json(path, lines=True, dtype=STRING_COLUMNS)
+    except ValueError as err:
+        raise _not_json_lines(path, err) from None
+    return _columns(frame, path)
 
 
 def iter_manifest(path: str | Path) -> Iterator[tuple]:
@@ -94,8 +104,19 @@ def iter_manifest(path: str | Path) -> Iterator[tuple]:
     if path.stat().st_size == 0:
         return
     with pd.read_json(path, lines=True, dtype=STRING_COLUMNS, chunksize=CHUNK_ROWS) as chunks:
-        for chunk in chunks:
+        while True:
+            try:  # only the parsing: an error of the caller's is never raised in here
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except ValueError as err:
+                raise _not_json_lines(path, err) from None
             yield from _columns(chunk, path).itertuples(index=False)
+
+
+def _not_json_lines(path: Path, err: ValueError) -> ManifestError:
+    return ManifestError(f"manifest {path}: not the JSON lines the manifest stage writes ({err}); "
+                         "rerun the manifest stage")
 
 
 def read_test_set_names(directory: str | Path) -> list[str]:

@@ -19,7 +19,12 @@ wrong words among the 10 % least confident words, and among all words.
 
 Every extra test set that featurize lists (data/features/test_sets.json, from manifest.test_sets)
 is scored the same way: metrics/eval.json's `test_sets: {name: {wer, cer, sentence_accuracy,
-ctc_loss, blank_ratio, utterances, greedy, beam}}` and reports/eval/<name>/{utterances,words}.csv.
+ctc_loss, blank_ratio, utterances, rejected, oov_rate, greedy, beam}}` and
+reports/eval/<name>/{utterances,words}.csv. `rejected` counts the set's rows that manifest or
+featurize rejected (data/manifests/rejects.jsonl, data/features/rejects.jsonl), which its scores
+leave out; `oov_rate` (with a beam search held to the lexicon) is the share of its reference words
+outside data/lm/lexicon.txt, which beam search can never output. Every split is opened before
+any is decoded, so a missing or bad test set fails the stage before it rewrites a report.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -37,9 +43,10 @@ import torch
 from pydantic import Field
 
 from ctcflow.checkpoint import check_features, load_model
-from ctcflow.data import FeatureSplit
+from ctcflow.data import INDEX_FILE, FeatureSplit
 from ctcflow.decoding import BeamParams, GreedyDecoder, aligned_words
 from ctcflow.inference import decode_split
+from ctcflow.lm import oov_rate, read_lexicon
 from ctcflow.losses import CTCObjective
 from ctcflow.manifest import read_test_set_names
 from ctcflow.metrics import error_rates, utterance_errors
@@ -48,6 +55,7 @@ from ctcflow.text import Tokenizer
 from stages.runner import StageError, stage_main
 
 FEATURES_DIR = Path("data/features")
+MANIFEST_DIR = Path("data/manifests")  # for its rejects.jsonl only
 MODEL_DIR = Path("models")
 LM_DIR = Path("data/lm")
 REPORT_DIR = Path("reports/eval")
@@ -154,24 +162,62 @@ def score(model: torch.nn.Module, split: FeatureSplit, tokenizer: Tokenizer, par
     return Scored(summary, per_decoder, pd.concat([table, errors, by_decoder, confidences], axis=1), words, timed)
 
 
-def report(name: str, scored: Scored, params: EvaluateParams) -> None:
+def report(name: str, scored: Scored, params: EvaluateParams, rejected: str = "", oov_rate: float = 0.0) -> None:
+    """`rejected`: what to say after the count of utterances; `oov_rate` is printed beside the beam WER when above 0."""
     for decoder_name, decoder in scored.decoders.items():
         rates = scored.per_decoder[decoder_name]
         chosen = " (evaluate.decoder)" if decoder_name == params.decoder else ""
-        print(f"{name} {decoder_name}{chosen}: WER {rates['wer']:.2%}, CER {rates['cer']:.2%}, "
-              f"sentence accuracy {rates['sentence_accuracy']:.2%} over {scored.summary['utterances']} utterances; "
-              f"decoding took {decoder.seconds:.1f} s")
+        oov = (f" ({oov_rate:.2%} of reference words outside the lexicon: beam search cannot output them)"
+               if decoder_name == "beam" and oov_rate > 0 else "")
+        print(f"{name} {decoder_name}{chosen}: WER {rates['wer']:.2%}{oov}, CER {rates['cer']:.2%}, "
+              f"sentence accuracy {rates['sentence_accuracy']:.2%} over {scored.summary['utterances']} utterances"
+              f"{rejected}; decoding took {decoder.seconds:.1f} s")
+
+
+def open_split(features_dir: Path, name: str, tokenizer: Tokenizer, what: str, manifest_dir: Path) -> FeatureSplit:
+    """A split's features and encoded transcripts, or a one-line error naming it (`what`) and its file."""
+    try:
+        return FeatureSplit(features_dir, name, tokenizer)
+    except FileNotFoundError as err:
+        raise StageError(f"{what}: {err}") from None
+    except ValueError as err:  # a transcript outside the label unit: featurize copies the manifest's unchecked
+        raise StageError(f"{what}: {err} (in {features_dir / name / INDEX_FILE}, from "
+                         f"{manifest_dir / name}.jsonl: rerun manifest, which checks transcripts, and featurize)") from None
+
+
+def set_rejects(name: str, files: list[Path]) -> tuple[dict, list[Path]] | None:
+    """A test set's rejects (split = its name) in manifest's and featurize's rejects files: their count
+    {"total": n, "<reason>": n, ...} and the files that have some; None where neither file is there."""
+    found = [path for path in files if path.is_file()]
+    if not found:
+        return None
+    by_reason, where = Counter(), []
+    for path in found:
+        reasons = [row["reason"] for line in path.read_text().splitlines() if line.strip()
+                   for row in [json.loads(line)] if row["split"] == name]
+        by_reason.update(reasons)
+        where += [path] if reasons else []
+    return {"total": by_reason.total(), **by_reason}, where
 
 
 def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Path = MODEL_DIR,
-        report_dir: Path = REPORT_DIR, metrics_file: Path = METRICS_FILE, lm_dir: Path = LM_DIR) -> dict:
+        report_dir: Path = REPORT_DIR, metrics_file: Path = METRICS_FILE, lm_dir: Path = LM_DIR,
+        manifest_dir: Path = MANIFEST_DIR) -> dict:
     torch.set_num_threads(params.num_threads)
     path = model_dir / f"{params.checkpoint}.pt"
     checkpoint, model, tokenizer = load_model(path, also=("epoch",))
     if tokenizer.unit == "word" and params.decoder == "beam":
         raise StageError("evaluate.decoder: beam needs character or BPE units; set it to greedy for word units")
     check_features(checkpoint, features_dir, str(path))
-    scored = score(model, FeatureSplit(features_dir, params.split, tokenizer), tokenizer, params, lm_dir)
+    # All opened before any is decoded: a missing or bad test set fails here, not after the
+    # main split's reports were rewritten.
+    split = open_split(features_dir, params.split, tokenizer, f"evaluate.split {params.split}", manifest_dir)
+    test_sets = {name: open_split(features_dir, name, tokenizer, f"test set {name}", manifest_dir)
+                 for name in read_test_set_names(features_dir)}
+    scored = score(model, split, tokenizer, params, lm_dir)
+    # The beam search is held to the lexicon as score() builds it (which has checked the file is there).
+    held_to_lexicon = tokenizer.unit != "word" and params.beam.lexicon
+    vocabulary = set(read_lexicon(lm_dir / "lexicon.txt")) if test_sets and held_to_lexicon else None
     metrics = {**scored.summary, "checkpoint_epoch": checkpoint["epoch"], **scored.per_decoder,
                "confidence": confidence_separation(scored.words)}
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -188,14 +234,22 @@ def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Pa
     print(examples)
     report(params.split, scored, params)
 
-    for name in read_test_set_names(features_dir):
-        scored = score(model, FeatureSplit(features_dir, name, tokenizer), tokenizer, params, lm_dir)
+    for name, test_set in test_sets.items():
+        scored = score(model, test_set, tokenizer, params, lm_dir)
         # Only with test sets: a project without them keeps the metrics it had.
-        metrics.setdefault("test_sets", {})[name] = {**scored.summary, **scored.per_decoder}
+        block = metrics.setdefault("test_sets", {})[name] = dict(scored.summary)
+        note = ""
+        if found := set_rejects(name, [manifest_dir / "rejects.jsonl", features_dir / "rejects.jsonl"]):
+            block["rejected"], files = found
+            if files:
+                note = f", {block['rejected']['total']} rejected: see {' and '.join(map(str, files))}"
+        if vocabulary is not None:
+            block["oov_rate"] = oov_rate(test_set.index["text_normalized"].tolist(), vocabulary)
+        block.update(scored.per_decoder)
         (report_dir / name).mkdir(exist_ok=True)
         scored.table.to_csv(report_dir / name / "utterances.csv", index=False)
         scored.words.to_csv(report_dir / name / "words.csv", index=False)
-        report(f"test set {name}", scored, params)
+        report(f"test set {name}", scored, params, note, block.get("oov_rate", 0.0))
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

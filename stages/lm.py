@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ctcflow.lm import kneser_ney, write_arpa, write_lexicon
+from ctcflow.lm import kneser_ney, oov_rate, write_arpa, write_lexicon
 from ctcflow.manifest import read_manifest
 from ctcflow.params import Section
 from ctcflow.text import Tokenizer
@@ -47,8 +47,8 @@ def run(params: LmParams, manifest_dir: Path = MANIFEST_DIR, out_dir: Path = OUT
                "ngrams": {str(n + 1): len(grams) for n, grams in enumerate(logprob)}}
     for split in ("valid", "test"):
         path = manifest_dir / f"{split}.jsonl"
-        words = [w for t in read_manifest(path)["text_normalized"] for w in t.split()] if path.is_file() else []
-        metrics[f"{split}_oov_rate"] = sum(w not in vocabulary for w in words) / len(words) if words else 0.0
+        texts = read_manifest(path)["text_normalized"].tolist() if path.is_file() else []
+        metrics[f"{split}_oov_rate"] = oov_rate(texts, vocabulary)
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"lexicon of {len(vocabulary)} words, {params.order}-gram LM from {len(sentences)} transcripts; "

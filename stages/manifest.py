@@ -26,7 +26,7 @@ Each one is checked: inside corpus_dir, readable, duration in range, transcript
 non-empty after normalization (manifest.text) and inside the vocabulary, long enough for CTC
 (one output frame per unit plus one between repeats, at ctc_frame_rate frames per second).
 Failures go to data/manifests/rejects.jsonl with their reason and counts by reason to
-metrics/manifest.json. The label unit (characters of `alphabet`, or words of `vocabulary`) goes to
+metrics/manifest.json (in all, and each extra test set's in its own block). The label unit (characters of `alphabet`, or words of `vocabulary`) goes to
 data/manifests/tokens.json. With units bpe, transcripts are checked as characters of `alphabet`
 (a piece spans at least one character, so pieces need no more CTC frames than characters, but for
 a lone '▁' piece at the start), then a sentencepiece BPE model of at most bpe_vocab_size pieces is
@@ -203,7 +203,19 @@ class ManifestParams(Section):
 
 def read_source(params: ManifestParams | ExtraCorpus, key: str = "manifest") -> pd.DataFrame:
     """The entries of the main corpus or of an extra one (both name a source, corpus_dir, table,
-    columns); `key` is where its params are, for messages."""
+    columns); `key` is where its params are, for messages. A corpus that lists nothing fails here:
+    later it would read as every row rejected."""
+    entries = read_entries(params, key)
+    if entries.empty:
+        if params.source == "table":
+            raise StageError(f"{key}.table {params.table} has no rows")
+        if params.source == "recipe_json":
+            raise StageError(f"{key}.train_json {params.train_json} and {key}.test_json {params.test_json} have no rows")
+        raise StageError(f"{key}.corpus_dir {params.corpus_dir} lists no utterances (source {params.source})")
+    return entries
+
+
+def read_entries(params: ManifestParams | ExtraCorpus, key: str) -> pd.DataFrame:
     corpus = Path(params.corpus_dir)
     if params.source == "demo":
         return sources.demo(corpus, key)
@@ -379,6 +391,12 @@ def summary(rows: list[Utterance]) -> dict:
             "speakers": len({r.speaker for r in rows})}
 
 
+def rejected_by_reason(rejects: list[Reject], split: str) -> dict:
+    """{"total": n, "<reason>": n, ...} of one split's (or test set's) rejects, as tally_rejects counts them all."""
+    by_reason = Counter(r.reason for r in rejects if r.split == split)
+    return {"total": by_reason.total(), **by_reason}
+
+
 def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = METRICS_FILE) -> dict:
     tokenizer = build_tokenizer(params)
     entries = read_source(params)
@@ -425,15 +443,19 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
     print(f"{params.source}: {len(entries)} utterances listed; {how}")
     for split in SPLITS:
         print(f"{split}: {metrics[split]['utterances']} utterances, {metrics[split]['hours']:.2f} h")
+    rejects_file = out_dir / "rejects.jsonl"
     if test_sets:  # only then: a project without them keeps the metrics it had
-        metrics["test_sets"] = {name: summary(rows) for name, rows in test_sets.items()}
+        # A set's rejects are its own (split = its name): its score covers only what is left.
+        metrics["test_sets"] = {name: {**summary(rows), "rejected": rejected_by_reason(rejects, name)}
+                                for name, rows in test_sets.items()}
         for name, counts in metrics["test_sets"].items():
-            print(f"test set {name}: {counts['utterances']} utterances, {counts['hours']:.2f} h")
+            rejected = counts["rejected"]["total"]
+            print(f"test set {name}: {counts['utterances']} utterances, {counts['hours']:.2f} h"
+                  + (f", {rejected} rejected: see {rejects_file}" if rejected else ""))
     if train_sets:  # their rows are counted in train too
         metrics["train_sets"] = {name: summary(rows) for name, rows in train_sets.items()}
         for name, counts in metrics["train_sets"].items():
             print(f"training set {name}: {counts['utterances']} utterances, {counts['hours']:.2f} h (in train)")
-    rejects_file = out_dir / "rejects.jsonl"
     metrics["rejected"] = tally_rejects(rejects, rejects_file, "rejected")
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import soundfile as sf
 
 from conftest import section, tiny_tokenizer
 from ctcflow.data import FeatureSplit
+from ctcflow.errors import CtcflowError
 from ctcflow.manifest import read_manifest
 from stages.runner import StageError
 from stages import featurize, manifest
@@ -122,3 +124,18 @@ def test_a_split_left_empty_fails_the_stage_with_a_clear_message(recipe_corpus, 
     # The rejects file is still written, so the user can see why.
     assert len(pd.read_json(tmp_path / "m" / "rejects.jsonl", lines=True)) == 50
 
+
+
+def test_a_hand_edited_manifest_line_is_one_error_naming_the_file(recipe_corpus, tmp_path):
+    manifests = tmp_path / "manifests"
+    manifest.run(params_for(recipe_corpus), out_dir=manifests, metrics_file=tmp_path / "m.json")
+    train = manifests / "train.jsonl"
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[:2] + ['{"id": "edited", "path": '] + lines[2:]) + "\n")
+    # It was pandas' "Expected object or value at position ..." traceback, naming no file.
+    expected = f"manifest {train}: not the JSON lines the manifest stage writes"
+    with pytest.raises(CtcflowError, match=re.escape(expected)):
+        featurize.run(section("featurize", featurize.FeaturizeParams), manifest_dir=manifests,
+                      out_dir=tmp_path / "features", metrics_file=tmp_path / "f.json")
+    with pytest.raises(CtcflowError, match=re.escape(expected)):
+        read_manifest(train)
