@@ -1,5 +1,9 @@
 """Transcribe audio files with a trained checkpoint (the `ctcflow transcribe MODEL AUDIO...` command).
 
+Every file is read through before any is transcribed: one that cannot be decoded, or holds NaN,
+infinite or implausibly large samples, is refused as featurize refuses it (AudioError); one that
+featurize would reject as silent or flag as clipped is transcribed with a warning.
+
 Files of any length and sample rate are read in fixed windows of `chunk_seconds` (so memory
 does not grow with the file), consecutive windows overlapping by `overlap_seconds`. Features
 are computed exactly as the featurize stage does (the checkpoint's log-mel settings, then the
@@ -10,11 +14,12 @@ Per-utterance normalization (featurize.normalize: utterance_mean, utterance_mean
 statistics of each window: a file no longer than `chunk_seconds` is one window and is normalized
 as evaluate normalizes a test utterance; a longer file is normalized window by window.
 
-Words at window borders: each window owns the stretch from the middle of its overlap with the
-previous window to the middle of its overlap with the next, and a word is kept by the window
-that owns the midpoint of its aligned span. A word shorter than the overlap and cut by one
-window's edge has its visible midpoint in that window's overlap, outside what it owns, and lies
-whole in the neighbouring window, which keeps it.
+Words at window borders (merge_words): the border between two windows is the middle of their
+overlap. The earlier window keeps its words whose aligned midpoint lies before the border; the
+later one keeps its words whose midpoint lies at or after the end of the last word kept so far.
+Two windows align a word near the border a little differently, so a test of both against the
+border alone can make each leave the word to the other; this way a word the earlier window left
+is taken by the later one, and a word it kept is not taken again.
 
 Word times come from the CTC alignment: output frame × model time stride × hop / sample rate.
 
@@ -25,17 +30,21 @@ onnxruntime on the CPU: the same features (from the file's metadata), decoders a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import soundfile
 import torch
 
-from ctcflow.audio import check_peak, read_info, resample
+from ctcflow.audio import FULL_SCALE, AudioError, check_peak, read_info, resample
 from ctcflow.checkpoint import load_model
 from ctcflow.data import normalization, normalize_utterance
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
+from ctcflow.errors import CtcflowError
 from ctcflow.export import OnnxModel, subsampling_factor
 from ctcflow.features import LogMel, LogMelConfig
 
@@ -55,19 +64,63 @@ def check_device(device: str, onnx: bool = False) -> torch.device:
     return parsed
 
 
-# Integer PCM (WAV, FLAC, ...) cannot hold NaN or infinity; float WAV and the lossy codecs' float output can.
-_INTEGER_SUBTYPES = ("PCM_", "ULAW", "ALAW", "DWVW_", "DPCM_")
+@dataclass(frozen=True)
+class Level:
+    peak: float  # the largest |sample|
+    clipped_fraction: float  # share of samples at full scale (audio.FULL_SCALE), before down-mixing
 
 
-def check_samples(path: str) -> None:
-    """Refuse what featurize's decode_audio refuses in the samples, with its reasons: NaN or infinite
-    samples (a NaN makes every frame of its window NaN) and float samples beyond MAX_PEAK (their
-    log-mel overflows). Read in blocks, so memory stays bounded, where decode_audio reads the whole file."""
-    with soundfile.SoundFile(path) as audio:
-        if audio.subtype.startswith(_INTEGER_SUBTYPES):
-            return
-        for block in audio.blocks(1 << 16, dtype="float32"):
-            check_peak(block, path)
+# libsndfile's decoders raise RuntimeError subclasses (LibsndfileError: "flac decoder lost sync"
+# for a cut FLAC file, say); the file system, OSError.
+_READ_ERRORS = (RuntimeError, OSError)
+
+
+def check_samples(path: str) -> Level:
+    """Decode every sample, in blocks so memory stays bounded (decode_audio reads the whole file),
+    and refuse what featurize's decode_audio refuses, with its reasons: a file that fails to decode
+    (unreadable_audio: integer PCM such as FLAC can be cut short or damaged), NaN or infinite
+    samples (a NaN makes every frame of its window NaN) and samples beyond MAX_PEAK (their log-mel
+    overflows). Returns what featurize's silence and clipping checks look at."""
+    peak, clipped, total = 0.0, 0, 0
+    try:
+        with soundfile.SoundFile(path) as audio:
+            for block in audio.blocks(1 << 16, dtype="float32", always_2d=True):
+                block_peak = check_peak(block, path)
+                if block_peak >= FULL_SCALE:  # counted as decode_audio counts them
+                    clipped += int(np.count_nonzero(np.abs(block) >= FULL_SCALE))
+                peak, total = max(peak, block_peak), total + block.size
+    except _READ_ERRORS as err:
+        raise AudioError("unreadable_audio", f"{path}: {err}") from None
+    return Level(peak, clipped / max(total, 1))
+
+
+def level_warning(path: str, level: Level, silence_db: float | None, clip_warn_fraction: float) -> str | None:
+    """One line on what featurize would reject (silent_audio) or flag (clipped_audio) in a file, and
+    on float samples not scaled to ±1 (the model never heard such levels); None when all is well."""
+    if silence_db is not None and level.peak <= 10 ** (silence_db / 20):  # decode_audio's silent_audio test
+        loudness = f"{20 * math.log10(level.peak):.1f} dBFS" if level.peak > 0 else "digital silence"
+        return (f"{path}: silent (peak {loudness} <= silence_db {silence_db}; featurize rejects such a file as "
+                f"silent_audio): its transcript is noise")
+    problems = []
+    if level.peak > 1.0:
+        problems.append(f"peak sample {level.peak:.3g} is above 1.0 (float samples not scaled to -1…1?)")
+    if level.clipped_fraction >= clip_warn_fraction:
+        problems.append(f"{level.clipped_fraction:.2%} of samples at full scale (clipped_audio)")
+    return f"{path}: {'; '.join(problems)}: transcribed, but expect errors" if problems else None
+
+
+def print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def merge_words(kept: list[Word], found: list[Word], border: float) -> list[Word]:
+    """Which words of a file's next window (`found`) to add to those kept from its earlier windows:
+    those whose midpoint lies at or after the end of the last word kept so far (a word an earlier
+    window kept ends there or before, so it is not kept twice; one it left is taken however this
+    window aligns it) and before `border`, the middle of this window's overlap with the next (inf
+    for a file's last window)."""
+    after = kept[-1].end if kept else -math.inf
+    return [w for w in found if after <= (w.start + w.end) / 2 < border]
 
 
 @dataclass
@@ -88,10 +141,27 @@ class _Window:
     file: int  # position of the file in the call
     start: float  # seconds into the file
     seconds: float  # its length
-    own_from: float  # the stretch whose words this window keeps
-    own_to: float
+    border: float  # the middle of its overlap with the next window; inf for the file's last
     waveform: torch.Tensor
     last: bool  # the file's last window
+
+
+def beam_decoder(beam: BeamParams, tokenizer, lm_dir: Path, blank_penalty: float):
+    """beam.decoder, with the RuntimeError flashlight (lexicon) or KenLM (LM) raises on a damaged or
+    empty file, which names neither file and spans lines, turned into one line naming it."""
+    try:
+        return beam.decoder(tokenizer, lm_dir, blank_penalty)
+    except RuntimeError as err:
+        # flashlight reads the lexicon first ("[loadWords] Invalid line: ..."), KenLM the LM after it.
+        if beam.lexicon and ("loadWords" in str(err) or beam.lm_weight == 0):
+            bad, what = lm_dir / "lexicon.txt", "a lexicon"
+        elif beam.lm_weight > 0:
+            bad, what = lm_dir / "lm.arpa", "an ARPA language model KenLM can read"
+        else:
+            raise
+        lines = str(err).strip().splitlines()
+        reason = lines[-1] if lines else type(err).__name__  # KenLM's last line says what is wrong
+        raise CtcflowError(f"{bad}: not {what} ({reason}); rebuild it with the lm stage") from None
 
 
 class Transcriber:
@@ -102,11 +172,13 @@ class Transcriber:
     blank_penalty: subtracted from the blank log-probability before decoding.
     num_threads: onnxruntime's threads for a .onnx model (None: its default, every core); PyTorch's
     are the process's (torch.set_num_threads).
+    silence_db, clip_warn_fraction: featurize's settings of the same names (params.yaml's values by
+    default), for the warnings on silent and clipped files.
     """
 
     def __init__(self, checkpoint: str | Path, decoder: str, beam: BeamParams | None, lm_dir: str | Path | None,
                  blank_penalty: float, device: str, chunk_seconds: float, overlap_seconds: float, batch_size: int,
-                 num_threads: int | None):
+                 num_threads: int | None, *, silence_db: float | None = -60.0, clip_warn_fraction: float = 0.001):
         if not 0 < 2 * overlap_seconds < chunk_seconds:
             raise ValueError(f"overlap_seconds ({overlap_seconds}) must be positive and under half of "
                              f"chunk_seconds ({chunk_seconds})")
@@ -128,20 +200,26 @@ class Transcriber:
         if decoder == "greedy":
             self.decode = GreedyDecoder(self.tokenizer, blank_penalty)
         elif decoder == "beam" and beam is not None and lm_dir is not None:
-            self.decode = beam.decoder(self.tokenizer, lm_dir, blank_penalty)
+            self.decode = beam_decoder(beam, self.tokenizer, Path(lm_dir), blank_penalty)
         else:
             raise ValueError(f"decoder {decoder!r}: choose greedy, or beam with its settings and lm_dir")
         self.blank_penalty = blank_penalty
+        self.silence_db, self.clip_warn_fraction = silence_db, clip_warn_fraction
         self.chunk_seconds, self.overlap_seconds, self.batch_size = chunk_seconds, overlap_seconds, batch_size
         factor = subsampling_factor(self.model, self.config.n_mels, self.device)
         self.frame_seconds = factor * self.config.hop_length / self.config.sample_rate
 
-    def transcribe(self, paths: Iterable[str | Path]) -> Iterator[Transcript]:
-        """One Transcript per path, in order, each as soon as its last window is decoded."""
+    def transcribe(self, paths: Iterable[str | Path],
+                   warn: Callable[[str], None] = print_warning) -> Iterator[Transcript]:
+        """One Transcript per path, in order, each as soon as its last window is decoded. Every file
+        is read through first: a bad one is an AudioError before any work, and `warn` gets one line
+        for each file featurize would reject as silent or flag as clipped."""
         paths = [str(p) for p in paths]
         for p in paths:
             read_info(p)  # fail on a missing or unreadable file before any work
-            check_samples(p)
+            problem = level_warning(p, check_samples(p), self.silence_db, self.clip_warn_fraction)
+            if problem:
+                warn(problem)
         done: dict[int, list[Word]] = {}
         words: dict[int, list[Word]] = {i: [] for i in range(len(paths))}
         next_out = 0
@@ -149,8 +227,8 @@ class Transcriber:
         for window in self._windows(paths):
             batch.append(window)
             if len(batch) == self.batch_size or window.file == len(paths) - 1 and window.last:
-                for w, found in zip(batch, self._decode(batch)):
-                    words[w.file] += [x for x in found if w.own_from <= (x.start + x.end) / 2 < w.own_to]
+                for w, found in zip(batch, self._decode(batch)):  # a file's windows come in order
+                    words[w.file] += merge_words(words[w.file], found, w.border)
                     if w.last:
                         done[w.file] = words.pop(w.file)
                 batch = []
@@ -162,21 +240,28 @@ class Transcriber:
 
     def _windows(self, paths: list[str]) -> Iterator[_Window]:
         for i, path in enumerate(paths):
-            with soundfile.SoundFile(path) as audio:
+            try:
+                audio = soundfile.SoundFile(path)
+            except _READ_ERRORS as err:  # changed since it was checked
+                raise AudioError("unreadable_audio", f"{path}: {err}") from None
+            with audio:
                 rate, total = audio.samplerate, audio.frames
                 size, hop = round(self.chunk_seconds * rate), round((self.chunk_seconds - self.overlap_seconds) * rate)
-                half = self.overlap_seconds / 2
                 start = 0
                 while True:
-                    audio.seek(start)
-                    samples = audio.read(size, dtype="float32", always_2d=True)
+                    try:
+                        audio.seek(start)
+                        samples = audio.read(size, dtype="float32", always_2d=True)
+                    except _READ_ERRORS as err:
+                        raise AudioError("unreadable_audio", f"{path}: {err}") from None
                     last = start + size >= total
                     t0 = start / rate
                     waveform = torch.from_numpy(samples.mean(axis=1))
                     if rate != self.config.sample_rate:
                         waveform = resample(waveform, rate, self.config.sample_rate)
-                    yield _Window(i, t0, len(samples) / rate, 0.0 if start == 0 else t0 + half,
-                                  float("inf") if last else t0 + self.chunk_seconds - half, waveform, last)
+                    yield _Window(i, t0, len(samples) / rate,
+                                  math.inf if last else t0 + self.chunk_seconds - self.overlap_seconds / 2, waveform,
+                                  last)
                     if last:
                         break
                     start += hop

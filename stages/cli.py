@@ -19,15 +19,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import soundfile
 import torch
 
 from ctcflow.checkpoint import check_features, load_model
 from ctcflow.data import FeatureSplit
 from ctcflow.errors import CtcflowError
 from ctcflow.export import MAX_OPSET, OnnxModel, check_parity, export_onnx, quantize_int8
-from ctcflow.params import DEFAULT_PARAMS, ParamsError, load_section
+from ctcflow.params import DEFAULT_PARAMS, ParamsError, load_section, read_yaml
 from ctcflow.transcribe import Transcriber, check_device
-from ctcflow.transcribe import __doc__ as transcriber_doc
 from stages.evaluate import EvaluateParams
 
 # Stage name → module; the order is the pipeline's.
@@ -84,9 +84,28 @@ def main(argv: list[str] | None = None) -> None:
     importlib.import_module(STAGES[command]).main(rest)
 
 
+TRANSCRIBE_HELP = """\
+Transcribe audio files (WAV, FLAC, OGG, MP3; any length, sample rate and channel count) with a
+trained model: a checkpoint (.pt) or a file `ctcflow export` wrote (.onnx).
+
+Output, on stdout, one line per file in the order given: the text alone for one file,
+PATH<TAB>TEXT for several. With --json, one JSON object per line and file: path, text, duration,
+and words, each with word, start and end (seconds) and confidence (0-1).
+
+Decoder, unless --decoder: evaluate.decoder of the params file, with its beam settings and blank penalty; the params
+file is --params, or params.yaml in the current directory if there is one (the project's says
+beam: beam search with the lexicon and LM in --lm-dir). Without a params file: greedy decoding.
+
+Every file is read through before any is transcribed: one that cannot be decoded or holds NaN or
+infinite samples stops the command with a one-line error naming it; a silent or clipped one is
+transcribed, with a warning on stderr. Long files go through the model in overlapping windows
+(--chunk-seconds, --overlap-seconds). More: docs/decoding.md.
+"""
+
+
 def transcribe(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="ctcflow transcribe", description=transcriber_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="ctcflow transcribe", description=TRANSCRIBE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="checkpoint, e.g. models/best.pt, or an exported model, e.g. export/model.onnx")
     parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3; any sample rate)")
     parser.add_argument("--decoder", choices=["greedy", "beam"],
@@ -96,7 +115,8 @@ def transcribe(argv: list[str]) -> None:
                         help="subtracted from the blank log-probability before decoding; default: "
                              "evaluate.blank_penalty of the params file; 0 without one")
     parser.add_argument("--params", help="params file: its evaluate section gives the beam search settings "
-                                         f"and the defaults above (default: {DEFAULT_PARAMS}, if it exists)")
+                                         "and the defaults above, its featurize section the levels the silent "
+                                         f"and clipped warnings use (default: {DEFAULT_PARAMS}, if it exists)")
     parser.add_argument("--lm-dir", default="data/lm", help="lexicon and LM for beam search (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="JSON lines with per-word start/end times")
     parser.add_argument("--device", type=device_name,
@@ -124,14 +144,32 @@ def transcribe(argv: list[str]) -> None:
         device = args.device or ("cpu" if args.model.endswith(".onnx") else default_device())
         transcriber = Transcriber(
             args.model, decoder, evaluate.beam if evaluate else None, args.lm_dir, blank_penalty, device,
-            args.chunk_seconds, args.overlap_seconds, args.batch_size, args.threads)
-        for transcript in transcriber.transcribe(args.audio):
+            args.chunk_seconds, args.overlap_seconds, args.batch_size, args.threads,
+            **(screening(params_file) if params_file else {}))
+        for transcript in transcriber.transcribe(args.audio, warn=transcribe_warning):
             if args.json:
                 print(transcript.to_json(), flush=True)
             else:
                 print(transcript.text if len(args.audio) == 1 else f"{transcript.path}\t{transcript.text}", flush=True)
-    except (CtcflowError, FileNotFoundError, ValueError) as err:  # ParamsError: a ValueError; AudioError: both
+    # ParamsError: a ValueError; AudioError: both. transcribe turns read errors into AudioErrors; any
+    # libsndfile or file-system error left over is still the file's one line, not a traceback.
+    except (CtcflowError, OSError, soundfile.SoundFileError, ValueError) as err:
         sys.exit(f"ctcflow transcribe: error: {err}")
+
+
+def transcribe_warning(message: str) -> None:
+    print(f"ctcflow transcribe: warning: {message}", file=sys.stderr, flush=True)
+
+
+def screening(params_file: str | Path) -> dict:
+    """featurize.silence_db and clip_warn_fraction of the params file, when it has a featurize section:
+    transcribe warns of the files featurize would reject as silent or flag as clipped."""
+    if "featurize" not in (read_yaml(params_file) or {}):
+        return {}
+    from stages.featurize import FeaturizeParams  # its augmentation imports, only when needed
+
+    featurize = load_section("featurize", FeaturizeParams, params_file)
+    return {"silence_db": featurize.silence_db, "clip_warn_fraction": featurize.clip_warn_fraction}
 
 
 def default_device() -> str:
@@ -189,9 +227,11 @@ def export(argv: list[str]) -> None:
                     "largest log-probability difference and the transcripts that differ are printed. The "
                     "pipeline's export stage (python -m stages.export) does the same from params.yaml.")
     parser.add_argument("model", help="checkpoint, e.g. models/best.pt")
-    parser.add_argument("out", help="the ONNX file to write, e.g. model.onnx")
+    parser.add_argument("out", help="the ONNX file to write, e.g. model.onnx; the name must end in .onnx, which is "
+                                    "how `ctcflow transcribe` tells it from a checkpoint")
     parser.add_argument("--int8", metavar="OUT_INT8", help="also write a copy with int8 weights (onnxruntime's "
-                                                           "dynamic quantization) to this file")
+                                                           "dynamic quantization) to this file: another .onnx "
+                                                           "name than OUT, e.g. model.int8.onnx")
     parser.add_argument("--check-split", metavar="DIR", help="a split of a feature store, e.g. data/features/test, "
                                                              "to check the ONNX model(s) against PyTorch on")
     parser.add_argument("--opset", type=opset, default=17,
@@ -201,6 +241,18 @@ def export(argv: list[str]) -> None:
     parser.add_argument("--threads", type=positive_int, help="CPU threads of PyTorch and onnxruntime (default: theirs)")
     args = parser.parse_args(argv)
     try:
+        # The files to write and the split, checked before the model is loaded or anything written.
+        out = onnx_target(args.out, "OUT")
+        if args.int8:
+            int8 = onnx_target(args.int8, "--int8")
+            if int8.resolve() == out.resolve():
+                raise ValueError(f"--int8 {args.int8} is OUT itself: the int8 copy would overwrite the fp32 model; "
+                                 f"name another file, e.g. {out.with_suffix('.int8.onnx')}")
+        if args.check_split and (Path(args.check_split) / "features.json").is_file():
+            store = Path(args.check_split)
+            found = sorted(d.name for d in store.iterdir() if d.is_dir())
+            raise ValueError(f"--check-split {store} is a whole feature store: name one of its split folders, such as "
+                             f"{store / 'test'} (the store has splits {', '.join(found)})")
         if args.threads:
             torch.set_num_threads(args.threads)
         checkpoint, model, tokenizer = load_model(args.model)
@@ -217,6 +269,7 @@ def export(argv: list[str]) -> None:
         print(f"wrote {args.out}")
         files = [args.out]
         if args.int8:
+            Path(args.int8).parent.mkdir(parents=True, exist_ok=True)  # as export_onnx makes OUT's
             quantize_int8(args.out, args.int8)
             print(f"wrote {args.int8}")
             files.append(args.int8)
@@ -224,8 +277,23 @@ def export(argv: list[str]) -> None:
             for path in files:
                 parity = check_parity(model, OnnxModel(path, args.threads), split, args.batch_frames)
                 print(parity.describe(path))
-    except (CtcflowError, FileNotFoundError, ValueError) as err:
+    except (CtcflowError, OSError, ValueError) as err:  # OSError: a file system's refusal to write OUT, say
         sys.exit(f"ctcflow export: error: {err}")
+
+
+def onnx_target(path: str, flag: str) -> Path:
+    """An ONNX file export can write, or a ValueError naming it: a .onnx name (`ctcflow transcribe`
+    reads any other as a checkpoint), not a directory, not under a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: name the file to write, e.g. {target / 'model.onnx'}")
+    if target.suffix != ".onnx":
+        raise ValueError(f"{flag} {path}: the file name must end in .onnx (`ctcflow transcribe` reads any other "
+                         f"as a checkpoint)")
+    parent = next(p for p in target.parents if p.exists())  # `.` or `/` at the latest
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+    return target
 
 
 def summary(argv: list[str]) -> None:

@@ -171,6 +171,54 @@ def test_the_command_refuses_an_opset_or_split_it_cannot_use(tiny_pipeline, tmp_
     assert not (tmp_path / "n.onnx").exists()
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    # The int8 copy was written over the fp32 model.
+    (["m.onnx", "--int8", "m.onnx"], "--int8 m.onnx is OUT itself: the int8 copy would overwrite the fp32 model; "
+                                     "name another file, e.g. m.int8.onnx"),
+    (["m.onnx", "--int8", "sub/../m.onnx"], "--int8 sub/../m.onnx is OUT itself: the int8 copy would overwrite the "
+                                            "fp32 model; name another file, e.g. m.int8.onnx"),
+    # IsADirectoryError and FileExistsError tracebacks, the --int8 one after OUT was written.
+    (["dir.onnx"], "OUT dir.onnx is a directory: name the file to write, e.g. dir.onnx/model.onnx"),
+    (["m.onnx", "--int8", "dir.onnx"], "--int8 dir.onnx is a directory: name the file to write, e.g. "
+                                       "dir.onnx/model.onnx"),
+    (["file.txt/m.onnx"], "OUT file.txt/m.onnx: file.txt is a file, not a directory"),
+    (["m.onnx", "--int8", "file.txt/deeper/m.int8.onnx"], "--int8 file.txt/deeper/m.int8.onnx: file.txt is a file, "
+                                                           "not a directory"),
+    # An ONNX file named .pt, which `ctcflow transcribe` then read as a checkpoint.
+    (["m.pt"], "OUT m.pt: the file name must end in .onnx (`ctcflow transcribe` reads any other as a checkpoint)"),
+    (["m.onnx", "--int8", "m.int8"], "--int8 m.int8: the file name must end in .onnx (`ctcflow transcribe` reads "
+                                     "any other as a checkpoint)"),
+])
+def test_the_command_refuses_files_it_cannot_write_before_loading_the_model(tmp_path, capsys, monkeypatch, args,
+                                                                             message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir.onnx").mkdir()
+    (tmp_path / "file.txt").write_text("a file")
+    (tmp_path / "sub").mkdir()
+    # The model does not exist: it would be the first error if it were read before the files are checked.
+    assert run_ctcflow(capsys, "export", "no/model.pt", *args) == (1, "", f"ctcflow export: error: {message}\n")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir.onnx", "file.txt", "sub"]  # nothing written
+
+
+def test_the_command_names_the_splits_when_given_the_whole_store(tiny_pipeline, tmp_path, capsys):
+    # It said "data/features.json not found".
+    store = tiny_pipeline / "data/features"
+    code, printed, err = run_ctcflow(capsys, "export", str(tiny_pipeline / "models/best.pt"), str(tmp_path / "m.onnx"),
+                                     "--check-split", str(store))
+    assert (code, printed) == (1, "")
+    assert err == (f"ctcflow export: error: --check-split {store} is a whole feature store: name one of its split "
+                   f"folders, such as {store / 'test'} (the store has splits test, train, valid)\n")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_command_writes_the_int8_copy_into_a_new_directory(tiny_pipeline, tmp_path, capsys):
+    out, int8 = tmp_path / "a/m.onnx", tmp_path / "b/c/m.int8.onnx"
+    code, printed, err = run_ctcflow(capsys, "export", str(tiny_pipeline / "models/best.pt"), str(out),
+                                     "--int8", str(int8))
+    assert code == 0 and printed == f"wrote {out}\nwrote {int8}\n", err
+    assert read_metadata(int8) == read_metadata(out)
+
+
 def test_the_stage_takes_the_opsets_its_exporter_writes():
     # 21 was a torch traceback after the checkpoint was read.
     for opset, bound in ((13, "greater than or equal to 14"), (21, "less than or equal to 20")):

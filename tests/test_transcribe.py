@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +17,11 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
-from conftest import run_ctcflow
+from conftest import REPO, run_ctcflow
 from ctcflow.audio import AudioError, decode_audio
 from ctcflow.data import FeatureSplit
-from ctcflow.transcribe import Transcriber
+from ctcflow.decoding import Word
+from ctcflow.transcribe import Transcriber, merge_words
 
 # One epoch on 30 utterances leaves the tiny model blank-heavy; a decode-time blank penalty
 # makes it emit characters, so there are words to time and to count.
@@ -106,6 +109,65 @@ def test_a_long_file_is_read_in_overlapping_windows(tiny_pipeline, tmp_path):
     assert transcript.words[-1].start > len(audio) / 16000 - 5.0  # the last window was decoded too
 
 
+def word(text: str, start: float, end: float) -> Word:
+    return Word(text, start, end, 0.9)
+
+
+def test_a_word_at_a_border_is_kept_once_however_each_window_aligns_it():
+    # Seen on the demo model: 30 s windows overlapping by 2 s, border at 85.0. The earlier window
+    # aligned "dining" at 84.83–85.22 (midpoint 85.025, after the border), the later one at
+    # 84.81–85.17 (84.99, before it): each left it to the other. "room" is the other way round.
+    earlier = [word("the", 84.50, 84.68), word("dining", 84.83, 85.22), word("room", 85.30, 85.60)]
+    later = [word("the", 84.49, 84.66), word("dining", 84.81, 85.17), word("room", 85.26, 85.58),
+             word("at", 85.70, 85.90)]
+    kept = [word("vacuum", 83.80, 84.30)]  # from the windows before
+    kept += merge_words(kept, earlier, 85.0)
+    kept += merge_words(kept, later, float("inf"))
+    assert [(w.word, w.start) for w in kept] == [("vacuum", 83.80), ("the", 84.50), ("dining", 84.81),
+                                                 ("room", 85.26), ("at", 85.70)]
+    # 3 s windows overlapping by 1 s, border at 2.5: the first window stretched "tenth" to its
+    # edge (midpoint 2.625), the second aligned it at 2.19–2.73 (2.46); the second's cut "ober"
+    # (the end of "october", which the first kept) is not kept again.
+    earlier = [word("on", 1.20, 1.35), word("october", 1.60, 2.10), word("tenth", 2.25, 3.00)]
+    later = [word("ober", 2.00, 2.08), word("tenth", 2.19, 2.73)]
+    kept = merge_words([], earlier, 2.5)  # the file's first window
+    kept += merge_words(kept, later, float("inf"))
+    assert [w.word for w in kept] == ["on", "october", "tenth"]
+    assert merge_words([], [], 2.5) == [] and merge_words(kept, [], float("inf")) == []
+
+
+@pytest.mark.parametrize(("chunk", "overlap", "batch_size"), [(5.0, 1.5, 3), (3.0, 1.0, 8), (4.0, 1.9, 1)])
+def test_every_word_of_a_long_file_comes_out_once_whatever_its_windows_say(tiny_pipeline, tmp_path, chunk, overlap,
+                                                                            batch_size):
+    # Real windows of a real file; each window "aligns" a hand-written word list as the demo model
+    # did: a word at every border, aligned 30 ms later by one window and 30 ms earlier by the
+    # next, every window alternately late and early, and the words cut by its edges, stretched to them.
+    audio = np.concatenate([soundfile.read(tiny_pipeline / p, dtype="float32")[0]
+                            for p in test_utterances(tiny_pipeline)["audio_path"]] * 3)
+    soundfile.write(tmp_path / "long.wav", audio, 16000)
+    duration = len(audio) / 16000
+    hop = chunk - overlap
+    borders = np.arange(chunk - overlap / 2, duration - overlap, hop)
+    truth = [(f"b{i}", b - 0.2, b + 0.2) for i, b in enumerate(borders)]  # midpoints on the borders
+    truth += [(f"w{i}", b + 0.3, b + 0.6) for i, b in enumerate(borders)] + [("first", 0.1, 0.4)]
+    truth.sort(key=lambda t: t[1])
+    model = transcriber(tiny_pipeline, chunk_seconds=chunk, overlap_seconds=overlap, batch_size=batch_size)
+
+    def decode(batch):
+        found = []
+        for w in batch:
+            shift = 0.03 if round(w.start / hop) % 2 == 0 else -0.03
+            end = w.start + w.seconds
+            found.append([word(text, max(a + shift, w.start), end if b + shift > end else b + shift)
+                          for text, a, b in truth if a + shift < end and b + shift > w.start])
+        return found
+
+    model._decode = decode
+    [transcript] = model.transcribe([tmp_path / "long.wav"])
+    assert transcript.words and [w.word for w in transcript.words] == [t[0] for t in truth]
+    assert transcript.text == " ".join(t[0] for t in truth)
+
+
 def cli(capsys, *args: str) -> tuple[int, str, str]:
     """`ctcflow transcribe ARGS` in this process."""
     return run_ctcflow(capsys, "transcribe", *args)
@@ -158,6 +220,95 @@ def test_a_file_with_a_nan_or_infinite_sample_is_refused_before_any_file_is_tran
                        "samples\n")
         with pytest.raises(AudioError, match=f"{name} contains NaN or infinite samples"):
             list(transcriber(tiny_pipeline).transcribe([good, tmp_path / name]))
+
+
+def test_a_damaged_file_is_one_line_naming_it_before_any_file_is_transcribed(tiny_pipeline, tmp_path, capsys,
+                                                                           monkeypatch):
+    # The first half of a FLAC file: integer PCM, so it went unchecked, and libsndfile's "flac
+    # decoder lost sync" was a traceback naming no file in the middle of the batch.
+    monkeypatch.chdir(tmp_path)  # no params.yaml: greedy decoding
+    paths = [str(tiny_pipeline / p) for p in test_utterances(tiny_pipeline)["audio_path"][:2]]
+    speech = np.concatenate([soundfile.read(p, dtype="float32")[0] for p in paths] * 3)
+    soundfile.write(tmp_path / "whole.flac", speech, 16000)
+    flac = (tmp_path / "whole.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(flac[:len(flac) // 2])
+    assert soundfile.info(str(tmp_path / "cut.flac")).subtype == "PCM_16"  # the header still reads
+    code, out, err = cli(capsys, str(tiny_pipeline / "models/best.pt"), paths[0], str(tmp_path / "cut.flac"), paths[1],
+                         "--blank-penalty", str(PENALTY))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"ctcflow transcribe: error: unreadable_audio: {tmp_path / 'cut.flac'}: ") and \
+        err.count("\n") == 1, err
+    # A file that breaks between the check and its reading (cut meanwhile) is the same one line.
+    with pytest.raises(AudioError, match=f"^unreadable_audio: {tmp_path / 'cut.flac'}: "):
+        list(transcriber(tiny_pipeline)._windows([str(tmp_path / "cut.flac")]))
+
+
+def test_silent_unscaled_or_clipped_audio_is_transcribed_with_a_warning(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    # Featurize rejects the first (silent_audio) and flags the others (clipped_audio); transcribe
+    # printed "t" for the silence and garbage for the float file holding 16-bit numbers.
+    monkeypatch.chdir(tiny_pipeline)  # params.yaml: featurize.silence_db -60, clip_warn_fraction 0.001
+    good = test_utterances(tiny_pipeline)["audio_path"][0]
+    samples, rate = soundfile.read(good, dtype="float32")
+    soundfile.write(tmp_path / "silence.wav", np.zeros(rate, dtype=np.float32), rate, subtype="PCM_16")
+    soundfile.write(tmp_path / "unscaled.wav", samples * (15000 / np.abs(samples).max()), rate, subtype="FLOAT")
+    soundfile.write(tmp_path / "loud.wav", np.clip(samples * 8, -1, 1), rate, subtype="PCM_16")
+    files = [str(tmp_path / "silence.wav"), good, str(tmp_path / "unscaled.wav"), str(tmp_path / "loud.wav")]
+    code, out, err = cli(capsys, "models/best.pt", *files, "--decoder", "greedy", "--blank-penalty", str(PENALTY))
+    assert code == 0 and [line.split("\t")[0] for line in out.splitlines()] == files, err
+    lines = err.splitlines()
+    assert len(lines) == 3
+    assert lines[0] == (f"ctcflow transcribe: warning: {files[0]}: silent (peak digital silence <= silence_db -60.0; "
+                        "featurize rejects such a file as silent_audio): its transcript is noise")
+    share = r"(\d+\.\d\d)% of samples at full scale \(clipped_audio\): transcribed, but expect errors"
+    unscaled = re.fullmatch(rf"ctcflow transcribe: warning: {re.escape(files[2])}: peak sample 1\.5e\+04 is above "
+                            rf"1\.0 \(float samples not scaled to -1…1\?\); {share}", lines[1])
+    loud = re.fullmatch(rf"ctcflow transcribe: warning: {re.escape(files[3])}: {share}", lines[2])
+    assert unscaled and loud, err
+    for match, path in ((unscaled, files[2]), (loud, files[3])):  # the share featurize counts
+        assert float(match[1]) == pytest.approx(100 * decode_audio(path, 16000).clipped_fraction, abs=0.01)
+    # The Python API hands the same lines to `warn`.
+    found = []
+    transcripts = list(transcriber(tiny_pipeline).transcribe(files[:2], warn=found.append))
+    assert len(transcripts) == 2 and found == [lines[0].removeprefix("ctcflow transcribe: warning: ")]
+
+
+def test_the_warning_thresholds_default_to_featurize_s_in_params_yaml():
+    import inspect
+    import yaml
+
+    featurize = yaml.safe_load((REPO / "params.yaml").read_text())["featurize"]
+    defaults = inspect.signature(Transcriber).parameters
+    assert defaults["silence_db"].default == featurize["silence_db"]
+    assert defaults["clip_warn_fraction"].default == featurize["clip_warn_fraction"]
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("", "End of file Byte: 0"),
+    ("hello world\nnot an arpa\n", 'first non-empty line was "hello world" not \\data\\. Byte: 12'),
+])
+def test_a_damaged_language_model_is_one_line_naming_it(tiny_pipeline, tmp_path, capsys, monkeypatch, content, reason):
+    # KenLM's RuntimeError was a traceback.
+    monkeypatch.chdir(tiny_pipeline)  # params.yaml: beam search with lexicon and LM
+    shutil.copy("data/lm/lexicon.txt", tmp_path / "lexicon.txt")
+    (tmp_path / "lm.arpa").write_text(content)
+    code, out, err = cli(capsys, "models/best.pt", test_utterances(tiny_pipeline)["audio_path"][0],
+                         "--decoder", "beam", "--lm-dir", str(tmp_path))
+    assert (code, out) == (1, "")
+    assert err == (f"ctcflow transcribe: error: {tmp_path / 'lm.arpa'}: not an ARPA language model KenLM can read "
+                   f"({reason}); rebuild it with the lm stage\n")
+
+
+def test_help_says_what_the_command_prints_and_which_decoder_it_uses(capsys):
+    code, out, err = cli(capsys, "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    for said in ("the text alone for one file, PATH<TAB>TEXT for several",
+                 "With --json, one JSON object per line and file: path, text, duration, and words, each with word, "
+                 "start and end (seconds) and confidence (0-1)",
+                 "or params.yaml in the current directory if there is one",
+                 "Without a params file: greedy decoding"):
+        assert said in text
+    assert "Transcriber" not in text and "window that owns" not in text  # the module docstring was the help
 
 
 @pytest.mark.parametrize(("options", "message"), [
