@@ -130,3 +130,13 @@ def test_make_bench_sees_the_demo_pipeline_up_to_date_beside_a_recipe_never_run(
     assert run_all.pipeline_state(tmp_path, env).startswith("the pipeline is not up to date (changed: hello)")
     dvc("repro")  # the root dvc.yaml, as make demo runs it
     assert run_all.pipeline_state(tmp_path, env) is None
+
+
+def test_long_audio_benchmark_scores_each_variant_over_the_same_words(tiny_pipeline, tmp_path):
+    results = run_benchmark("long_audio", "--project-dir", str(tiny_pipeline), "--utterances", "4",
+                            "--chunk-seconds", "3", "6", out=tmp_path / "long_audio.json")
+    assert results["utterances"] == 4 and results["model"] == "models/best.pt"
+    assert list(results["wer_percent"]) == ["as they are", "padded with silence", "padded with faint noise",
+                                            "one long file, 3 s windows", "one long file, 6 s windows"]
+    for scores in results["wer_percent"].values():
+        assert set(scores) == {"greedy", "beam"} and all(wer >= 0 for wer in scores.values())
