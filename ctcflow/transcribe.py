@@ -41,7 +41,7 @@ import soundfile
 import torch
 
 from ctcflow.audio import FULL_SCALE, AudioError, check_peak, read_info, resample
-from ctcflow.checkpoint import load_model
+from ctcflow.checkpoint import CheckpointError, load_model
 from ctcflow.data import normalization, normalize_utterance
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
 from ctcflow.errors import CtcflowError
@@ -192,10 +192,13 @@ class Transcriber:
         else:
             state, model, self.tokenizer = load_model(checkpoint)
             self.model = model.to(self.device)
-        self.config = LogMelConfig(**state["logmel"])
+        try:  # a damaged or hand-made checkpoint: one line naming it, not a TypeError deep in torch
+            self.config = LogMelConfig(**state["logmel"])
+            self.mean = torch.tensor(state["mean"], dtype=torch.float32, device=self.device)
+            self.std = torch.tensor(state["std"], dtype=torch.float32, device=self.device)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{checkpoint}: its feature settings do not load ({type(err).__name__}: {err})") from None
         self.logmel = LogMel(self.config).to(self.device)
-        self.mean = torch.tensor(state["mean"], dtype=torch.float32, device=self.device)
-        self.std = torch.tensor(state["std"], dtype=torch.float32, device=self.device)
         self.normalize = normalization(state)
         if decoder == "greedy":
             self.decode = GreedyDecoder(self.tokenizer, blank_penalty)

@@ -130,6 +130,16 @@ def test_another_architectures_keys_are_counted_not_listed(best, tiny_pipeline, 
                    "front.conv1.weight: [32, 80, 5] saved, [144, 80, 5] built; 4 more)\n")
 
 
+def test_damaged_feature_settings_are_one_line(best, tiny_pipeline, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "damaged.pt"
+    save_checkpoint(path, **{**best, "logmel": {**best["logmel"], "n_melz": 80}})
+    code, out, err = run_ctcflow(capsys, "transcribe", str(path), str(utterance(tiny_pipeline)), "--device", "cpu")
+    assert (code, out) == (1, "")  # it was a TypeError traceback
+    assert err == (f"ctcflow transcribe: error: {path}: its feature settings do not load (TypeError: "
+                   "LogMelConfig.__init__() got an unexpected keyword argument 'n_melz')\n")
+
+
 def test_a_directory_given_as_the_checkpoint_is_named_as_one(tiny_pipeline, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     models = tiny_pipeline / "models"
