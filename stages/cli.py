@@ -300,7 +300,8 @@ def summary(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="ctcflow summary",
         description="A few lines for the end of `make demo`: the test WER and CER of greedy decoding and of "
-                    "beam search, how long the pipeline took, and where the plots are.")
+                    "beam search (and of each extra test set, manifest.test_sets), how long the pipeline took, "
+                    "and where the plots are.")
     parser.add_argument("--elapsed", type=seconds, metavar="SECONDS", help="the pipeline's run time, to print")
     parser.add_argument("--metrics", default="metrics/eval.json",
                         help="the evaluate stage's metrics (default: %(default)s)")
@@ -310,11 +311,11 @@ def summary(argv: list[str]) -> None:
         sys.exit(f"ctcflow summary: error: {metrics_file} not found (run the pipeline first: dvc repro)")
     try:
         metrics = json.loads(metrics_file.read_text())
-        # Word units have no beam block: the beam search spells words in characters.
-        lines = [f"test WER {metrics[name]['wer']:6.2%}  CER {metrics[name]['cer']:6.2%}  {label}"
-                 for name, label in (("greedy", "greedy decoding"), ("beam", "beam search")) if name in metrics]
+        lines = error_lines("test", metrics)
         if not lines:  # another stage's metrics (lm.json, say) would print nothing but the plots line
             raise ValueError("no 'greedy' or 'beam' block")
+        for name, block in metrics.get("test_sets", {}).items():
+            lines += error_lines(f"test set {name}:", block)
     except (ValueError, TypeError, KeyError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         sys.exit(f"ctcflow summary: error: {metrics_file} is not the evaluate stage's metrics "
                  f"({type(err).__name__}: {err})")
@@ -323,6 +324,12 @@ def summary(argv: list[str]) -> None:
     if args.elapsed is not None:
         print(f"pipeline time: {minutes_seconds(args.elapsed)}")
     print("plots: plots/*.png, or all of them in one HTML page: dvc plots show")
+
+
+def error_lines(what: str, metrics: dict) -> list[str]:
+    # Word units have no beam block: the beam search spells words in characters.
+    return [f"{what} WER {metrics[name]['wer']:6.2%}  CER {metrics[name]['cer']:6.2%}  {label}"
+            for name, label in (("greedy", "greedy decoding"), ("beam", "beam search")) if name in metrics]
 
 
 def minutes_seconds(seconds: float) -> str:

@@ -133,6 +133,19 @@ def test_summary_prints_both_decoders_the_time_and_the_plots(tmp_path, capsys):
     )
 
 
+def test_summary_prints_each_extra_test_set_after_the_test_split(tmp_path, capsys):
+    with_sets = {**EVAL, "test_sets": {"festival": {"wer": 0.61, "greedy": {"wer": 0.907, "cer": 0.52},
+                                                    "beam": {"wer": 0.61, "cer": 0.4449}}}}
+    (tmp_path / "eval.json").write_text(json.dumps(with_sets))
+    assert summary(capsys, "--metrics", str(tmp_path / "eval.json")) == (
+        "test WER  7.40%  CER  1.80%  greedy decoding\n"
+        "test WER  0.68%  CER  0.53%  beam search\n"
+        "test set festival: WER 90.70%  CER 52.00%  greedy decoding\n"
+        "test set festival: WER 61.00%  CER 44.49%  beam search\n"
+        "plots: plots/*.png, or all of them in one HTML page: dvc plots show\n"
+    )
+
+
 def test_summary_without_a_beam_block_or_a_time(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics").mkdir()
