@@ -305,13 +305,22 @@ def summary(argv: list[str]) -> None:
     parser.add_argument("--elapsed", type=seconds, metavar="SECONDS", help="the pipeline's run time, to print")
     parser.add_argument("--metrics", default="metrics/eval.json",
                         help="the evaluate stage's metrics (default: %(default)s)")
+    parser.add_argument("--params", default=DEFAULT_PARAMS,
+                        help="the params file whose evaluate.split the metrics are of (default: %(default)s; "
+                             "test where there is none)")
     args = parser.parse_args(argv)
     metrics_file = Path(args.metrics)
+    try:
+        params = read_yaml(args.params) if Path(args.params).exists() else {}
+    except ParamsError as err:
+        sys.exit(f"ctcflow summary: error: {err}")
+    evaluate = params.get("evaluate") if isinstance(params, dict) else None
+    split = evaluate.get("split", "test") if isinstance(evaluate, dict) else "test"
     if not metrics_file.is_file():
         sys.exit(f"ctcflow summary: error: {metrics_file} not found (run the pipeline first: dvc repro)")
     try:
         metrics = json.loads(metrics_file.read_text())
-        lines = error_lines("test", metrics)
+        lines = error_lines(str(split), metrics)
         if not lines:  # another stage's metrics (lm.json, say) would print nothing but the plots line
             raise ValueError("no 'greedy' or 'beam' block")
         for name, block in metrics.get("test_sets", {}).items():

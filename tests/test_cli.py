@@ -146,6 +146,14 @@ def test_summary_prints_each_extra_test_set_after_the_test_split(tmp_path, capsy
     )
 
 
+def test_summary_names_the_split_evaluate_scored(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL))
+    (tmp_path / "params.yaml").write_text("evaluate:\n  split: valid\n")
+    assert summary(capsys, "--metrics", "eval.json").startswith(  # it said "test" whatever was scored
+        "valid WER  7.40%  CER  1.80%  greedy decoding\nvalid WER  0.68%  CER  0.53%  beam search\n")
+
+
 def test_summary_without_a_beam_block_or_a_time(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics").mkdir()
