@@ -10,10 +10,13 @@ the pattern), None for the others; the manifest stage rejects those rows without
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +42,20 @@ def _resolve(base: Path, paths) -> list[str]:
     return [p if Path(p).is_absolute() else str(base / p) for p in paths]
 
 
-def _split_names(values, where: str) -> list[str]:
+def _split_names(values, where: str, key: str = "manifest") -> list[str]:
     names = [SPLIT_NAMES.get(str(v).strip().lower()) for v in values]
     unknown = sorted({str(v) for v, n in zip(values, names) if n is None})
     if unknown:
-        raise SourceError(f"{where}: unknown split name(s) {unknown}; expected train, dev/valid/validation or test")
+        raise SourceError(f"{where}: unknown split name(s) {unknown} in the column that {key}.columns.split names; "
+                          "expected train, dev/valid/validation or test")
     return names
 
 
 def _read_utf8(path: Path) -> str:
     """The file's text; bytes that are not UTF-8 (a Latin-1 é) are a SourceError naming the line."""
     data = path.read_bytes()
+    # Editors on Windows save UTF-8 with a BOM; pandas drops it, so the other readers do too.
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -61,12 +67,41 @@ def _read_utf8(path: Path) -> str:
 def _read_csv(path: Path, **options) -> pd.DataFrame:
     """pd.read_csv with every value a string; a file it cannot parse is a SourceError naming it."""
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, **options)
+        # index_col=False: else one extra field in the first data row makes the first column the index.
+        return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, **options)
     except UnicodeDecodeError:  # pandas' byte offset is within its buffer: find the line in the file
         _read_utf8(path)
         raise
     except (ValueError, pd.errors.ParserError) as err:
         raise SourceError(f"{path}: cannot read it as a table: {err}") from err
+
+
+def _check_rows(path: Path, sep: str, quoting: int, max_fields: int | None = None) -> None:
+    """Refuse what pandas would read silently wrong, naming the line where the row starts: a cell
+    holding a line break (an unbalanced quote swallows the rows after it into one cell), and a row
+    whose field count differs from the header's (pandas pads a short row and misplaces a long one).
+    With `max_fields` there is no header: only rows longer than that are refused."""
+    reader = csv.reader(io.StringIO(_read_utf8(path), newline=""), delimiter=sep, quoting=quoting)
+    header, start = None, 1
+    try:
+        for record in reader:
+            line, start = start, reader.line_num + 1
+            if len(record) <= 1 and not "".join(record).strip():
+                continue  # a blank line, which pandas skips too
+            if any("\n" in cell or "\r" in cell for cell in record):
+                raise SourceError(f"{path}, line {line}: a cell runs over several lines "
+                                  "(an unbalanced quote?); quote the whole cell or remove the quote")
+            if max_fields is not None:
+                if len(record) > max_fields:
+                    raise SourceError(f"{path}, line {line}: {len(record)} fields, expected at most {max_fields} "
+                                      f"separated by {sep!r}")
+            elif header is None:
+                header = record
+            elif len(record) != len(header):
+                raise SourceError(f"{path}, line {line}: {len(record)} fields, the header has {len(header)} "
+                                  f"(a stray {sep!r}, or one missing?)")
+    except csv.Error as err:
+        raise SourceError(f"{path}, line {start}: cannot read it as a table: {err}") from None
 
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -108,6 +143,7 @@ def _read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
     sep = sep or ("\t" if suffix in (".tsv", ".tab") else ",")
     # QUOTE_NONE for tabs: Common Voice sentences contain unbalanced quotes.
     quoting = csv.QUOTE_NONE if sep in ("\t", "|") else csv.QUOTE_MINIMAL
+    _check_rows(path, sep, quoting)
     return _read_csv(path, sep=sep, quoting=quoting)
 
 
@@ -128,35 +164,49 @@ def demo(corpus_dir: Path, key: str = "manifest") -> pd.DataFrame:
                   text=frame["text"], speaker=frame["speaker"])
 
 
-def librispeech(corpus_dir: Path) -> pd.DataFrame:
+def librispeech(corpus_dir: Path, key: str = "manifest") -> pd.DataFrame:
     """[<subset>/]<reader>/<chapter>/<reader>-<chapter>.trans.txt lines "<id> <TEXT>", audio <id>.flac.
 
     A subset folder named train*, dev* or test* (train-clean-100, dev-clean, …) gives the split;
-    the reader folder gives the speaker.
+    the reader folder gives the speaker. A .flac file that no transcript line names is listed,
+    flagged missing_transcript.
     """
-    rows = []
-    # os.walk, not Path.rglob: it follows symbolic links, a common way to assemble subsets.
-    found = (Path(d) / f for d, _, files in os.walk(corpus_dir, followlinks=True) for f in files)
-    for trans in sorted(p for p in found if p.name.endswith(".trans.txt")):
-        parts = trans.relative_to(corpus_dir).parts
+    def place(file: Path) -> tuple[str, str]:  # the split and the speaker its folders give
+        parts = file.relative_to(corpus_dir).parts
         subset = parts[-4].lower() if len(parts) >= 4 else ""
         split = next((SPLIT_NAMES[p] for p in ("train", "dev", "test") if subset.startswith(p)), "")
+        return split, parts[-3] if len(parts) >= 3 else ""
+
+    rows = []
+    # os.walk, not Path.rglob: it follows symbolic links, a common way to assemble subsets.
+    found = [Path(d) / f for d, _, files in os.walk(corpus_dir, followlinks=True) for f in files]
+    for trans in sorted(p for p in found if p.name.endswith(".trans.txt")):
+        split, speaker = place(trans)
         for line in _read_utf8(trans).splitlines():
             if line.strip():
-                utt_id, _, text = line.strip().partition(" ")
-                rows.append((utt_id, split, str(trans.parent / f"{utt_id}.flac"), text, parts[-3]))
+                # Any whitespace: a tab after the id is as common as a space.
+                utt_id, text = (line.split(None, 1) + [""])[:2]
+                rows.append((utt_id, split, str(trans.parent / f"{utt_id}.flac"), text.strip(), speaker, None))
     if not rows:
-        raise SourceError(f"no *.trans.txt under {corpus_dir}: expected <reader>/<chapter>/*.trans.txt (LibriSpeech)")
-    return pd.DataFrame(rows, columns=ENTRY_COLUMNS)
+        raise SourceError(f"{key}.corpus_dir {corpus_dir}: no *.trans.txt under it; expected "
+                          "<reader>/<chapter>/*.trans.txt (LibriSpeech)")
+    # Audio without a transcript line would vanish: list it, to be rejected with its reason.
+    listed = {row[2] for row in rows}
+    for flac in sorted(p for p in found if p.suffix.lower() == ".flac" and str(p) not in listed):
+        split, speaker = place(flac)
+        rows.append((flac.stem, split, str(flac), "", speaker, Rejected(
+            "missing_transcript", f"no line for {flac.stem} in a *.trans.txt of {flac.parent}")))
+    return pd.DataFrame(rows, columns=[*ENTRY_COLUMNS, REJECTED_COLUMN])
 
 
-def common_voice(corpus_dir: Path) -> pd.DataFrame:
+def common_voice(corpus_dir: Path, key: str = "manifest") -> pd.DataFrame:
     """train.tsv/dev.tsv/test.tsv (or validated.tsv alone) with client_id, path, sentence; audio clips/<path>."""
     files = {"train": "train.tsv", "valid": "dev.tsv", "test": "test.tsv"}
     tables = {split: corpus_dir / name for split, name in files.items() if (corpus_dir / name).is_file()}
     if not tables:
         if not (corpus_dir / "validated.tsv").is_file():
-            raise SourceError(f"{corpus_dir}: no train.tsv, dev.tsv, test.tsv or validated.tsv (Common Voice)")
+            raise SourceError(f"{key}.corpus_dir {corpus_dir} has no train.tsv, dev.tsv, test.tsv or validated.tsv "
+                              "(Common Voice)")
         tables = {"": corpus_dir / "validated.tsv"}
     frames = []
     for split, path in tables.items():
@@ -170,14 +220,16 @@ def common_voice(corpus_dir: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def ljspeech(corpus_dir: Path) -> pd.DataFrame:
+def ljspeech(corpus_dir: Path, key: str = "manifest") -> pd.DataFrame:
     """metadata.csv lines "<id>|<text>|<normalized text>", audio wavs/<id>.wav, one speaker.
 
     The third column (numbers and abbreviations written out by the corpus) is used where present.
     """
     path = corpus_dir / "metadata.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (LJSpeech)")
+        raise SourceError(f"{path} not found: set {key}.corpus_dir to the LJSpeech folder (metadata.csv, wavs/)")
+    # A '|' inside a text makes a fourth field, and pandas would shift the columns silently.
+    _check_rows(path, "|", csv.QUOTE_NONE, max_fields=3)
     frame = _read_csv(path, sep="|", header=None, quoting=csv.QUOTE_NONE)
     if frame.shape[1] < 2:
         raise SourceError(f"{path}: expected lines '<id>|<text>|<normalized text>'")
@@ -187,18 +239,28 @@ def ljspeech(corpus_dir: Path) -> pd.DataFrame:
 
 
 FSDD_NAME = re.compile(r"(?P<digit>[0-9])_(?P<speaker>[^_]+)_(?P<index>[0-9]+)")
+# FSDD ships WAV; a converted copy is as usable, and soundfile reads these too.
+FSDD_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def fsdd(corpus_dir: Path) -> pd.DataFrame:
+def fsdd(corpus_dir: Path, key: str = "manifest") -> pd.DataFrame:
     """The Free Spoken Digit Dataset: recordings named {digit}_{speaker}_{index}.wav, the transcript
     the digit spelled out ("zero" … "nine"). `corpus_dir` is the folder of recordings or the FSDD
-    repository root (its recordings/ folder). Every .wav file of the folder is listed; one whose
-    name does not fit the pattern is flagged bad_file_name. No splits."""
+    repository root (its recordings/ folder). Every .wav, .flac, .ogg or .mp3 file of the folder is
+    listed; one whose name does not fit the pattern is flagged bad_file_name. Sub-folders and other
+    files are not read, and their count is printed. No splits."""
     folder = corpus_dir / "recordings" if (corpus_dir / "recordings").is_dir() else corpus_dir
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".wav") if folder.is_dir() else []
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    files = [p for p in entries if p.suffix.lower() in FSDD_SUFFIXES and not p.is_dir()]
     if not files:
-        raise SourceError(f"no .wav files in {folder}: expected FSDD's recordings, {{digit}}_{{speaker}}_{{index}}.wav")
+        raise SourceError(f"no .wav files in {folder}: expected FSDD's recordings, {{digit}}_{{speaker}}_{{index}}.wav "
+                          f"(or .flac, .ogg, .mp3; set {key}.corpus_dir)")
+    # Said, not silent: a recording in a sub-folder or of another format is left out.
+    skipped = [p for p in entries if p not in files]
+    if skipped:
+        print(f"fsdd: {len(skipped)} sub-folder(s) or file(s) not {'/'.join(FSDD_SUFFIXES)} in {folder} "
+              f"left out (the first: {skipped[0].name})", file=sys.stderr)
     rows = []
     for path in files:
         name = FSDD_NAME.fullmatch(path.stem)
@@ -242,33 +304,46 @@ def table(path: Path, path_column: str, text_column: str, speaker_column: str | 
     if missing:
         fix = f"the format needs {wanted}" if fixed_columns else f"set {key}.columns"
         raise SourceError(f"{path}: no column(s) {missing}; it has {list(frame.columns)} ({fix})")
-    rejected = _table_rejects(frame[path_column].map(_as_text).tolist(), frame[text_column].tolist(), path_column)
+    rejected = _table_rejects(frame[path_column].map(_as_text).str.strip().tolist(), frame[text_column].tolist(),
+                              path_column)
     if path.suffix.lower() in JSONL_SUFFIXES:  # values as JSON gave them: now as a CSV cell holds them
         frame = frame.map(_as_text)
-    paths = frame[path_column].tolist()
+    # Stray spaces around a name are invisible in the file: 'alice ' would not match held-out 'alice'.
+    paths = frame[path_column].str.strip().tolist()
+    ids = frame[id_column].str.strip().tolist() if id_column else [""] * len(paths)
     return _frame(
-        id=[i or Path(p).stem for i, p in zip(frame[id_column], paths)] if id_column else [Path(p).stem for p in paths],
-        split=_split_names(frame[split_column].tolist(), str(path)) if split_column else "",
+        id=[i or Path(p).stem for i, p in zip(ids, paths)],
+        split=_split_names(frame[split_column].tolist(), str(path), key) if split_column else "",
         audio_path=[p and resolved for p, resolved in zip(paths, _resolve(path.parent, paths))],
         text=frame[text_column],
-        speaker=frame[speaker_column] if speaker_column else "",
+        speaker=frame[speaker_column].str.strip() if speaker_column else "",
     ).assign(**{REJECTED_COLUMN: rejected})
 
 
 def recipe_json(train_json: Path, test_json: Path, valid_json: Path | None) -> pd.DataFrame:
-    """The original recipe's JSON lines, {"key": "<audio path>", "text": "..."}, one file per split."""
+    """The original recipe's JSON lines, {"key": "<audio path>", "text": "..."}, one file per split.
+    An id is the audio path relative to the folder all the files' audio shares, without its suffix:
+    train/0001.wav and test/0001.wav would both be 0001 by their names alone."""
     files = {"train": train_json, "valid": valid_json, "test": test_json}
     frames = []
     for split, path in files.items():
         if path is None:
             continue
+        if path.is_dir():
+            raise SourceError(f"manifest.{split}_json {path} is a directory: name a JSON-lines file")
         if not path.is_file():
             raise FileNotFoundError(f"manifest.{split}_json {path} not found")
         frame = table(path, "key", "text", speaker_column=None, split_column=None, id_column=None,
                       key=f"manifest.{split}_json", fixed_columns=True)
         frame["split"] = split
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    entries = pd.concat(frames, ignore_index=True)
+    folders = [os.path.dirname(os.path.abspath(p)) for p in entries["audio_path"] if p]
+    if folders:
+        shared = os.path.commonpath(folders)
+        entries["id"] = [str(Path(os.path.relpath(os.path.abspath(p), shared)).with_suffix("")) if p else i
+                         for i, p in zip(entries["id"], entries["audio_path"])]
+    return entries
 
 
 def hold_out_speakers(entries: pd.DataFrame, valid: list[str], test: list[str]) -> pd.DataFrame:

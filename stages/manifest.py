@@ -22,7 +22,8 @@ row to train, whatever split their corpus gives it: e.g. synthetic voices beside
 Held-out speakers and the split fractions apply to the main corpus only.
 
 Utterances are examined in parallel (manifest.num_workers processes), reading headers only.
-Each one is checked: inside corpus_dir, readable, duration in range, transcript
+Each one is checked: a new id and a new audio file (across the main corpus, test sets and training
+sets, in that order: the first keeps it), inside corpus_dir, readable, duration in range, transcript
 non-empty after normalization (manifest.text) and inside the vocabulary, long enough for CTC
 (one output frame per unit plus one between repeats, at ctc_frame_rate frames per second).
 Failures go to data/manifests/rejects.jsonl with their reason and counts by reason to
@@ -31,7 +32,8 @@ data/manifests/tokens.json. With units bpe, transcripts are checked as character
 (a piece spans at least one character, so pieces need no more CTC frames than characters, but for
 a lone '▁' piece at the start), then a sentencepiece BPE model of at most bpe_vocab_size pieces is
 trained on the training split's transcripts: it goes into tokens.json and beside it (bpe.model).
-The stage fails when a split or test set is left empty, or on any reject when manifest.strict is true.
+The stage fails when a split or test set is left empty (a valid or test split that held-out speakers
+or the corpus chose is never refilled from train), or on any reject when manifest.strict is true.
 """
 
 from __future__ import annotations
@@ -198,7 +200,20 @@ class ManifestParams(Section):
             raise ValueError(f"test_sets: bad name(s) {bad}: letters, digits, '_', '.', '-', and none of {list(RESERVED_NAMES)}")
         if self.input == "features" and self.train_sets:
             raise ValueError("train_sets need input: audio")
+        self._alphabet_fits_the_text()
         return self
+
+    def _alphabet_fits_the_text(self):
+        """Mismatches that would reject every row, or every multi-word one, caught before any header is read."""
+        if self.units == "word":
+            return  # the vocabulary is the unit list, case-folded like the transcripts
+        cased = [c for c in self.alphabet if c.isupper() or c.islower()]  # scripts without case pass
+        if self.text.lowercase and cased and not any(c.islower() for c in cased):
+            raise ValueError(f"manifest.alphabet {self.alphabet!r} has no lowercase letter, but manifest.text.lowercase "
+                             "is true: every transcript would be rejected; lowercase the alphabet or set lowercase: false")
+        if self.units == "char" and " " not in self.alphabet:
+            raise ValueError(f"manifest.alphabet {self.alphabet!r} has no space: every transcript of more than one word "
+                             "would be rejected; add ' ' to it (harmless where transcripts have none)")
 
 
 def read_source(params: ManifestParams | ExtraCorpus, key: str = "manifest") -> pd.DataFrame:
@@ -222,13 +237,13 @@ def read_entries(params: ManifestParams | ExtraCorpus, key: str) -> pd.DataFrame
     if params.source in ("librispeech", "common_voice", "ljspeech", "fsdd") and not corpus.is_dir():
         raise StageError(f"{key}.corpus_dir {corpus} is not a directory")
     if params.source == "librispeech":
-        return sources.librispeech(corpus)
+        return sources.librispeech(corpus, key)
     if params.source == "common_voice":
-        return sources.common_voice(corpus)
+        return sources.common_voice(corpus, key)
     if params.source == "ljspeech":
-        return sources.ljspeech(corpus)
+        return sources.ljspeech(corpus, key)
     if params.source == "fsdd":
-        return sources.fsdd(corpus)
+        return sources.fsdd(corpus, key)
     if params.source == "table":
         c = params.columns
         # An extra corpus's rows all go to one place: its split column is not read (docs/corpora.md).
@@ -318,18 +333,30 @@ def check_held_out_speakers(held_out: HeldOutSpeakers, entries: pd.DataFrame) ->
 
 
 def examine_corpus(entries: pd.DataFrame, corpus_dir: str, params: ManifestParams, tokenizer: Tokenizer,
-                   map_files) -> tuple[list[Utterance], list[Reject]]:
+                   map_files, seen_audio: dict[str, str]) -> tuple[list[Utterance], list[Reject]]:
     """Every entry, examined by `map_files` (an ordered map over worker processes): the accepted
-    utterances and the rejects, both in the entries' order."""
+    utterances and the rejects, both in the entries' order. `seen_audio` (resolved audio path → the
+    id that listed it), shared by every corpus of the run, gains this corpus's paths."""
     records = entries.to_dict("records")
 
     def settle(entry: dict, duplicate: bool) -> Rejected | None:
-        """Without opening a file: a row its reader could not use, a reserved id, an id seen before."""
+        """Without opening a file: a row its reader could not use, a reserved id, an id seen before,
+        audio listed before (in this corpus or an earlier one)."""
         if isinstance(rejected := entry.get(sources.REJECTED_COLUMN), Rejected):
             return rejected
         if RESERVED_ID.search(entry["id"]):
             return Rejected("reserved_id", f"id {entry['id']!r} ends in _aug<k>, the suffix of featurize's augmented copies")
-        return Rejected("duplicate_id", f"id {entry['id']!r} appears more than once") if duplicate else None
+        if duplicate:
+            return Rejected("duplicate_id", f"id {entry['id']!r} appears more than once")
+        if not inside(corpus_dir, entry["audio_path"]):
+            return None  # examine rejects it as path_outside_corpus, the reason that matters; it claims no audio
+        # One recording under two ids would be two rows, possibly one in train and one in test.
+        # realpath: a symbolic link (or ./, ../) to a listed file is the same audio. Nothing is opened.
+        audio = os.path.realpath(entry["audio_path"])
+        if audio in seen_audio:
+            return Rejected("duplicate_audio", f"{entry['audio_path']} is already listed, as id {seen_audio[audio]!r}")
+        seen_audio[audio] = entry["id"]
+        return None
 
     settled = [settle(entry, duplicate) for entry, duplicate in zip(records, entries["id"].duplicated())]
     todo = [entry for entry, result in zip(records, settled) if result is None]
@@ -347,23 +374,48 @@ def examine_corpus(entries: pd.DataFrame, corpus_dir: str, params: ManifestParam
 
 
 def examine_extra_corpora(entries: dict[str, pd.DataFrame], corpora: dict[str, ExtraCorpus], params: ManifestParams,
-                          tokenizer: Tokenizer, map_files) -> tuple[dict[str, list[Utterance]], list[Reject]]:
+                          tokenizer: Tokenizer, map_files, seen_audio: dict[str, str]
+                          ) -> tuple[dict[str, list[Utterance]], list[Reject]]:
     """examine_corpus for each extra test or training set: its accepted utterances by name, and all their rejects."""
     accepted, rejects = {}, []
     for name, set_entries in entries.items():
-        accepted[name], set_rejects = examine_corpus(set_entries, corpora[name].corpus_dir, params, tokenizer, map_files)
+        accepted[name], set_rejects = examine_corpus(set_entries, corpora[name].corpus_dir, params, tokenizer, map_files,
+                                                     seen_audio)
         rejects += set_rejects
     return accepted, rejects
 
 
-def assign_splits(accepted: list[Utterance], params: ManifestParams) -> tuple[list[Utterance], str]:
-    """The splits, made among the usable utterances only, so none is left empty by a reject."""
+def split_key(params: ManifestParams, split: str) -> str:
+    """The params key of the file or folder that defines a corpus's split, for messages."""
+    if params.source == "recipe_json":
+        return f"manifest.{split}_json {getattr(params, f'{split}_json')}"
+    if params.source == "table":
+        return f"manifest.table {params.table} (column manifest.columns.split)"
+    return f"manifest.corpus_dir {params.corpus_dir} (source {params.source})"
+
+
+def assign_splits(accepted: list[Utterance], params: ManifestParams, defined: set[str],
+                  rejects_file: Path) -> tuple[list[Utterance], str]:
+    """The splits, made among the usable utterances only. `defined`: the splits the corpus's
+    entries name, rejects included. A held-out split the user chose (held-out speakers) or the
+    corpus defines, left empty by rejects, fails the stage: filling it from train would replace
+    the user's valid or test set with training speakers behind their back."""
     frame = pd.DataFrame({"id": [u.id for u in accepted], "split": [u.split for u in accepted],
                           "speaker": [u.speaker for u in accepted]}, dtype=str)
     held_out = params.held_out_speakers
     named = held_out.valid or held_out.test
     if named:
         frame = sources.hold_out_speakers(frame, held_out.valid, held_out.test)
+    if accepted:  # with nothing usable at all, run's check names every empty split at once
+        for split in ("valid", "test"):
+            if (frame["split"] == split).any():
+                continue
+            if getattr(held_out, split):
+                raise StageError(f"manifest.held_out_speakers.{split}: every row of speaker(s) {getattr(held_out, split)} "
+                                 f"was rejected, so the {split} split would be empty; reasons are in {rejects_file}")
+            if not named and split in defined:
+                raise StageError(f"every row of the corpus's {split} split ({split_key(params, split)}) was rejected, "
+                                 f"so the {split} split would be empty; reasons are in {rejects_file}")
     # Fills only the splits still empty: with held-out speakers, a split that named none.
     frame, how = sources.assign_splits(frame, params.valid_fraction, params.test_fraction, params.seed)
     if named:
@@ -410,10 +462,14 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
     train_set_entries = {name: read_source(train_set, f"manifest.train_sets.{name}").assign(split="train")
                          for name, train_set in params.train_sets.items()}
     with ordered_map(params.num_workers, "manifest.num_workers", __name__, max_chunk=256) as map_files:
-        accepted, rejects = examine_corpus(entries, params.corpus_dir, params, tokenizer, map_files)
-        test_sets, test_rejects = examine_extra_corpora(test_set_entries, params.test_sets, params, tokenizer, map_files)
+        # The first listing of a recording keeps it: the main corpus, then test sets, then training sets,
+        # so a training set that repeats a test set's audio never trains on what is scored.
+        seen_audio: dict[str, str] = {}
+        accepted, rejects = examine_corpus(entries, params.corpus_dir, params, tokenizer, map_files, seen_audio)
+        test_sets, test_rejects = examine_extra_corpora(test_set_entries, params.test_sets, params, tokenizer, map_files,
+                                                        seen_audio)
         train_sets, train_rejects = examine_extra_corpora(train_set_entries, params.train_sets, params, tokenizer,
-                                                          map_files)
+                                                          map_files, seen_audio)
         rejects += test_rejects + train_rejects
 
     if params.input == "features" and accepted:
@@ -423,7 +479,12 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
         for name in test_sets:
             test_sets[name], wrong = one_width(test_sets[name], dims)
             rejects += wrong
-    accepted, how = assign_splits(accepted, params)
+    rejects_file = out_dir / "rejects.jsonl"
+    try:
+        accepted, how = assign_splits(accepted, params, set(entries["split"]) - {""}, rejects_file)
+    except StageError:
+        tally_rejects(rejects, rejects_file, "rejected")  # the reasons the message points at
+        raise
     for name, rows in train_sets.items():
         train_sets[name], clashes = drop_seen_ids(rows, {u.id for u in accepted})
         rejects += clashes
@@ -443,7 +504,6 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
     print(f"{params.source}: {len(entries)} utterances listed; {how}")
     for split in SPLITS:
         print(f"{split}: {metrics[split]['utterances']} utterances, {metrics[split]['hours']:.2f} h")
-    rejects_file = out_dir / "rejects.jsonl"
     if test_sets:  # only then: a project without them keeps the metrics it had
         # A set's rejects are its own (split = its name): its score covers only what is left.
         metrics["test_sets"] = {name: {**summary(rows), "rejected": rejected_by_reason(rejects, name)}

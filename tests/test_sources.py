@@ -570,3 +570,113 @@ def test_a_bad_corpus_setting_is_one_line_naming_its_key(capsys, tmp_path, setti
         (tmp_path / folder / "list.csv").write_text("path,text\na.wav,hello\n")
     main = {"source": "table", "corpus_dir": "c", "table": "c/list.csv", "columns": {"path": "path", "text": "text"}}
     assert manifest_error(capsys, tmp_path, **{**main, **settings}) == f"ctcflow manifest: error: {message}"
+
+
+# Defects a reviewer found with tiny hand-made corpora: each was read silently wrong, or said too little.
+
+def test_an_unbalanced_quote_names_the_line_where_its_row_starts(tmp_path):
+    """The quote swallowed the rows after it into one transcript: 3 of 6 rows vanished."""
+    table = tmp_path / "list.csv"
+    table.write_text('path,text,speaker\nz.wav,fine,s0\na.wav,"Quoted start, then more,s1\n'
+                     'b.wav,hello,s2\nc.wav,"hi",s3\nd.wav,x,s4\ne.wav,y,s5\n')
+    with pytest.raises(SourceError, match=r"list.csv, line 3: a cell runs over several lines \(an unbalanced quote\?\)"):
+        sources.table(table, "path", "text", "speaker", None, None)
+
+
+@pytest.mark.parametrize("body, message", [
+    # One extra field made pandas take the first column as the index: transcripts became ' hello there'.
+    ("a.wav,hello there,s1,\nb.wav,good night,s2\n", "line 2: 4 fields, the header has 3"),
+    # A trailing comma on every row: every row was rejected as missing_file.
+    ("a.wav,hello there,s1,\nb.wav,good night,s2,\n", "line 2: 4 fields, the header has 3"),
+    # A short row was padded with an empty speaker.
+    ("a.wav,hello there,s1\nb.wav,good night\n", "line 3: 2 fields, the header has 3"),
+])
+def test_a_row_whose_field_count_differs_from_the_header_s_names_its_line(tmp_path, body, message):
+    table = tmp_path / "list.csv"
+    table.write_text("path,text,speaker\n" + body)
+    with pytest.raises(SourceError, match=rf"list.csv, {message} \(a stray ',', or one missing\?\)$"):
+        sources.table(table, "path", "text", "speaker", None, None)
+
+
+def test_ljspeech_line_with_a_fourth_field_is_an_error(tmp_path):
+    """A '|' in the first line's text made 4 columns and a wrong transcript, silently."""
+    (tmp_path / "metadata.csv").write_text("LJ001-0001|Pipes | bars|Pipes bars\nLJ001-0002|Good night|Good night\n")
+    with pytest.raises(SourceError, match=r"metadata.csv, line 1: 4 fields, expected at most 3 separated by '\|'$"):
+        sources.ljspeech(tmp_path)
+
+
+def test_librispeech_audio_without_a_transcript_line_is_a_reject(tmp_path):
+    """19-198-0009.flac, which no .trans.txt line names, appeared nowhere."""
+    expected = make_librispeech(tmp_path / "LibriSpeech")
+    orphan = tmp_path / "LibriSpeech/train-clean-5/19/198/19-198-0009.flac"
+    tone(orphan, 1.0)
+    rows, metrics, rejects = run_manifest(tmp_path, source="librispeech", corpus_dir=str(tmp_path / "LibriSpeech"))
+    expect_rows(rows, expected)
+    assert list(zip(rejects["id"], rejects["split"], rejects["audio_path"], rejects["reason"])) == [
+        ("19-198-0009", "train", str(orphan), "missing_transcript")]
+    assert metrics["rejected"] == {"total": 1, "missing_transcript": 1}
+
+
+def test_librispeech_transcripts_with_a_tab_or_a_bom(tmp_path):
+    """A tab after the id gave the id '26-495-0001\\tTAB', a BOM the id '\\ufeff27-496-0000': both missing_file."""
+    for reader, chapter, lines in (("26", "495", "26-495-0000 CHAPTER ONE\n26-495-0001\tTAB SEPARATED\n"),
+                                   ("27", "496", "\ufeff27-496-0000 WITH A BOM\n")):
+        folder = tmp_path / reader / chapter
+        folder.mkdir(parents=True)
+        (folder / f"{reader}-{chapter}.trans.txt").write_bytes(lines.encode())
+    entries = sources.librispeech(tmp_path)
+    assert list(zip(entries["id"], entries["text"], entries["speaker"])) == [
+        ("26-495-0000", "CHAPTER ONE", "26"), ("26-495-0001", "TAB SEPARATED", "26"), ("27-496-0000", "WITH A BOM", "27")]
+
+
+def test_fsdd_reads_other_audio_formats_and_says_what_it_left_out(tmp_path, capsys):
+    """7_george_1.flac and 8_george_2.mp3 were ignored, and sub/1_lucas_0.wav too, without a word."""
+    for name in ("0_george_0.wav", "7_george_1.flac", "8_george_2.mp3", "sub/1_lucas_0.wav"):
+        tone(tmp_path / name, 0.5, rate=8000)
+    entries = sources.fsdd(tmp_path)
+    assert list(zip(entries["id"], entries["text"], entries["speaker"])) == [
+        ("0_george_0", "zero", "george"), ("7_george_1", "seven", "george"), ("8_george_2", "eight", "george")]
+    assert entries["audio_path"].tolist() == [str(tmp_path / n) for n in ("0_george_0.wav", "7_george_1.flac", "8_george_2.mp3")]
+    assert capsys.readouterr().err == (f"fsdd: 1 sub-folder(s) or file(s) not .wav/.flac/.ogg/.mp3 in {tmp_path} "
+                                       "left out (the first: sub)\n")
+
+
+def test_table_strips_spaces_around_ids_paths_and_speakers(tmp_path):
+    """'alice ' trained while held_out_speakers.test named alice."""
+    tone(tmp_path / "a.wav", 1.0)
+    (tmp_path / "list.csv").write_text("id,path,text,speaker\n u1 , a.wav ,hello,alice \n")
+    entries = sources.table(tmp_path / "list.csv", "path", "text", "speaker", None, "id")
+    assert entries[["id", "audio_path", "text", "speaker"]].values.tolist() == [
+        ["u1", str(tmp_path / "a.wav"), "hello", "alice"]]
+
+
+def test_recipe_json_ids_are_unique_across_folders(tmp_path):
+    """train/0001.wav and test/0001.wav were both 0001: the test rows were rejected as duplicate_id."""
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.json").write_text("".join(
+            json.dumps({"key": f"{split}/000{n}.wav", "text": "hello"}) + "\n" for n in (1, 2)))
+    entries = sources.recipe_json(tmp_path / "train.json", tmp_path / "test.json", None)
+    assert list(zip(entries["id"], entries["split"])) == [
+        ("train/0001", "train"), ("train/0002", "train"), ("test/0001", "test"), ("test/0002", "test")]
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(SourceError, match=r"^manifest.train_json .*dir.json is a directory: name a JSON-lines file$"):
+        sources.recipe_json(tmp_path / "dir.json", tmp_path / "test.json", None)
+
+
+def test_a_jsonl_table_with_a_bom_is_read_like_a_csv_one(tmp_path):
+    """CSV and TSV with a BOM were read; JSON lines stopped with 'Unexpected UTF-8 BOM'."""
+    (tmp_path / "list.jsonl").write_bytes(("\ufeff" + json.dumps({"path": "a.wav", "text": "hello"}) + "\n").encode())
+    entries = sources.table(tmp_path / "list.jsonl", "path", "text", None, None, None)
+    assert entries[["id", "text"]].values.tolist() == [["a", "hello"]]
+
+
+def test_corpus_messages_name_the_params_key(tmp_path):
+    with pytest.raises(SourceError, match=r"^.*metadata.csv not found: set manifest.test_sets.lj.corpus_dir to the "
+                                          r"LJSpeech folder \(metadata.csv, wavs/\)$"):
+        sources.ljspeech(tmp_path, "manifest.test_sets.lj")
+    with pytest.raises(SourceError, match=r"^manifest.corpus_dir .* has no train.tsv, dev.tsv, test.tsv or validated.tsv"):
+        sources.common_voice(tmp_path)
+    (tmp_path / "list.csv").write_text("path,text,split\na.wav,hello,eval\nb.wav,hello,val\nc.wav,hello,train\n")
+    with pytest.raises(SourceError, match=r"list.csv: unknown split name\(s\) \['eval', 'val'\] in the column that "
+                                          r"manifest.columns.split names; expected train"):
+        sources.table(tmp_path / "list.csv", "path", "text", None, "split", None)
