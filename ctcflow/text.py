@@ -37,13 +37,20 @@ _DIGIT = re.compile(r"\d")
 _NUMBER = re.compile(r"(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(st|nd|rd|th)?", re.IGNORECASE)
 
 
+# Unicode files these under punctuation, but they are read aloud ("fifty percent", "at and t"):
+# turned into spaces, the words would vanish from a transcript of speech that says them. Kept,
+# they meet manifest.text.unknown like any character outside the alphabet.
+SPOKEN_SYMBOLS = "%&#@*§"
+
+
 class _PunctuationToSpace(dict):
     """A str.translate table, filled on first sight of each character: every Unicode punctuation
-    mark except the apostrophe → space (a regex cannot name Unicode categories)."""
+    mark except the apostrophe and SPOKEN_SYMBOLS → space (a regex cannot name Unicode categories)."""
 
     def __missing__(self, code: int) -> int:
         ch = chr(code)
-        self[code] = ord(" ") if ch != "'" and unicodedata.category(ch).startswith("P") else code
+        silent = ch != "'" and ch not in SPOKEN_SYMBOLS and unicodedata.category(ch).startswith("P")
+        self[code] = ord(" ") if silent else code
         return self[code]
 
 
@@ -73,7 +80,8 @@ def normalize(text: str, lowercase: bool, punctuation: Literal["drop", "keep"], 
     """NFC, optional lower case, numbers spelled out if asked, punctuation to spaces, single spaces.
 
     With punctuation "drop" every Unicode punctuation mark becomes a space except the apostrophe
-    (typographic ’ becomes '), which words like "what's" keep; dashes therefore split words.
+    (typographic ’ becomes '), which words like "what's" keep, and the symbols people read aloud
+    (SPOKEN_SYMBOLS: % & # @ * §), left for the alphabet check; dashes therefore split words.
     """
     text = unicodedata.normalize("NFC", text)
     if lowercase:

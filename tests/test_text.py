@@ -43,6 +43,16 @@ def test_normalize():
     assert clean("...") == ""
 
 
+def test_symbols_read_aloud_are_not_dropped_as_punctuation():
+    # Unicode calls them punctuation, but speech says them: "50% off & more" became "fifty off
+    # more", a transcript of words the speaker did not say alone. Kept, they are outside the
+    # alphabet, so the utterance is rejected (or, with unknown: drop, loses them knowingly).
+    assert clean("50% off & more", spell_digits=True) == "fifty % off & more"
+    assert clean("AT&T, #1 @home*") == "at&t #1 @home*"
+    with pytest.raises(ValueError, match=r"\['%', '&'\]"):
+        RECIPE.encode(clean("50% off & more", spell_digits=True))
+
+
 def test_min_ctc_frames_counts_a_blank_between_repeats():
     tok = RECIPE
     assert min_ctc_frames(tok.encode("abc")) == 3
