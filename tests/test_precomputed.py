@@ -44,7 +44,9 @@ def make_sign_corpus(root: Path, seed: int = 0) -> list[dict]:
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             np.save(root / path, array.astype(np.float32))
             rows.append({"path": str(path), "gloss": " ".join(GLOSSES[g] for g in glosses), "signer": f"s{signer}"})
-    rows.append({"path": "signer 00/0.npy", "gloss": "TOMORROW HAIL", "signer": "s0", "uid": "hail"})
+    # Its own file: the same file under a second id would be rejected as duplicate_audio first.
+    np.save(root / "hail.npy", np.load(root / "signer 00/0.npy"))
+    rows.append({"path": "hail.npy", "gloss": "TOMORROW HAIL", "signer": "s0", "uid": "hail"})
     np.save(root / "wide.npy", np.zeros((40, DIMS + 1), dtype=np.float32))
     rows.append({"path": "wide.npy", "gloss": "SUN", "signer": "s0", "uid": "wide"})
     frame = pd.DataFrame(rows)
