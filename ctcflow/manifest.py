@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -137,4 +137,10 @@ def tally_rejects(rejects: list[Reject], path: Path, kind: str) -> dict:
     by_reason = Counter(r.reason for r in rejects)
     if rejects:
         print(f"{kind} {len(rejects)}: {dict(by_reason)} — see {path}")
-    return {"total": len(rejects), **by_reason}
+    return count_by_reason(by_reason)
+
+
+def count_by_reason(reasons: Iterable[str] | Counter) -> dict:
+    """{"total": n, "<reason>": n, ...}: how every count of rejects is written into the metrics."""
+    by_reason = Counter(reasons)
+    return {"total": by_reason.total(), **by_reason}

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -48,7 +47,7 @@ from ctcflow.decoding import BeamParams, GreedyDecoder, aligned_words
 from ctcflow.inference import decode_split
 from ctcflow.lm import oov_rate, read_lexicon
 from ctcflow.losses import CTCObjective
-from ctcflow.manifest import read_test_set_names
+from ctcflow.manifest import count_by_reason, read_test_set_names
 from ctcflow.metrics import error_rates, utterance_errors
 from ctcflow.params import Section
 from ctcflow.text import Tokenizer
@@ -185,19 +184,19 @@ def open_split(features_dir: Path, name: str, tokenizer: Tokenizer, what: str, m
                          f"{manifest_dir / name}.jsonl: rerun manifest, which checks transcripts, and featurize)") from None
 
 
-def set_rejects(name: str, files: list[Path]) -> tuple[dict, list[Path]] | None:
-    """A test set's rejects (split = its name) in manifest's and featurize's rejects files: their count
-    {"total": n, "<reason>": n, ...} and the files that have some; None where neither file is there."""
-    found = [path for path in files if path.is_file()]
-    if not found:
+def read_rejects(files: list[Path]) -> dict[Path, list[dict]]:
+    """The rows of manifest's and featurize's rejects files, by file; {} where neither is there."""
+    return {path: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            for path in files if path.is_file()}
+
+
+def set_rejects(name: str, rejects: dict[Path, list[dict]]) -> tuple[dict, list[Path]] | None:
+    """A test set's rejects (split = its name): their count {"total": n, "<reason>": n, ...} and the
+    files that have some; None where neither rejects file is there."""
+    if not rejects:
         return None
-    by_reason, where = Counter(), []
-    for path in found:
-        reasons = [row["reason"] for line in path.read_text().splitlines() if line.strip()
-                   for row in [json.loads(line)] if row["split"] == name]
-        by_reason.update(reasons)
-        where += [path] if reasons else []
-    return {"total": by_reason.total(), **by_reason}, where
+    reasons = {path: [row["reason"] for row in rows if row["split"] == name] for path, rows in rejects.items()}
+    return count_by_reason(r for found in reasons.values() for r in found), [p for p, found in reasons.items() if found]
 
 
 def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Path = MODEL_DIR,
@@ -234,12 +233,13 @@ def run(params: EvaluateParams, features_dir: Path = FEATURES_DIR, model_dir: Pa
     print(examples)
     report(params.split, scored, params)
 
+    rejects = read_rejects([manifest_dir / "rejects.jsonl", features_dir / "rejects.jsonl"]) if test_sets else {}
     for name, test_set in test_sets.items():
         scored = score(model, test_set, tokenizer, params, lm_dir)
         # Only with test sets: a project without them keeps the metrics it had.
         block = metrics.setdefault("test_sets", {})[name] = dict(scored.summary)
         note = ""
-        if found := set_rejects(name, [manifest_dir / "rejects.jsonl", features_dir / "rejects.jsonl"]):
+        if found := set_rejects(name, rejects):
             block["rejected"], files = found
             if files:
                 note = f", {block['rejected']['total']} rejected: see {' and '.join(map(str, files))}"

@@ -56,7 +56,7 @@ from ctcflow import sources
 from ctcflow.audio import AudioInfo, check_file, read_info
 from ctcflow.features import read_feature_header
 from ctcflow.errors import Rejected
-from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, tally_rejects, write_jsonl, write_test_set_names
+from ctcflow.manifest import COLUMNS, SPLITS, Reject, Utterance, count_by_reason, tally_rejects, write_jsonl, write_test_set_names
 from ctcflow.params import Section
 from ctcflow.workers import ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
@@ -443,12 +443,6 @@ def summary(rows: list[Utterance]) -> dict:
             "speakers": len({r.speaker for r in rows})}
 
 
-def rejected_by_reason(rejects: list[Reject], split: str) -> dict:
-    """{"total": n, "<reason>": n, ...} of one split's (or test set's) rejects, as tally_rejects counts them all."""
-    by_reason = Counter(r.reason for r in rejects if r.split == split)
-    return {"total": by_reason.total(), **by_reason}
-
-
 def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = METRICS_FILE) -> dict:
     tokenizer = build_tokenizer(params)
     entries = read_source(params)
@@ -506,8 +500,9 @@ def run(params: ManifestParams, out_dir: Path = OUT_DIR, metrics_file: Path = ME
         print(f"{split}: {metrics[split]['utterances']} utterances, {metrics[split]['hours']:.2f} h")
     if test_sets:  # only then: a project without them keeps the metrics it had
         # A set's rejects are its own (split = its name): its score covers only what is left.
-        metrics["test_sets"] = {name: {**summary(rows), "rejected": rejected_by_reason(rejects, name)}
-                                for name, rows in test_sets.items()}
+        metrics["test_sets"] = {
+            name: {**summary(rows), "rejected": count_by_reason(r.reason for r in rejects if r.split == name)}
+            for name, rows in test_sets.items()}
         for name, counts in metrics["test_sets"].items():
             rejected = counts["rejected"]["total"]
             print(f"test set {name}: {counts['utterances']} utterances, {counts['hours']:.2f} h"
