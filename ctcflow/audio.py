@@ -120,6 +120,15 @@ def check_peak(samples: np.ndarray, path: str | Path) -> float:
     return peak
 
 
+def silence(peak: float, silence_db: float | None) -> str | None:
+    """Why audio with this peak is silent_audio ("peak … <= silence_db …"); None if it is not, or
+    when silence_db is None (no check)."""
+    if silence_db is None or peak > 10 ** (silence_db / 20):
+        return None
+    level = f"{20 * np.log10(peak):.1f} dBFS" if peak > 0 else "digital silence"
+    return f"peak {level} <= silence_db {silence_db}"
+
+
 def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = None) -> Decoded:
     """Read all samples: reject NaN/inf and (if silence_db is set) audio whose peak stays below it.
 
@@ -133,9 +142,8 @@ def decode_audio(path: str | Path, sample_rate: int, silence_db: float | None = 
         raise AudioError("no_samples", f"{path} holds no audio samples")
     check_sample_rate(source_rate, path)
     peak = check_peak(samples, path)
-    if silence_db is not None and peak <= 10 ** (silence_db / 20):
-        level = f"{20 * np.log10(peak):.1f} dBFS" if peak > 0 else "digital silence"
-        raise AudioError("silent_audio", f"{path}: peak {level} <= silence_db {silence_db}")
+    if why := silence(peak, silence_db):
+        raise AudioError("silent_audio", f"{path}: {why}")
     # Counted only when some sample reaches full scale.
     clipped = float(np.count_nonzero(np.abs(samples) >= FULL_SCALE) / samples.size) if peak >= FULL_SCALE else 0.0
     # One channel is used as it is (a view): its mean over channels is the same numbers, copied.

@@ -40,7 +40,7 @@ import numpy as np
 import soundfile
 import torch
 
-from ctcflow.audio import FULL_SCALE, AudioError, check_peak, read_info, resample
+from ctcflow.audio import FULL_SCALE, AudioError, check_peak, read_info, resample, silence
 from ctcflow.checkpoint import CheckpointError, load_model
 from ctcflow.data import normalization, normalize_utterance
 from ctcflow.decoding import BeamParams, GreedyDecoder, Word, align_words
@@ -97,10 +97,8 @@ def check_samples(path: str) -> Level:
 def level_warning(path: str, level: Level, silence_db: float | None, clip_warn_fraction: float) -> str | None:
     """One line on what featurize would reject (silent_audio) or flag (clipped_audio) in a file, and
     on float samples not scaled to ±1 (the model never heard such levels); None when all is well."""
-    if silence_db is not None and level.peak <= 10 ** (silence_db / 20):  # decode_audio's silent_audio test
-        loudness = f"{20 * math.log10(level.peak):.1f} dBFS" if level.peak > 0 else "digital silence"
-        return (f"{path}: silent (peak {loudness} <= silence_db {silence_db}; featurize rejects such a file as "
-                f"silent_audio): its transcript is noise")
+    if why := silence(level.peak, silence_db):
+        return f"{path}: silent ({why}; featurize rejects such a file as silent_audio): its transcript is noise"
     problems = []
     if level.peak > 1.0:
         problems.append(f"peak sample {level.peak:.3g} is above 1.0 (float samples not scaled to -1…1?)")
