@@ -54,8 +54,10 @@ def find_server(required: bool) -> str | None:
 
     if url := get_current_settings().api.url:
         if not server_answers(url):
+            # The commonest slip: the UI's address, where the API's is that with /api.
+            hint = "" if url.rstrip("/").endswith("/api") else f"; the API's URL ends in /api ({url.rstrip('/')}/api?)"
             raise FlowError(f"no Prefect server answers at PREFECT_API_URL = {url} (from the environment or "
-                            "the active Prefect profile): start it, or change or unset the setting")
+                            f"the active Prefect profile): start it, or change or unset the setting{hint}")
         return url
     url = f"http://127.0.0.1:{DEFAULT_PORT}/api"
     if server_answers(url):
@@ -121,6 +123,9 @@ def check_project(project_dir: str) -> None:
     if not (Path(project_dir) / "params.yaml").is_file():
         raise FlowError(f"--project-dir {project_dir}: no params.yaml there; give the DVC project's root")
     load_flow_params(project_dir)  # a ParamsError names the bad key
+    if not (Path(project_dir) / "dvc.yaml").is_file():
+        raise FlowError(f"--project-dir {project_dir}: no dvc.yaml there, so no stage to run; give the DVC "
+                        "project's root")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from ctcflow.params import ParamsError
     from pipeline.dvc import DvcFailed
-    from pipeline.flows import FlowError, SweepPointsFailed, check_branch, check_experiment_name, expected_params
+    from pipeline.config import load_flow_params
+    from pipeline.flows import (FlowError, SweepPointsFailed, check_branch, check_experiment_name, check_sweep,
+                                expected_params)
 
     prefix = f"{parser.prog} {args.command}: error:"
     try:
@@ -173,11 +180,18 @@ def main(argv: list[str] | None = None) -> None:
             check_experiment_name(args.name)
         if args.command == "sweep" and args.branch:
             check_branch(args.project_dir, args.branch)
+        if args.command == "sweep":
+            check_sweep(args.project_dir, load_flow_params(args.project_dir).sweep)  # a grid key DVC would refuse
         url = find_server(required=args.command == "serve")
         with temporary_settings(updates={PREFECT_API_URL: url} if url else {}):
             run_command(args, overrides)
     except (ParamsError, FlowError, DvcFailed) as err:
         sys.exit(f"{prefix} {err}")
+    except KeyboardInterrupt:
+        # Ctrl-C: the dvc command and the stage under it are stopped by now (run_dvc); the
+        # traceback of where this process was waiting tells nothing.
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except SweepPointsFailed as err:
         print(json.dumps(err.rows, indent=2))
         sys.exit(f"{prefix} {err}")

@@ -69,12 +69,21 @@ class SweepParams(Section):
 
 
 class FlowParams(Section):
-    deployment: str
+    deployment: str  # the served deployment's name: FLOW/DEPLOYMENT in `prefect deployment run`
     cron: str
     timezone: str
     retries: int = Field(ge=0)
     retry_delay_seconds: float = Field(ge=0)  # doubles with each retry
     sweep: SweepParams
+
+    @field_validator("deployment")
+    @classmethod
+    def _valid_deployment(cls, name: str) -> str:
+        # Prefect serves an empty name as the flow's own name without a word, and refuses '/' or
+        # '%' only when `serve` starts, with a traceback.
+        if not name.strip() or "/" in name or "%" in name:
+            raise ValueError(f"{name!r} is not a deployment name: a name such as nightly, without '/' or '%'")
+        return name
 
     @field_validator("cron")
     @classmethod

@@ -108,4 +108,4 @@ def dvc_json(args: list[str], project_dir: str | Path) -> object:
 
 def pipeline_stages(project_dir: str | Path) -> list[str]:
     """The stages of dvc.yaml in the order they are declared, which is the pipeline's order."""
-    return list(yaml.safe_load((Path(project_dir) / "dvc.yaml").read_text())["stages"])
+    return list((yaml.safe_load((Path(project_dir) / "dvc.yaml").read_text()) or {}).get("stages") or {})

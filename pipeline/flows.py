@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,9 +27,9 @@ import yaml
 
 from ctcflow.params import flatten
 from ctcflow.workers import DASK_SCHEDULER_ENV
-from pipeline.config import FlowParams, load_flow_params
+from pipeline.config import SEED_KEY, FlowParams, SweepParams, load_flow_params
 from pipeline.dvc import STAGE_ERROR_PREFIX, UP_TO_DATE, DvcFailed, dvc_json, pipeline_stages, run_dvc
-from pipeline.report import metrics_table, plots_markdown, rank_rows, sweep_row
+from pipeline.report import metrics_table, param_columns, plots_markdown, rank_rows, sweep_row
 
 PIPELINE_FLOW = "ctcflow-pipeline"
 SWEEP_FLOW = "ctcflow-sweep"
@@ -42,12 +43,50 @@ class FlowError(ValueError):
 
 
 class SweepPointsFailed(RuntimeError):
-    """Raised at the end of a sweep in which some points failed; rows holds the whole ranked table."""
+    """Raised at the end of a sweep in which some points failed, or whose best point was not applied
+    (`not_applied` says why); rows holds the whole ranked table."""
 
-    def __init__(self, rows: list[dict], failed: list[dict]):
+    def __init__(self, rows: list[dict], failed: list[dict], not_applied: str | None = None):
         self.rows = rows
-        super().__init__(f"{len(failed)} of {len(rows)} sweep points failed: "
-                         + "; ".join(f"{row['experiment']}: {row['error']}" for row in failed))
+        parts = [f"{len(failed)} of {len(rows)} sweep points failed: "
+                 + "; ".join(f"{row['experiment']}: {row['error']}" for row in failed)] if failed else []
+        super().__init__("; ".join(parts + ([not_applied] if not_applied else [])))
+
+
+def workspace_changes(project_dir: str) -> dict[str, str]:
+    """The git-tracked files that differ from HEAD, each with a hash of what it holds now ("deleted"):
+    what `dvc exp apply` would overwrite without a word."""
+    def git(*args: str) -> bytes:
+        done = subprocess.run(["git", *args], cwd=project_dir, capture_output=True)
+        if done.returncode != 0:
+            raise FlowError(f"{project_dir}: `git {' '.join(args)}` failed: "
+                            f"{' '.join(done.stderr.decode(errors='replace').split())}")
+        return done.stdout
+
+    root = git("rev-parse", "--show-toplevel").decode().strip()  # status names paths from the root
+    entries, changes = iter(git("status", "--porcelain=v1", "-z", "--untracked-files=no").split(b"\0")), {}
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        if entry[:1] in (b"R", b"C"):  # a rename or copy: its old path follows
+            next(entries, None)
+        path = entry[3:].decode("utf-8", "surrogateescape")
+        file = Path(root, path)
+        changes[path] = hashlib.sha1(file.read_bytes()).hexdigest() if file.is_file() else "deleted"
+    return changes
+
+
+def apply_best_point(project_dir: str, best: str, before: dict[str, str], log) -> str | None:
+    """`dvc exp apply best`, unless a tracked file changed while the sweep ran: the experiments hold
+    the workspace as it was when each started, and applying one would overwrite that edit. Returns
+    why it was not applied, or None."""
+    now = workspace_changes(project_dir)
+    if edited := sorted(path for path in before.keys() | now.keys() if before.get(path) != now.get(path)):
+        return (f"--apply-best: {best} not applied, since {', '.join(edited[:5])}"
+                f"{' and more' if len(edited) > 5 else ''} changed while the sweep ran and `dvc exp apply` "
+                f"would overwrite it; commit or save the edit, then run dvc exp apply {best}")
+    run_dvc(["exp", "apply", best], project_dir, log)
+    return None
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -160,9 +199,10 @@ def check_branch(project_dir: str, branch: str) -> None:
                             f"(git branch -D {branch})")
 
 
-def expected_params(project_dir: str, overrides: list[str]) -> dict:
+def expected_params(project_dir: str, overrides: list[str], what: str | None = None) -> dict:
     """params.yaml as the experiment will have it: the workspace's, with the overrides applied by
-    DVC's own code for `exp run -S`, on a copy. A key or value DVC would refuse is a FlowError now."""
+    DVC's own code for `exp run -S`, on a copy. A key or value DVC would refuse is a FlowError now,
+    named by `what` (default: the --set options)."""
     from dvc.exceptions import InvalidArgumentError
     from dvc.utils.hydra import apply_overrides
 
@@ -173,8 +213,21 @@ def expected_params(project_dir: str, overrides: list[str]) -> dict:
             apply_overrides(copy, overrides)
         except InvalidArgumentError as err:
             cause = " ".join(str(err.__cause__ or err).split())
-            raise FlowError(f"--set {' '.join(overrides)}: DVC would refuse it: {cause}") from None
+            raise FlowError(f"{what or '--set ' + ' '.join(overrides)}: DVC would refuse it: {cause}") from None
         return yaml.safe_load(copy.read_text())
+
+
+def check_sweep(project_dir: str, sweep: SweepParams) -> None:
+    """Before a sweep, not point by point: every grid and fixed key must be one DVC can set in
+    params.yaml (a typo would otherwise fail each point that holds it, after the others ran)."""
+    checked: set[tuple] = set()
+    for point in sweep.points():
+        # The seed changes no key: one seed's points stand for all of them.
+        keys = tuple(sorted((k, repr(v)) for k, v in point.items() if k != SEED_KEY))
+        if keys not in checked:
+            checked.add(keys)
+            expected_params(project_dir, sweep_overrides(point),
+                            f"flow.sweep point {point_name(sweep, point)}")
 
 
 def params_differences(old: dict, new: dict) -> list[str]:
@@ -197,18 +250,25 @@ def named_experiments(project_dir: str) -> dict[str, dict]:
 
 
 @task(task_run_name="experiment {name}", retry_condition_fn=retry_if_transient)
-def run_experiment(overrides: list[str], name: str, project_dir: str, env: dict[str, str] | None = None) -> str:
+def run_experiment(overrides: list[str], name: str, project_dir: str, env: dict[str, str] | None = None,
+                   sweep_point: bool = False) -> str:
     """One `dvc exp run --temp -S …`: DVC copies the workspace, runs what the overrides change and
     stores the result as an experiment ref; returns the experiment's commit. overrides: Hydra's
-    `key=value` texts, passed to DVC as they are. env: runtime knobs for the stages."""
+    `key=value` texts, passed to DVC as they are. env: runtime knobs for the stages. sweep_point:
+    the overrides are a sweep point's, whose name comes from them (no --name to give)."""
     logger = get_run_logger()
-    expected = expected_params(project_dir, overrides)
+    expected = expected_params(project_dir, overrides, f"flow.sweep point {name}" if sweep_point else None)
     target, found = name, named_experiments(project_dir)
     if (existing := found.get(name)) is not None:
         old = (((existing.get("data") or {}).get("params") or {}).get("params.yaml") or {}).get("data") or {}
         if differences := params_differences(old, expected):
+            # A sweep point's name is made from its overrides: only the rest of params.yaml (an
+            # edit since that experiment ran) differs, and a commit makes a new baseline.
+            remedy = (f"remove it first (dvc exp remove {name}), or commit the workspace's params.yaml "
+                      "(experiments are kept per commit)" if sweep_point else
+                      f"give another --name, or remove it first (dvc exp remove {name})")
             raise FlowError(f"experiment {name!r} exists with other params ({'; '.join(differences[:3])}): "
-                            f"give another --name, or remove it first (dvc exp remove {name})")
+                            + remedy)
         # The same point again (new code, say) replaces it, but only once the new run has worked:
         # it runs under another name first. Not with `exp run --force`: that reruns every stage,
         # upstream ones too, instead of restoring them from DVC's run-cache.
@@ -277,6 +337,8 @@ def pipeline_flow(project_dir: str = ".", overrides: list[str] | None = None,
     dask_address: a Dask scheduler (tcp://host:8786) that featurize reads the files on."""
     project_dir = str(Path(project_dir).resolve())
     params = load_flow_params(project_dir)
+    if not (Path(project_dir) / "dvc.yaml").is_file():  # a deployment's project_dir is not checked by the CLI
+        raise FlowError(f"{project_dir}: no dvc.yaml there, so no stage to run; give the DVC project's root")
     env = runtime_env(dask_address)
     if overrides:
         for text in overrides:
@@ -324,28 +386,34 @@ def sweep_flow(project_dir: str = ".", apply_best: bool = False, branch: str | N
     sweep = params.sweep
     if branch:
         check_branch(project_dir, branch)  # now, not after hours of training
+    check_sweep(project_dir, sweep)  # and a grid key DVC would refuse
+    workspace = workspace_changes(project_dir) if apply_best else {}  # what the experiments start from
     env = runtime_env(dask_address)
     logger = get_run_logger()
-    rows = []
-    for point in sweep.points():
+    rows, points = [], sweep.points()
+    param_keys = param_columns(points)  # every row gets every column
+    for point in points:
         name = point_name(sweep, point)
-        state = retrying(run_experiment, params)(sweep_overrides(point), name, project_dir, env, return_state=True)
+        state = retrying(run_experiment, params)(sweep_overrides(point), name, project_dir, env, sweep_point=True,
+                                                 return_state=True)
         if state.is_completed():
-            rows.append(sweep_row(project_dir, name, state.result(), point))
+            rows.append(sweep_row(project_dir, name, state.result(), point, param_keys=param_keys))
         else:
             error = short_error(state.result(raise_on_failure=False))
             logger.error("sweep point %s failed: %s", name, error)
-            rows.append(sweep_row(project_dir, name, None, point, error=error))
+            rows.append(sweep_row(project_dir, name, None, point, error=error, param_keys=param_keys))
     rows = rank_rows(rows, sweep.rank_by)
     failed = [row for row in rows if row["error"]]
     create_table_artifact(table=rows, key="sweep-ranking",
                           description=f"{len(rows)} experiments ranked by test {sweep.rank_by}"
                           + (f"; {len(failed)} failed (column error)" if failed else ""))
+    not_applied = None
     if best := next((row["experiment"] for row in rows if not row["error"]), None):
         if apply_best:
-            run_dvc(["exp", "apply", best], project_dir, logger.info)
+            if not_applied := apply_best_point(project_dir, best, workspace, logger.info):
+                logger.error(not_applied)
         if branch:
             run_dvc(["exp", "branch", best, branch], project_dir, logger.info)
-    if failed:
-        raise SweepPointsFailed(rows, failed)
+    if failed or not_applied:
+        raise SweepPointsFailed(rows, failed, not_applied)
     return rows

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import math
 from pathlib import Path
 from typing import Any
 
 import dvc.api
+from dvc.exceptions import PathMissingError
 
 from pipeline.config import RANK_METRICS
 from pipeline.dvc import dvc_json
@@ -35,13 +37,14 @@ def metrics_table(project_dir: str, rev: str | None) -> str:
 
 
 def plots_markdown(project_dir: str, rev: str | None) -> str:
-    """The stage's PNG plots inlined as data URIs: an artifact cannot point at a local file."""
+    """The stage's PNG plots inlined as data URIs: an artifact cannot point at a local file. A plot
+    the project does not make is left out, in the workspace as in an experiment."""
     parts = []
     for path in PLOTS:
         try:
             data = (Path(project_dir, path).read_bytes() if rev is None
                     else dvc.api.read(path, repo=project_dir, rev=rev, mode="rb"))
-        except FileNotFoundError:
+        except (FileNotFoundError, PathMissingError):  # dvc.api says PathMissingError for a rev
             continue
         parts.append(f"![{path}](data:image/png;base64,{base64.b64encode(data).decode()})")
     return "\n\n".join(parts) or "(no plots)"
@@ -62,12 +65,20 @@ SWEEP_COLUMNS = [(rank_column(key), f"metrics/eval.json:{key}") for key in RANK_
 ]
 
 
+def param_columns(points: list[dict[str, Any]]) -> list[str]:
+    """Every param key of a sweep's points, in the order they first appear: the table's param columns."""
+    return list(dict.fromkeys(key for point in points for key in point))
+
+
 def sweep_row(project_dir: str, name: str, rev: str | None, point: dict[str, Any],
-              error: str | None = None) -> dict[str, Any]:
+              error: str | None = None, param_keys: list[str] | None = None) -> dict[str, Any]:
     """One ranked-table row: the experiment's settings by their full keys (two sections may share
     a param name: train.seed, featurize.augment.seed), test metrics and final losses; or, for a
-    point that failed, its error."""
-    row: dict[str, Any] = {"experiment": name, **point}
+    point that failed, its error. param_keys: every key of the sweep, so that all rows have the same
+    columns in the same order (None where this point leaves the key to params.yaml): the Prefect
+    UI takes a table's columns from its first row, and would hide the keys that row lacks."""
+    keys = list(point) if param_keys is None else list(dict.fromkeys([*param_keys, *point]))
+    row: dict[str, Any] = {"experiment": name, **{key: point.get(key) for key in keys}}
     new = {} if rev is None else {f"{path}:{key}": values.get("new")
                                   for path, metrics in metrics_diff(project_dir, rev).items()
                                   for key, values in metrics.items()}
@@ -78,7 +89,15 @@ def sweep_row(project_dir: str, name: str, rev: str | None, point: dict[str, Any
 
 
 def rank_rows(rows: list[dict[str, Any]], rank_by: str) -> list[dict[str, Any]]:
-    """Best first by rank_by (higher first where more is better); failed points and missing values last."""
+    """Best first by rank_by (higher first where more is better); failed points and missing values
+    last, and so is NaN (a run that diverged), which compares as neither better nor worse and would
+    otherwise keep its place, first included."""
     column, higher = rank_column(rank_by), RANK_METRICS[rank_by]
-    return sorted(rows, key=lambda row: (row.get(column) is None,
-                                         -row[column] if higher and row.get(column) is not None else row.get(column)))
+
+    def key(row: dict[str, Any]) -> tuple:
+        value = row.get(column)
+        if not isinstance(value, int | float) or math.isnan(value):
+            return (True, 0.0)
+        return (False, -value if higher else value)
+
+    return sorted(rows, key=key)
