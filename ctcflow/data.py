@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ctcflow.errors import CtcflowError
 from ctcflow.text import Tokenizer
 
 INDEX_FILE = "index.csv"
@@ -40,6 +41,10 @@ INDEX_COLUMNS = ["id", "speaker", "duration", "text_normalized", "shard", "offse
 Normalize = Literal["global", "utterance_mean", "utterance_mean_var"]
 NORMALIZE_MODES = get_args(Normalize)
 VARIANCE_FLOOR = 1e-8  # keeps a bin that never changes within an utterance (digital silence, one frame) finite
+
+
+class EmptySplitError(CtcflowError):
+    """A split of the feature store with no utterance in it: featurize never writes one."""
 
 
 def shard_path(folder: Path, shard: int) -> Path:
@@ -178,6 +183,8 @@ class FeatureSplit(Dataset):
         self.normalize = normalization(info)
         self.folder = directory / split
         self.index = read_index(self.folder)
+        if self.index.empty:
+            raise EmptySplitError(f"{self.folder / INDEX_FILE} lists no utterances (run the featurize stage again)")
         self.num_frames = self.index["num_frames"].to_numpy()
         self.shard = self.index["shard"].to_numpy()
         self.offsets = self.index["offset"].to_numpy()
@@ -190,6 +197,17 @@ class FeatureSplit(Dataset):
         # A read page stays in the process's RSS while mapped, so an epoch would grow every process
         # to the split's size: after this many bytes of the shards read, their pages are handed back.
         self.release_every_bytes, self.read_since_release = 32 << 20, 0
+
+    def ctc_frames_needed(self) -> np.ndarray:
+        """Per utterance, the fewest output frames CTC can align its transcript to: one per unit, plus
+        a blank between two equal units."""
+        needed = np.diff(np.asarray(self.token_bounds))
+        repeats = np.zeros(len(self), dtype=np.int64)
+        same = np.flatnonzero(self.token_ids[1:] == self.token_ids[:-1])  # pairs (k, k + 1) of equal tokens
+        within = np.searchsorted(self.token_bounds, same, side="right") - 1  # the utterance token k is in
+        inside = same + 1 < np.asarray(self.token_bounds)[within + 1]  # token k + 1 in the same utterance
+        np.add.at(repeats, within[inside], 1)
+        return needed + repeats
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "shards": None}

@@ -65,9 +65,13 @@ class RecipeModel(nn.Module):
         self.lstm = nn.LSTM(128, hidden_size, num_layers=num_layers, batch_first=True)
         self.head = nn.Sequential(nn.LayerNorm(hidden_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_size, num_classes))
 
+    @staticmethod
+    def output_lengths(lengths: torch.Tensor) -> torch.Tensor:  # self.conv's
+        return conv_output_lengths(lengths, 10, 2, 5)
+
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.conv(feats.transpose(1, 2)).transpose(1, 2)
-        lengths = conv_output_lengths(lengths, 10, 2, 5)
+        lengths = self.output_lengths(lengths)
         x = self.dense(self.conv_out(x))
         x = self.lstm(x)[0]  # unidirectional: padding after the real frames cannot reach them
         return self.head(x).log_softmax(dim=-1), lengths
@@ -83,8 +87,12 @@ class Subsampler(nn.Module):
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
         self.dropout = nn.Dropout(dropout)
 
+    @staticmethod
+    def output_lengths(lengths: torch.Tensor, factor: int) -> torch.Tensor:  # self.conv1's
+        return conv_output_lengths(lengths, 5, factor, 2)
+
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = conv_output_lengths(lengths, 5, self.factor, 2)
+        lengths = self.output_lengths(lengths, self.factor)
         x = nn.functional.gelu(self.conv1(feats.transpose(1, 2)))
         # Zero the frames past each utterance so conv2 sees the same padding batched or alone.
         x = x * frame_mask(lengths, x.shape[2]).unsqueeze(1)
@@ -228,6 +236,14 @@ def build_model(config: dict, n_mels: int, num_classes: int) -> nn.Module:
     return model_class(n_mels, num_classes, **{k: config[k] for k in ARCHITECTURE_KEYS[arch]})
 
 
+def output_lengths(config: dict, lengths: torch.Tensor) -> torch.Tensor:
+    """The output frames that the model of `config` (the train.model params) gives for inputs of
+    `lengths` frames: recipe strides time by 2, bilstm and conformer by `subsample`."""
+    if config["arch"] == "recipe":
+        return RecipeModel.output_lengths(lengths)
+    return Subsampler.output_lengths(lengths, config["subsample"])
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
@@ -243,6 +259,8 @@ def freeze(model: nn.Module, prefixes: list[str]) -> None:
         if not any(under(name, prefix) for name in params):
             modules = sorted({name.rsplit(".", 1)[0] for name in params})
             raise ValueError(f"{prefix!r} names no parameter of the model; its modules: {', '.join(modules)}")
+    if params and all(any(under(name, prefix) for prefix in prefixes) for name in params):
+        raise ValueError(f"{', '.join(prefixes)} cover every parameter of the model: nothing would train")
     for name, param in params.items():
         if any(under(name, prefix) for prefix in prefixes):
             param.requires_grad_(False)

@@ -1,10 +1,10 @@
 """Stage train: fit a CTC acoustic model on the training split, select it on the validation split.
 
-One epoch = a pass over length-bucketed batches with SpecAugment, the loss = CTC + blank penalty
-(train.blank_penalty), AdamW with linear warm-up, gradient clipping (train.clip_grad_norm), then a
-validation pass; the learning rate then follows train.scheduler (ReduceLROnPlateau on the validation
-loss, or a cosine decay over the epochs; train.scheduler.enabled false reproduces the original
-recipe's never-stepped scheduler). Per-epoch metrics go to metrics/train
+One epoch = a pass over length-bucketed batches (with SpecAugment when train.specaugment.enabled), the
+loss = CTC + blank penalty (train.blank_penalty), AdamW with linear warm-up, gradient clipping
+(train.clip_grad_norm), then a validation pass; the learning rate then follows train.scheduler
+(ReduceLROnPlateau on the validation loss, or a cosine decay over the epochs; train.scheduler.enabled
+false reproduces the original recipe's never-stepped scheduler). Per-epoch metrics go to metrics/train
 through dvclive; models/best.pt (lowest validation WER; with train.average_epochs > 1, the mean of
 that epoch's weights and those of the epochs just before it), models/best_epoch.pt (that epoch's
 own weights, what a fine-tuning run starts from) and models/last.pt are kept.
@@ -31,12 +31,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 import torch
 from dvclive import Live
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -50,7 +50,8 @@ from ctcflow.features import spec_augment
 from ctcflow.inference import decode_split
 from ctcflow.losses import BLANK_PENALTY_MODES, CTCObjective, LossTally
 from ctcflow.metrics import error_rates
-from ctcflow.model import ARCHITECTURES, build_model, check_conformer_shape, count_parameters, freeze
+from ctcflow.model import (ARCHITECTURES, build_model, check_conformer_shape, count_parameters, freeze,
+                           output_lengths)
 from ctcflow.params import Section, flatten
 from ctcflow.text import Tokenizer
 from stages.runner import StageError, stage_main
@@ -69,7 +70,24 @@ RESUME_LAYOUT = 4  # 2: checkpoints within an epoch too; 3: the recent epochs' w
 # 4: the best epoch's own weights
 
 
-class ModelParams(Section):
+def numeric(annotation) -> bool:
+    """Whether a field's type is a number, or a union with one (train.ctc.blank)."""
+    return annotation in (int, float) or any(numeric(arg) for arg in get_args(annotation))
+
+
+class TrainSection(Section):
+    """A part of the train section. YAML reads yes/no/on/off/true/false as booleans, and pydantic would
+    take one as the number 1 or 0 (epochs: yes would train 1 epoch): for a number it is an error."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def no_boolean_for_a_number(cls, value, info):
+        if isinstance(value, bool) and numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("should be a number, not true or false")
+        return value
+
+
+class ModelParams(TrainSection):
     arch: Literal[ARCHITECTURES]
     hidden_size: int = Field(gt=0)
     num_layers: int = Field(gt=0)
@@ -89,25 +107,34 @@ class ModelParams(Section):
         return self
 
 
-class CTCParams(Section):
+class CTCParams(TrainSection):
     # An index, or first/last; checked against the label unit's size when training starts.
     blank: Annotated[int, Field(ge=0)] | Literal["first", "last"]
     zero_infinity: bool
 
+    @field_validator("blank", mode="wrap")
+    @classmethod
+    def one_error_for_blank(cls, value, handler):
+        """One line naming train.ctc.blank, not one per member of the union under keys of pydantic's."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError("should be an index (0 or more), 'first' or 'last'") from None
 
-class BlankPenaltyParams(Section):
+
+class BlankPenaltyParams(TrainSection):
     mode: Literal[BLANK_PENALTY_MODES]
-    weight: float = Field(ge=0)
+    weight: float = Field(ge=0, allow_inf_nan=False)
 
 
-class SchedulerParams(Section):
+class SchedulerParams(TrainSection):
     enabled: bool
     kind: Literal["plateau", "cosine"]
     factor: float = Field(gt=0, lt=1)
     patience: int = Field(ge=0)
 
 
-class SpecAugmentParams(Section):
+class SpecAugmentParams(TrainSection):
     enabled: bool
     n_freq_masks: int = Field(ge=0)
     freq_mask: int = Field(ge=0)
@@ -116,12 +143,12 @@ class SpecAugmentParams(Section):
     max_time_fraction: float = Field(gt=0, le=1)
 
 
-class TrainParams(Section):
+class TrainParams(TrainSection):
     seed: int = Field(ge=0)
     epochs: int = Field(gt=0)
     batch_frames: int = Field(gt=0)
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
+    lr: float = Field(gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(ge=0, allow_inf_nan=False)
     warmup_steps: int = Field(ge=0)
     clip_grad_norm: float = Field(ge=0)  # 0 turns clipping off
     num_threads: int = Field(ge=1)  # per process
@@ -142,6 +169,13 @@ class TrainParams(Section):
     blank_penalty: BlankPenaltyParams
     scheduler: SchedulerParams
     specaugment: SpecAugmentParams
+
+    @field_validator("init_from")
+    @classmethod
+    def a_path_or_null(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # would train from random weights without a word
+            raise ValueError("an empty path: name a checkpoint, or write null to start from random weights")
+        return value
 
 
 # The run state's part of the resume checkpoint.
@@ -259,6 +293,24 @@ def init_weights(model: torch.nn.Module, model_config: dict, tokenizer: Tokenize
     load_weights(model, checkpoint["model"], source)
 
 
+def warn_too_short(params: TrainParams, train_set: FeatureSplit) -> None:
+    """Say so when the model's time stride leaves utterances fewer output frames than CTC needs for
+    their transcripts (manifest.ctc_frame_rate, which rejects them, assumes another stride): their
+    loss is infinite, so zeroed by train.ctc.zero_infinity (they teach nothing) or skipped as
+    non-finite steps."""
+    frames = output_lengths(params.model.model_dump(), torch.tensor(train_set.num_frames)).numpy()
+    short = int((frames < train_set.ctc_frames_needed()).sum())
+    if short:
+        where, fix = ((f"train.model.subsample {params.model.subsample}", "a lower train.model.subsample")
+                      if params.model.arch != "recipe" else ("the recipe network's time stride 2",
+                                                             "another train.model.arch"))
+        outcome = ("their CTC loss is zeroed (train.ctc.zero_infinity): they teach nothing" if params.ctc.zero_infinity
+                   else "their CTC loss is infinite: their batches' steps are skipped as non-finite")
+        print(f"warning: {short} of {len(train_set)} training utterances are too short for their transcripts at "
+              f"{where} (CTC needs an output frame per unit, and one between repeats): {outcome}; use {fix}, or "
+              f"set manifest.ctc_frame_rate to the model's frame rate to reject them", flush=True)
+
+
 def train_sampler(params: TrainParams, world: World, train_set: FeatureSplit) -> LengthBatchSampler:
     if world.distributed:
         return DistributedLengthBatchSampler(train_set.num_frames, params.batch_frames, shuffle=True,
@@ -332,10 +384,27 @@ def run_fingerprint(params: TrainParams, features_dir: Path, world_size: int) ->
             "processes": world_size, "layout": RESUME_LAYOUT}
 
 
+def stopping_epoch(history: list[dict], epochs: int, patience: int) -> int | None:
+    """The epoch of `history` after which a run with these train.epochs and train.early_stopping_patience
+    stops (its last, or the first out of patience), or None when it would train on after them all."""
+    best_wer, best_epoch = math.inf, 0
+    for record in history:
+        epoch, wer = record["epoch"], record["metrics"]["valid/wer"]
+        if wer < best_wer:  # as RunState.end_epoch
+            best_wer, best_epoch = wer, epoch
+        if epoch >= epochs or (patience and epoch - best_epoch >= patience):
+            return epoch
+    return None
+
+
 def read_resume(path: Path, fingerprint: dict, params: TrainParams) -> dict | None:
     if not path.is_file():
         return None
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise StageError(f"train.resume: cannot resume from {err}; delete it, or set train.resume: false, "
+                         f"to start afresh") from err
     theirs = state.get("fingerprint", {})
     differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in fingerprint.items() if theirs.get(k) != v]
     if differ:
@@ -343,11 +412,16 @@ def read_resume(path: Path, fingerprint: dict, params: TrainParams) -> dict | No
               flush=True)
         return None
     done = RunState.from_checkpoint(state)
-    if state["progress"] and (done.epochs_done >= params.epochs
-                              or done.out_of_patience(params.early_stopping_patience)):
+    stop = stopping_epoch(done.history, params.epochs, params.early_stopping_patience)
+    if state["progress"] and stop is not None:
         # That epoch's end, and with it models/last.pt, would never come.
         print(f"not resuming from {path}: it was written within epoch {done.epochs_done + 1}, which "
               f"train.epochs or train.early_stopping_patience now leave out: starting afresh", flush=True)
+        return None
+    if stop is not None and stop < done.epochs_done:
+        # Its weights and history hold epochs that a run with these params never trains.
+        print(f"not resuming from {path}: it holds {done.epochs_done} epochs, but train.epochs or "
+              f"train.early_stopping_patience now stop after epoch {stop}: starting afresh", flush=True)
         return None
     return state
 
@@ -634,6 +708,7 @@ def train(params: TrainParams, world: World, features_dir: Path, model_dir: Path
               f"{len(train_set)} training and {len(valid_set)} validation utterances"
               + (f"; {world.world_size} processes" if world.distributed else "") + f"; {precision}"
               + (" (train.precision auto)" if requested_precision == "auto" else ""))
+        warn_too_short(params, train_set)
     raw_model.to(world.device)
     # DDP averages the gradients of all ranks after each backward pass; raw_model is the plain model.
     model = DistributedDataParallel(raw_model) if world.distributed else raw_model
