@@ -43,6 +43,11 @@ def stage_main(
     except (ParamsError, StageError, CtcflowError, FileNotFoundError) as err:
         # A missing input is usually an earlier stage not run yet: say so without a traceback.
         sys.exit(f"ctcflow {section}: error: {err}")
+    except KeyboardInterrupt:
+        # One line, not the traceback of wherever Ctrl-C landed. Raised on, so Python still shuts
+        # down as usual (worker processes, atexit) and then dies of SIGINT, as DVC and shells expect.
+        sys.excepthook = lambda *_: print(f"ctcflow {section}: interrupted", file=sys.stderr, flush=True)
+        raise
 
 
 def fail_if_strict(key: str, strict: bool, counts: dict, path: Path) -> None:

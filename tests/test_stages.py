@@ -131,3 +131,23 @@ def test_evaluate_scores_the_checkpoint_named_in_params(tiny_pipeline, tmp_path)
                                report_dir=tmp_path / name, metrics_file=tmp_path / f"{name}.json",
                                lm_dir=tiny_pipeline / "data/lm")
         assert metrics["checkpoint_epoch"] == epoch, name
+
+
+def test_ctrl_c_in_a_stage_is_one_line_and_an_interrupted_exit(tmp_path):
+    # Not a KeyboardInterrupt traceback from wherever it landed; and the process dies of SIGINT, as
+    # Python's own handling does, so that DVC and shells see an interrupted command.
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "params.yaml").write_text("demo:\n  n: 1\n")
+    script = ("import sys\nfrom ctcflow.params import Section\nfrom stages.runner import stage_main\n"
+              "class P(Section):\n    n: int\n"
+              "def run(params):\n    raise KeyboardInterrupt\n"
+              "stage_main('demo', P, run, None, ['--params', sys.argv[1]])\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "params.yaml")], cwd=root,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stderr == "ctcflow demo: interrupted\n"
+    assert done.returncode == -signal.SIGINT
