@@ -16,9 +16,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
+from typing import Annotated
 
 import torch
 import torchaudio.functional as AF
+from pydantic import AfterValidator
+
+from ctcflow.params import Float, Int
 
 # Resampling ratios are rounded to fractions with a denominator up to this: 0.9 and 1.1 stay
 # exact, any other ratio moves by at most 0.5 % (0.09 semitone), and torchaudio's kernel, as long
@@ -42,14 +47,43 @@ PITCH_WINDOW_S = 0.032  # phase-vocoder STFT window (512 samples at 16 kHz)
 # ----------------------------------------------------------------------------- settings
 
 
+# Each setting's bounds (low, high, why): outside them an effect fails or writes NaN frames.
+BOUNDS = {
+    "factors": (0.5, 2.0, "half to twice the speed"), "semitones": (-12, 12, "an octave either way"),
+    "rt60": (0.01, 10, "seconds"), "drr_db": (-60, 60, "dB"), "snr_db": (-60, 120, "dB"),
+    "babble_speakers": (1, 100, "other utterances"), "low_cut_hz": (0, 1e6, "Hz"), "high_cut_hz": (1, 1e6, "Hz"),
+    "eq_bands": (0, 32, "peaking filters"), "eq_hz": (1, 1e6, "Hz"), "eq_gain_db": (-40, 40, "dB"),
+    "gain_db": (-60, 60, "dB"),
+}
+
+
+def check_setting(name: str, value):
+    """One setting's checks: probabilities in [0, 1], (low, high) ranges in order and inside BOUNDS.
+
+    Run on every field by the dataclasses below when the params are read (pydantic reports it under
+    the effect's key), so a bad value fails then, not halfway through featurize."""
+    if name.endswith("prob") and not 0 <= value <= 1:
+        raise ValueError(f"{name} must be between 0 and 1, got {value}")
+    if name == "factors" and not value:
+        raise ValueError("factors must list at least one speed factor, e.g. [0.9, 1.0, 1.1]")
+    if name == "kinds" and (not value or set(value) - set(NOISE_KINDS)):
+        raise ValueError(f"noise kinds must be some of {list(NOISE_KINDS)}, got {list(value)}")
+    if isinstance(value, tuple) and len(value) == 2 and name not in ("factors", "kinds") and value[0] > value[1]:
+        raise ValueError(f"{name} is a (low, high) range, got {list(value)}")
+    if name in BOUNDS:
+        check_within(name, value, *BOUNDS[name])
+    return value
+
+
 def check_settings(config) -> None:
-    """Probabilities in [0, 1] and (low, high) ranges in order: a bad value fails when the params
-    are read (pydantic reports it under the key), not halfway through featurize."""
     for name, value in vars(config).items():
-        if name.endswith("prob") and not 0 <= value <= 1:
-            raise ValueError(f"{name} must be between 0 and 1, got {value}")
-        if isinstance(value, tuple) and len(value) == 2 and name not in ("factors", "kinds") and value[0] > value[1]:
-            raise ValueError(f"{name} is a (low, high) range, got {list(value)}")
+        check_setting(name, value)
+
+
+def Checked(name: str, kind):
+    """`kind` with check_setting(name) run by pydantic on the field alone, so that its error names
+    the field's own key (featurize.augment.gain_db) and shows only its value."""
+    return Annotated[kind, AfterValidator(partial(check_setting, name))]
 
 
 def check_within(name: str, values, low: float, high: float, why: str) -> None:
@@ -62,70 +96,55 @@ def check_within(name: str, values, low: float, high: float, why: str) -> None:
 @dataclass(frozen=True)
 class SpeedConfig:
     enabled: bool
-    factors: tuple[float, ...]  # one drawn per utterance; 1.1 is 10 % faster (shorter, higher)
+    factors: tuple[Float, ...]  # one drawn per utterance; 1.1 is 10 % faster (shorter, higher)
 
     def __post_init__(self):
-        if not self.factors:
-            raise ValueError("factors must list at least one speed factor, e.g. [0.9, 1.0, 1.1]")
-        check_within("factors", self.factors, 0.5, 2.0, "half to twice the speed")
+        check_settings(self)
 
 
 @dataclass(frozen=True)
 class PitchConfig:
-    prob: float
-    semitones: tuple[float, float]  # uniform range
+    prob: Float
+    semitones: tuple[Float, Float]  # uniform range
 
     def __post_init__(self):
         check_settings(self)
-        check_within("semitones", self.semitones, -12, 12, "an octave either way")
 
 
 @dataclass(frozen=True)
 class ReverbConfig:
-    prob: float
-    rt60: tuple[float, float]  # seconds for the reverberant tail to fall by 60 dB
-    drr_db: tuple[float, float]  # direct-to-reverberant energy ratio: high is close to the microphone
+    prob: Float
+    rt60: tuple[Float, Float]  # seconds for the reverberant tail to fall by 60 dB
+    drr_db: tuple[Float, Float]  # direct-to-reverberant energy ratio: high is close to the microphone
 
     def __post_init__(self):
         check_settings(self)
-        check_within("rt60", self.rt60, 0.01, 10, "seconds")
-        check_within("drr_db", self.drr_db, -60, 60, "dB")
 
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    prob: float
-    snr_db: tuple[float, float]
+    prob: Float
+    snr_db: tuple[Float, Float]
     kinds: tuple[str, ...]  # drawn uniformly among white, pink, brown, babble
-    babble_speakers: tuple[int, int]  # how many other utterances make one babble, inclusive range
+    babble_speakers: tuple[Int, Int]  # how many other utterances make one babble, inclusive range
 
     def __post_init__(self):
         check_settings(self)
-        check_within("snr_db", self.snr_db, -60, 120, "dB")
-        check_within("babble_speakers", self.babble_speakers, 1, 100, "other utterances")
-        unknown = sorted(set(self.kinds) - set(NOISE_KINDS))
-        if unknown or not self.kinds:
-            raise ValueError(f"noise kinds must be some of {list(NOISE_KINDS)}, got {list(self.kinds)}")
 
 
 @dataclass(frozen=True)
 class ChannelConfig:
-    prob: float
-    telephone_prob: float  # share of channels that are a telephone band; the rest get a random band
+    prob: Float
+    telephone_prob: Float  # share of channels that are a telephone band; the rest get a random band
     telephone_8khz: bool  # telephone audio goes through 8 kHz and back
-    low_cut_hz: tuple[float, float]  # random band: high-pass cut-off range (0 keeps the lows)
-    high_cut_hz: tuple[float, float]  # random band: low-pass cut-off range (at Nyquist or above keeps the highs)
-    eq_bands: int  # peaking filters after the band, each at a log-uniform frequency
-    eq_hz: tuple[float, float]
-    eq_gain_db: tuple[float, float]
+    low_cut_hz: tuple[Float, Float]  # random band: high-pass cut-off range (0 keeps the lows)
+    high_cut_hz: tuple[Float, Float]  # random band: low-pass cut-off range (at Nyquist or above keeps the highs)
+    eq_bands: Int  # peaking filters after the band, each at a log-uniform frequency
+    eq_hz: tuple[Float, Float]
+    eq_gain_db: tuple[Float, Float]
 
     def __post_init__(self):
         check_settings(self)
-        check_within("low_cut_hz", self.low_cut_hz, 0, 1e6, "Hz")
-        check_within("high_cut_hz", self.high_cut_hz, 1, 1e6, "Hz")
-        check_within("eq_bands", self.eq_bands, 0, 32, "peaking filters")
-        check_within("eq_hz", self.eq_hz, 1, 1e6, "Hz")
-        check_within("eq_gain_db", self.eq_gain_db, -40, 40, "dB")
 
 
 @dataclass(frozen=True)
@@ -135,11 +154,10 @@ class AugmentConfig:
     reverb: ReverbConfig
     noise: NoiseConfig
     channel: ChannelConfig
-    gain_db: tuple[float, float]
+    gain_db: tuple[Float, Float]
 
     def __post_init__(self):
         check_settings(self)
-        check_within("gain_db", self.gain_db, -60, 60, "dB")
 
     @classmethod
     def from_dict(cls, params: dict) -> AugmentConfig:
@@ -179,6 +197,12 @@ def pitch_shift(waveform: torch.Tensor, sample_rate: int, semitones: float) -> t
     ratio = _ratio(2.0 ** (semitones / 12))
     shifted = speed(waveform, float(ratio))
     n_fft = 2 ** round(math.log2(PITCH_WINDOW_S * sample_rate))
+    # The centred STFT pads n_fft // 2 samples by reflection, which needs more samples than that: a
+    # clip shorter than half the window (a few ms, as a sped-up copy of one can be) gets a shorter one.
+    while n_fft > 4 and shifted.numel() <= n_fft // 2:
+        n_fft //= 2
+    if shifted.numel() <= n_fft // 2:
+        return waveform  # two samples or fewer: no pitch to move
     hop = n_fft // 4
     window = torch.hann_window(n_fft)
     spectrum = torch.stft(shifted, n_fft, hop, window=window, return_complex=True)

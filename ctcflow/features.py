@@ -64,6 +64,11 @@ class LogMelConfig:
         return asdict(self)
 
 
+def mel_filters(config: LogMelConfig) -> torch.Tensor:
+    """torchaudio's HTK mel filters, (n_fft // 2 + 1, n_mels); torchaudio warns of any that is all zeros."""
+    return AF.melscale_fbanks(config.n_fft // 2 + 1, 0.0, config.sample_rate / 2, config.n_mels, config.sample_rate)
+
+
 class LogMel(torch.nn.Module):
     """Waveform (samples,) → log-mel frames (frames, n_mels), the same numbers to float rounding as
     torchaudio's MelSpectrogram with its defaults (power 2, Hann window, centred reflect-padded
@@ -79,8 +84,7 @@ class LogMel(torch.nn.Module):
         super().__init__()
         self.n_fft, self.hop_length, self.win_length = config.n_fft, config.hop_length, config.win_length
         self.register_buffer("window", torch.hann_window(config.win_length), persistent=False)
-        filters = AF.melscale_fbanks(config.n_fft // 2 + 1, 0.0, config.sample_rate / 2, config.n_mels, config.sample_rate)
-        self.register_buffer("filters", filters, persistent=False)  # (n_fft // 2 + 1, n_mels)
+        self.register_buffer("filters", mel_filters(config), persistent=False)
 
     @torch.no_grad()
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:

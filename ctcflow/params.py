@@ -7,10 +7,10 @@ stops the stage before any work with a message naming the key and the reason.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -19,10 +19,39 @@ class ParamsError(ValueError):
     """params.yaml is missing, unreadable, or holds a bad value."""
 
 
+def not_a_boolean(value):
+    """YAML reads yes/no/on/off/true/false as booleans, which pydantic would take as the numbers 1
+    and 0 (`epochs: yes` would train one epoch): where a number belongs, a boolean is an error."""
+    if isinstance(value, bool):
+        raise ValueError("should be a number, not true or false (YAML reads yes/no/on/off as booleans)")
+    return value
+
+
+# Numbers that refuse booleans inside lists, tuples and the dataclasses a section holds; a
+# Section's own number fields refuse them anyway (below).
+Int = Annotated[int, BeforeValidator(not_a_boolean)]
+Float = Annotated[float, BeforeValidator(not_a_boolean)]
+
+
+def _wants_number(annotation) -> bool:
+    """A number type, or a union (Annotated included) with one and without bool."""
+    members = {annotation, *get_args(annotation)}
+    return bool(members & {int, float}) and bool not in members or any(
+        _wants_number(arg) for arg in get_args(annotation) if arg is not annotation and get_args(arg))
+
+
 class Section(BaseModel):
-    """Base for a params.yaml section: unknown keys are errors, values are immutable."""
+    """Base for a params.yaml section: unknown keys are errors, values are immutable, and a boolean
+    where a number belongs is an error."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value, info):
+        if isinstance(value, bool) and _wants_number(cls.model_fields[info.field_name].annotation):
+            not_a_boolean(value)
+        return value
 
 
 S = TypeVar("S", bound=Section)

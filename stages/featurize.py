@@ -9,7 +9,8 @@ and evaluate apply when they load features. A manifest of precomputed feature
 arrays (.npy) is only normalized: the arrays are stored as they are, in float32.
 
 This is the first stage that reads the samples, so it rejects audio that cannot be decoded,
-holds NaN or infinite samples, or is silent (peak at or below featurize.silence_db); rejects go
+holds NaN or infinite samples, is silent (peak at or below featurize.silence_db) or has no more
+samples than featurize.n_fft (shorter_than_window); rejects go
 to data/features/rejects.jsonl and are counted in metrics/featurize.json, so nothing the manifest
 accepted disappears uncounted. Clipped audio is kept and listed in data/features/warnings.jsonl.
 The label unit (data/manifests/tokens.json) is copied to data/features/tokens.json for train.
@@ -45,6 +46,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -57,13 +59,13 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from ctcflow.audio import AudioError, decode_audio
-from ctcflow.augment import (AugmentConfig, ChannelConfig, NoiseConfig, PitchConfig, ReverbConfig, SpeedConfig,
+from ctcflow.augment import (AugmentConfig, ChannelConfig, Checked, NoiseConfig, PitchConfig, ReverbConfig, SpeedConfig,
                              augment)
 from ctcflow.data import Normalize, SplitWriter
-from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array
+from ctcflow.features import LogMel, LogMelConfig, RunningStats, is_feature_file, load_feature_array, mel_filters
 from ctcflow.errors import Rejected
 from ctcflow.manifest import SPLITS, Reject, iter_manifest, read_test_set_names, tally_rejects, write_test_set_names
-from ctcflow.params import Section
+from ctcflow.params import Float, Section
 from ctcflow.workers import DASK_SCHEDULER_ENV, dask_map, ordered_map
 from stages.runner import StageError, fail_if_strict, stage_main
 from ctcflow.text import TOKENS_FILE
@@ -81,7 +83,7 @@ class AugmentParams(Section):
     reverb: ReverbConfig
     noise: NoiseConfig
     channel: ChannelConfig
-    gain_db: tuple[float, float]
+    gain_db: Checked("gain_db", tuple[Float, Float])
 
     @property
     def config(self) -> AugmentConfig:
@@ -107,7 +109,8 @@ class FeaturizeParams(Section):
     clip_warn_fraction: float = Field(gt=0, le=1)  # share of full-scale samples → clipped_audio warning
     strict: bool  # true: any reject fails the stage
     normalize: Normalize  # after the training statistics: global (nothing more) or per utterance
-    shard_mb: float = Field(gt=0)  # the most frames a shard file of the store holds, in MB (10**6 bytes)
+    # the most frames a shard file of the store holds, in MB (10**6 bytes); .inf has no byte count
+    shard_mb: float = Field(gt=0, allow_inf_nan=False)
     augment: AugmentParams
 
     @property
@@ -118,6 +121,28 @@ class FeaturizeParams(Section):
     def window_fits(self):
         if self.win_length > self.n_fft:
             raise ValueError(f"win_length {self.win_length} must not exceed n_fft {self.n_fft}")
+        # A mel band narrower than the FFT's bin spacing gets no bin: its filter is all zeros and its
+        # feature a constant log(1e-10), which the training statistics' std floor blows up.
+        with warnings.catch_warnings():  # torchaudio's own warning says less than the error below
+            warnings.simplefilter("ignore")
+            filters = mel_filters(self.logmel)
+        if empty := int((filters.sum(0) == 0).sum()):
+            raise ValueError(f"n_mels: {self.n_mels} mel bands leave {empty} without an FFT bin at n_fft "
+                             f"{self.n_fft} and {self.sample_rate} Hz (all-zero filters, constant features); "
+                             "use fewer mel bands or a larger n_fft")
+        return self
+
+    @model_validator(mode="after")
+    def channel_below_nyquist(self):
+        # A peaking EQ or a high-pass at or above Nyquist has poles outside the unit circle: NaN frames.
+        channel, nyquist = self.augment.channel, self.sample_rate / 2
+        if not self.augment.copies or channel.prob == 0:
+            return self  # the channel never runs
+        for key, bounds, used in (("low_cut_hz", channel.low_cut_hz, channel.telephone_prob < 1),
+                                  ("eq_hz", channel.eq_hz, channel.eq_bands > 0)):
+            if used and bounds[1] >= nyquist:
+                raise ValueError(f"augment: channel.{key} {list(bounds)} must stay below the Nyquist frequency, "
+                                 f"{nyquist:g} Hz at featurize.sample_rate {self.sample_rate} (above it: NaN frames)")
         return self
 
 

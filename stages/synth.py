@@ -33,7 +33,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from tqdm import tqdm
 
 from ctcflow import espeak
-from ctcflow.params import ParamsError, Section, read_yaml
+from ctcflow.params import Int, ParamsError, Section, read_yaml
 from stages.runner import StageError, stage_main
 
 CORPUS_DIR = Path("data/corpus")
@@ -54,7 +54,7 @@ def Span(low: int, high: int, what: str):
         if not low <= v[0] <= v[1] <= high:
             raise ValueError(f"need {low} <= low <= high <= {high} ({what})")
         return v
-    return Annotated[tuple[int, int], AfterValidator(check)]
+    return Annotated[tuple[Int, Int], AfterValidator(check)]
 
 
 class SplitSize(Section):
@@ -139,6 +139,9 @@ def load_grammar(path: Path, max_words_per_slot: int) -> Grammar:
             or not isinstance(slots, dict)):
         raise StageError(f"{path}: needs a 'templates' list of strings and a 'slots' mapping")
     for name, entries in slots.items():
+        if entries is not None and not isinstance(entries, list):  # a string would give its letters
+            raise StageError(
+                f"{path}: slot '{name}' must be a list of phrases, got {type(entries).__name__} {entries!r}")
         bad = [e for e in entries or [None] if not isinstance(e, str) or not _PHRASE.fullmatch(e)]
         if bad:
             raise StageError(
@@ -237,12 +240,16 @@ def draw_speakers(params: SynthParams) -> dict[str, list[Speaker]]:
     rng = random.Random(f"{params.seed}:speakers")
     variants = [v for v in espeak.list_variants() if v not in params.exclude_variants]
     rng.shuffle(variants)
+    available = len(variants)
     wanted = {s: getattr(params.splits, s).speakers for s in SPLITS}
     total = sum(wanted.values())
     out = {}
     for split in ("test", "valid", "train"):
         share = len(variants) if split == "train" else max(1, round(len(variants) * wanted[split] / total))
         mine, variants = variants[:share], variants[share:]
+        if not mine:  # fewer speakers would not help: no split may have none
+            raise StageError(f"{split}: no espeak variant is left for it; each split needs its own, and the "
+                             f"{available} that synth.exclude_variants leaves are used up: exclude fewer variants")
         pairs = [(voice, variant) for variant in mine for voice in params.voices]
         if wanted[split] > len(pairs):
             raise StageError(f"{split}: {wanted[split]} speakers wanted but its {len(mine)} variants "

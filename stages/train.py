@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -70,24 +70,7 @@ RESUME_LAYOUT = 4  # 2: checkpoints within an epoch too; 3: the recent epochs' w
 # 4: the best epoch's own weights
 
 
-def numeric(annotation) -> bool:
-    """Whether a field's type is a number, or a union with one (train.ctc.blank)."""
-    return annotation in (int, float) or any(numeric(arg) for arg in get_args(annotation))
-
-
-class TrainSection(Section):
-    """A part of the train section. YAML reads yes/no/on/off/true/false as booleans, and pydantic would
-    take one as the number 1 or 0 (epochs: yes would train 1 epoch): for a number it is an error."""
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def no_boolean_for_a_number(cls, value, info):
-        if isinstance(value, bool) and numeric(cls.model_fields[info.field_name].annotation):
-            raise ValueError("should be a number, not true or false")
-        return value
-
-
-class ModelParams(TrainSection):
+class ModelParams(Section):
     arch: Literal[ARCHITECTURES]
     hidden_size: int = Field(gt=0)
     num_layers: int = Field(gt=0)
@@ -107,7 +90,7 @@ class ModelParams(TrainSection):
         return self
 
 
-class CTCParams(TrainSection):
+class CTCParams(Section):
     # An index, or first/last; checked against the label unit's size when training starts.
     blank: Annotated[int, Field(ge=0)] | Literal["first", "last"]
     zero_infinity: bool
@@ -122,19 +105,19 @@ class CTCParams(TrainSection):
             raise ValueError("should be an index (0 or more), 'first' or 'last'") from None
 
 
-class BlankPenaltyParams(TrainSection):
+class BlankPenaltyParams(Section):
     mode: Literal[BLANK_PENALTY_MODES]
     weight: float = Field(ge=0, allow_inf_nan=False)
 
 
-class SchedulerParams(TrainSection):
+class SchedulerParams(Section):
     enabled: bool
     kind: Literal["plateau", "cosine"]
     factor: float = Field(gt=0, lt=1)
     patience: int = Field(ge=0)
 
 
-class SpecAugmentParams(TrainSection):
+class SpecAugmentParams(Section):
     enabled: bool
     n_freq_masks: int = Field(ge=0)
     freq_mask: int = Field(ge=0)
@@ -143,7 +126,7 @@ class SpecAugmentParams(TrainSection):
     max_time_fraction: float = Field(gt=0, le=1)
 
 
-class TrainParams(TrainSection):
+class TrainParams(Section):
     seed: int = Field(ge=0)
     epochs: int = Field(gt=0)
     batch_frames: int = Field(gt=0)

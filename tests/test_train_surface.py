@@ -51,12 +51,12 @@ def test_a_bad_ctc_blank_is_one_line_naming_the_key(tmp_path):
 def test_yaml_booleans_are_not_numbers(tmp_path):
     # YAML reads yes/no/on/off as booleans; pydantic would take them as 1 and 0 (`epochs: yes` trained 1 epoch).
     assert bad_train_params(tmp_path, epochs=True) == (
-        "  train.epochs: Value error, should be a number, not true or false (got True)")
+        "  train.epochs: Value error, should be a number, not true or false (YAML reads yes/no/on/off as booleans) (got True)")
     assert bad_train_params(tmp_path, clip_grad_norm=False) == (
-        "  train.clip_grad_norm: Value error, should be a number, not true or false (got False)")
+        "  train.clip_grad_norm: Value error, should be a number, not true or false (YAML reads yes/no/on/off as booleans) (got False)")
     model = {**tiny_params()["train"]["model"], "dropout": False}
     assert bad_train_params(tmp_path, model=model) == (
-        "  train.model.dropout: Value error, should be a number, not true or false (got False)")
+        "  train.model.dropout: Value error, should be a number, not true or false (YAML reads yes/no/on/off as booleans) (got False)")
     assert bad_train_params(tmp_path, ctc={"blank": True, "zero_infinity": True}) == (
         "  train.ctc.blank: Value error, should be an index (0 or more), 'first' or 'last' (got True)")
     # Booleans stay booleans.
