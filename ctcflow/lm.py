@@ -81,8 +81,12 @@ def _discount(counts: Counter) -> float:
 
 
 def write_arpa(path: str | Path, logprob: list[dict], backoff: list[dict]) -> None:
+    """ARPA text. KenLM, which flashlight's beam search reads it with, refuses a model under a
+    bigram ("assumes at least a bigram model"): a unigram model is written with an empty 2-grams
+    section, the same probabilities in a form KenLM reads."""
     order = len(logprob)
-    lines = ["", "\\data\\", *(f"ngram {n + 1}={len(logprob[n])}" for n in range(order)), ""]
+    counts = [len(grams) for grams in logprob] + ([0] if order == 1 else [])
+    lines = ["", "\\data\\", *(f"ngram {n + 1}={count}" for n, count in enumerate(counts)), ""]
     for n in range(order):
         lines.append(f"\\{n + 1}-grams:")
         for gram in sorted(logprob[n]):
@@ -91,6 +95,8 @@ def write_arpa(path: str | Path, logprob: list[dict], backoff: list[dict]) -> No
                 entry += f"\t{backoff[n].get(gram, 0.0):.6f}"
             lines.append(entry)
         lines.append("")
+    if order == 1:
+        lines += ["\\2-grams:", ""]
     lines.append("\\end\\")
     Path(path).write_text("\n".join(lines) + "\n")
 

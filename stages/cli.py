@@ -323,8 +323,14 @@ def summary(argv: list[str]) -> None:
         lines = error_lines(str(split), metrics)
         if not lines:  # another stage's metrics (lm.json, say) would print nothing but the plots line
             raise ValueError("no 'greedy' or 'beam' block")
-        for name, block in metrics.get("test_sets", {}).items():
-            lines += error_lines(f"test set {name}:", block)
+        test_sets = metrics.get("test_sets", {})
+        if not isinstance(test_sets, dict):
+            raise TypeError(f"'test_sets' is a {type(test_sets).__name__}, not a mapping of test sets")
+        for name, block in test_sets.items():
+            found = error_lines(f"test set {name}:", block)
+            if not found:  # evaluate scores every test set greedily at least: silence would hide one
+                raise ValueError(f"test set {name!r} has no 'greedy' or 'beam' block")
+            lines += found
     except (ValueError, TypeError, KeyError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         sys.exit(f"ctcflow summary: error: {metrics_file} is not the evaluate stage's metrics "
                  f"({type(err).__name__}: {err})")

@@ -30,6 +30,9 @@ EVAL_METRICS = Path("metrics/eval.json")
 EVAL_WORDS = Path("reports/eval/words.csv")
 OUT_DIR = Path("plots")
 CALIBRATION_BINS = 10  # of equal width over confidence 0–1
+# The per-epoch series the figures draw (train logs each every epoch).
+SERIES = ("train/loss", "train/ctc_loss", "train/blank_penalty", "valid/loss", "valid/wer", "valid/cer",
+          "train/blank_ratio", "valid/blank_ratio")
 
 
 class PlotsParams(Section):
@@ -69,7 +72,13 @@ def calibration(words: pd.DataFrame) -> pd.DataFrame:
 def run(params: PlotsParams, history_dir: Path = HISTORY_DIR, eval_metrics: Path = EVAL_METRICS,
         out_dir: Path = OUT_DIR, eval_words: Path = EVAL_WORDS) -> list[Path]:
     history = read_history(history_dir)
+    missing = [name for name in SERIES if name not in history.columns]
+    if missing:
+        raise StageError(f"the training history under {history_dir} lacks {', '.join(missing)}: "
+                         f"not what the train stage logs (rerun it)")
     test = json.loads(eval_metrics.read_text())
+    if not isinstance(test, dict) or not all(isinstance(test.get(k), (int, float)) for k in ("wer", "cer")):
+        raise StageError(f"{eval_metrics} has no top-level 'wer' and 'cer': not the evaluate stage's metrics")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     fig, ax = figure(history, {"train/loss": "train total", "train/ctc_loss": "train CTC",
@@ -82,7 +91,10 @@ def run(params: PlotsParams, history_dir: Path = HISTORY_DIR, eval_metrics: Path
                      "Error rates per epoch", "error rate")
     ax.axhline(test["wer"], color="C0", linestyle="--", label=f"test WER {test['wer']:.1%}")
     ax.axhline(test["cer"], color="C1", linestyle="--", label=f"test CER {test['cer']:.1%}")
-    ax.set_ylim(0, min(1.0, history[["valid/wer", "valid/cer"]].to_numpy().max() * 1.05 + 0.01))
+    # Up to 1 (all wrong) where every rate is under it, above where one is (insertions): the test
+    # lines too, which can lie above every epoch's validation rate.
+    highest = max(history[["valid/wer", "valid/cer"]].to_numpy().max(), test["wer"], test["cer"])
+    ax.set_ylim(0, highest * 1.05 + 0.01 if highest > 1.0 else min(1.0, highest * 1.05 + 0.01))
     ax.legend()
     fig.savefig(out_dir / "error_rates.png", dpi=params.dpi, bbox_inches="tight")
 
