@@ -17,6 +17,7 @@ from ctcflow.text import Tokenizer
 
 # Names the flashlight decoder knows our blank and space classes by ('|' is its word separator).
 BLANK_TOKEN, SPACE_TOKEN = "<blank>", "|"
+IMPOSSIBLE = -1e4  # a log-probability no path takes, finite: flashlight sums scores
 
 
 def greedy_decode(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> list[list[int]]:
@@ -124,11 +125,17 @@ class BeamSearchDecoder:
                 sil_token=BLANK_TOKEN if tokenizer.unit == "bpe" else SPACE_TOKEN,
             )
         self.uses_lexicon = lexicon is not None
+        # With characters, a lexicon word ends on its spelling's last unit, the space ("a d d |").
+        self.word_end = (decoder_tokens(tokenizer).index(SPACE_TOKEN)
+                         if lexicon is not None and tokenizer.unit == "char" else None)
 
     def __call__(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list[str]:
         scores = penalize_blank(log_probs, self.tokenizer.blank, self.blank_penalty)
         scores = scores.detach().to("cpu", torch.float32).contiguous()
-        results = self.decoder(scores, lengths.to("cpu", torch.int32))
+        lengths = lengths.to("cpu", torch.int64)
+        if self.word_end is not None:
+            scores, lengths = end_with_word_end(scores, lengths, self.word_end)
+        results = self.decoder(scores, lengths.to(torch.int32))
         return [self._text(nbest[0]) if nbest else "" for nbest in results]
 
     def _text(self, hypothesis) -> str:
@@ -136,6 +143,21 @@ class BeamSearchDecoder:
             return " ".join(hypothesis.words)
         units = [u for u in self.decoder.idxs_to_tokens(hypothesis.tokens) if u != BLANK_TOKEN]
         return " ".join(self.tokenizer.join(u.replace(SPACE_TOKEN, " ") for u in units).split())
+
+
+def end_with_word_end(scores: torch.Tensor, lengths: torch.Tensor, word_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One more frame after each utterance, certain of the word end (the space). Transcripts have no
+    space after their last word, so the model gives none, and the lexicon search could finish the
+    last word only by taking a space from a frame that held something else: it often dropped or
+    swapped the word instead ("plan b" came out "plan"). Reference model: beam WER 1.33 → 0.63 % on
+    valid, 1.47 → 0.97 % on test, FSDD 89.4 → 86.7 % (docs/decoding.md)."""
+    batch, frames, classes = scores.shape
+    out = scores.new_full((batch, frames + 1, classes), IMPOSSIBLE)
+    out[:, :frames] = scores
+    rows = torch.arange(batch)
+    out[rows, lengths] = IMPOSSIBLE  # a padded batch's shorter rows had padding there
+    out[rows, lengths, word_end] = 0.0
+    return out, lengths + 1
 
 
 def decoder_tokens(tokenizer: Tokenizer) -> list[str]:

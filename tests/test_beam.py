@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import frame_log_probs, merge, section, tiny_params, tiny_tokenizer, write_word_lm
-from ctcflow.decoding import BeamParams, GreedyDecoder
+from ctcflow.decoding import BeamParams, BeamSearchDecoder, GreedyDecoder
 from ctcflow.lm import UNK, kneser_ney, read_arpa, read_lexicon, score, write_arpa, write_lexicon
 from ctcflow.metrics import error_rates
 from ctcflow.params import ParamsError, load_section
@@ -106,3 +106,24 @@ def test_evaluate_reports_greedy_and_beam_side_by_side(tiny_pipeline):
     assert (table["hypothesis"] == table[f"hypothesis_{chosen}"]).all()
     assert error_rates(table["reference"].tolist(), table["hypothesis_greedy"].tolist())["wer"] == \
         pytest.approx(metrics["greedy"]["wer"])
+
+
+def test_the_last_word_of_an_utterance_is_kept(tmp_path):
+    # The model gives no space after the last word (transcripts have none), and the lexicon search
+    # ends a word on its spelling's space: it had to take one from a frame that held something else,
+    # and dropped a one-letter last word instead ("plan b" came out "plan"; "plan b" mid-sentence was
+    # always kept, a space frame following it).
+    tokenizer = tiny_tokenizer()
+    lm_dir = write_word_lm(tmp_path, ["plan b", "plan a", "a plan", "turn on"], tokenizer)
+    for lm in (lm_dir / "lm.arpa", None):
+        decoder = BeamSearchDecoder(tokenizer, 10, 25.0, lm_dir / "lexicon.txt", lm, lm_weight=2.0 if lm else 0.0,
+                                    word_score=1.0 if lm else 0.0, blank_penalty=0.0)
+        for text in ("plan b", "plan a", "turn on"):
+            frames = [column for unit in text for column in ({unit: 0.95}, {"blank": 0.95})]
+            assert decoder(frame_log_probs(tokenizer, *frames), torch.tensor([len(frames)])) == [text]
+        # In a padded batch each utterance gets its word end after its own frames.
+        short = [column for unit in "plan a" for column in ({unit: 0.95}, {"blank": 0.95})]
+        long = [column for unit in "turn on" for column in ({unit: 0.95}, {"blank": 0.95})]
+        padded = torch.cat([frame_log_probs(tokenizer, *short, *[{"blank": 0.95}] * 2),
+                            frame_log_probs(tokenizer, *long)])
+        assert decoder(padded, torch.tensor([len(short), len(long)])) == ["plan a", "turn on"]
