@@ -118,14 +118,12 @@ def serve(project_dir: str, dask_address: str | None) -> None:
 def check_project(project_dir: str) -> None:
     """The project and its flow: section, checked before any server or flow starts."""
     from pipeline.config import load_flow_params
-    from pipeline.flows import FlowError
+    from pipeline.flows import FlowError, check_dvc_yaml
 
     if not (Path(project_dir) / "params.yaml").is_file():
         raise FlowError(f"--project-dir {project_dir}: no params.yaml there; give the DVC project's root")
     load_flow_params(project_dir)  # a ParamsError names the bad key
-    if not (Path(project_dir) / "dvc.yaml").is_file():
-        raise FlowError(f"--project-dir {project_dir}: no dvc.yaml there, so no stage to run; give the DVC "
-                        "project's root")
+    check_dvc_yaml(project_dir, f"--project-dir {project_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:

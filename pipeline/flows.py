@@ -187,6 +187,12 @@ def check_experiment_name(name: str) -> None:
                         "no / ~ ^ : ? * [ \\, no '..', not ending in '.' or '.lock')")
 
 
+def check_dvc_yaml(project_dir: str, named: str | None = None) -> None:
+    """A project without dvc.yaml has no stage to run: a FlowError naming it (`named`, default its path)."""
+    if not (Path(project_dir) / "dvc.yaml").is_file():
+        raise FlowError(f"{named or project_dir}: no dvc.yaml there, so no stage to run; give the DVC project's root")
+
+
 def check_branch(project_dir: str, branch: str) -> None:
     """Before a sweep, not after it: the branch the best experiment is to be kept as must be free."""
     from scmrepo.git import Git
@@ -337,8 +343,7 @@ def pipeline_flow(project_dir: str = ".", overrides: list[str] | None = None,
     dask_address: a Dask scheduler (tcp://host:8786) that featurize reads the files on."""
     project_dir = str(Path(project_dir).resolve())
     params = load_flow_params(project_dir)
-    if not (Path(project_dir) / "dvc.yaml").is_file():  # a deployment's project_dir is not checked by the CLI
-        raise FlowError(f"{project_dir}: no dvc.yaml there, so no stage to run; give the DVC project's root")
+    check_dvc_yaml(project_dir)  # a deployment's project_dir is not checked by the CLI
     env = runtime_env(dask_address)
     if overrides:
         for text in overrides:
