@@ -188,15 +188,21 @@ class RunState:
         """True after `patience` epochs (0 = never) without a better validation WER."""
         return bool(patience) and self.epochs_done - self.best_epoch >= patience
 
+    def record(self, epoch: int, metrics: dict) -> bool:
+        """Add an epoch to the history; True when its validation WER is the best so far."""
+        self.history.append({"epoch": epoch, "metrics": metrics})
+        improved = metrics["valid/wer"] < self.best_wer
+        if improved:
+            self.best_wer, self.best_epoch = metrics["valid/wer"], epoch
+        return improved
+
     def end_epoch(self, epoch: int, metrics: dict, weights: dict, average_epochs: int) -> bool:
         """Record a finished epoch; True when its validation WER is the best so far. The best
         model is then the mean of this epoch's weights and those of the average_epochs - 1 before it
         (fewer in the first epochs)."""
-        self.history.append({"epoch": epoch, "metrics": metrics})
         window = (self.recent_models + [{k: v.detach().clone() for k, v in weights.items()}])[-average_epochs:]
-        improved = metrics["valid/wer"] < self.best_wer
+        improved = self.record(epoch, metrics)
         if improved:
-            self.best_wer, self.best_epoch = metrics["valid/wer"], epoch
             self.best_model, self.best_epoch_model = average_weights(window), window[-1]
         self.recent_models = window[1 - average_epochs:] if average_epochs > 1 else []
         return improved
@@ -370,13 +376,11 @@ def run_fingerprint(params: TrainParams, features_dir: Path, world_size: int) ->
 def stopping_epoch(history: list[dict], epochs: int, patience: int) -> int | None:
     """The epoch of `history` after which a run with these train.epochs and train.early_stopping_patience
     stops (its last, or the first out of patience), or None when it would train on after them all."""
-    best_wer, best_epoch = math.inf, 0
+    replay = RunState()
     for record in history:
-        epoch, wer = record["epoch"], record["metrics"]["valid/wer"]
-        if wer < best_wer:  # as RunState.end_epoch
-            best_wer, best_epoch = wer, epoch
-        if epoch >= epochs or (patience and epoch - best_epoch >= patience):
-            return epoch
+        replay.record(record["epoch"], record["metrics"])
+        if replay.epochs_done >= epochs or replay.out_of_patience(patience):
+            return replay.epochs_done
     return None
 
 
