@@ -6,6 +6,8 @@ writes, and the bare training loop ends with the stage's weights, bit for bit.
 """
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import torchaudio.functional as AF
+import yaml
 from conftest import FSDD, REPO, run_python
 
 
@@ -140,3 +143,29 @@ def test_long_audio_benchmark_scores_each_variant_over_the_same_words(tiny_pipel
                                             "one long file, 3 s windows", "one long file, 6 s windows"]
     for scores in results["wer_percent"].values():
         assert set(scores) == {"greedy", "beam"} and all(wer >= 0 for wer in scores.values())
+
+
+def test_lm_sweep_decodes_every_pair_and_matches_evaluate_at_the_params_pair(tiny_pipeline, tmp_path):
+    evaluated = json.loads((tiny_pipeline / "metrics/eval.json").read_text())
+    beam = yaml.safe_load((tiny_pipeline / "params.yaml").read_text())["evaluate"]["beam"]
+    lm_weight, word_score = beam["lm_weight"], beam["word_score"]
+    results = run_benchmark("lm_sweep", "--project-dir", str(tiny_pipeline), "--splits", "test", "valid",
+                            "--lm-weights", "0.5", str(lm_weight), "--word-scores", "-2", str(word_score),
+                            "--threads", "1", out=tmp_path / "lm_sweep.json")
+    assert results["chosen_on"] == "test" and list(results["results"]) == ["test", "valid"]
+    test = results["results"]["test"]
+    assert set(test) == {"greedy", "lm_weight=0.5 word_score=-2", f"lm_weight=0.5 word_score={word_score:g}",
+                         f"lm_weight={lm_weight:g} word_score=-2", f"lm_weight={lm_weight:g} word_score={word_score:g}"}
+    # The params.yaml pair and greedy decoding are what evaluate scored on its split (test).
+    assert test[f"lm_weight={lm_weight:g} word_score={word_score:g}"]["wer_percent"] == round(100 * evaluated["beam"]["wer"], 2)
+    assert test["greedy"]["wer_percent"] == round(100 * evaluated["greedy"]["wer"], 2)
+    assert test[results["best"]]["wer_percent"] == min(v["wer_percent"] for k, v in test.items() if k != "greedy")
+    assert all(0 <= v["empty_percent"] <= 100 for split in results["results"].values() for v in split.values())
+
+
+def test_lm_sweep_names_a_split_the_feature_store_lacks(tiny_pipeline, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lm_sweep.py"), "--project-dir", str(tiny_pipeline),
+                           "--splits", "valid", "nosuch", "--out", str(tmp_path / "x.json")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode != 0 and "--splits nosuch:" in done.stderr, done.stderr
+    assert not (tmp_path / "x.json").exists()
