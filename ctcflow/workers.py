@@ -21,6 +21,7 @@ import importlib
 import itertools
 import multiprocessing
 import os
+import signal
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -55,7 +56,8 @@ def ordered_map(num_workers: int, setting: str, preload: str, max_chunk: int,
     # __mp_main__): preloading it as well would run it twice, and runpy warns.
     if preload != getattr(sys.modules["__main__"].__spec__, "name", None):
         context.set_forkserver_preload([preload])
-    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer, initargs=initargs)
+    pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_ignore_sigint_then,
+                               initargs=(initializer, *initargs))
 
     def ordered(fn: Callable, items: list) -> Iterator:
         # Not pool.map: it submits every chunk up front, a future each, and holds every result
@@ -76,6 +78,15 @@ def ordered_map(num_workers: int, setting: str, preload: str, max_chunk: int,
 
     try:
         yield ordered
+    except KeyboardInterrupt:
+        # The workers ignore Ctrl-C (_ignore_sigint_then): end them rather than wait for the chunks
+        # they run, so that the stage stops at once. The shutdown below then returns as soon as the
+        # pool sees them gone; not shutdown(wait=False), whose pool thread races Python's exit
+        # (an "Exception ignored ... OSError: handle is closed" traceback). _processes: Python 3.11
+        # has no public terminate_workers (3.14 does).
+        for worker in list(pool._processes.values()):
+            worker.terminate()
+        raise
     finally:
         pool.shutdown(cancel_futures=True)
 
@@ -204,6 +215,15 @@ def _ordered_on_cluster(client, where: str, max_chunk: int, initializer: Callabl
 
 def _same(value):
     return value
+
+
+def _ignore_sigint_then(initializer: Callable[..., None] | None, *initargs) -> None:
+    """A pool worker's start: Ctrl-C sends SIGINT to the whole foreground process group, and the
+    stage's own process reports it in one line (stages/runner.py); a worker would add a
+    KeyboardInterrupt traceback of its own (from waiting for a chunk). The stage ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def _apply(fn: Callable, items: list) -> list:
