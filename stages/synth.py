@@ -21,6 +21,7 @@ import multiprocessing.connection
 import random
 import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -312,6 +313,9 @@ def _speak(job: Job) -> list[dict]:
 
 
 def _speak_and_send(job: Job, send: multiprocessing.connection.Connection) -> None:
+    # A terminal's Ctrl-C reaches every child too: the stage reports it in one line, and its
+    # children (daemons) end with it, each without a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         send.send(_speak(job))
     except StageError as err:
