@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,27 @@ def run_python(args: list[str], cwd: Path) -> str:
     done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
+
+
+def interrupt_when_ready(args: list[str], cwd: Path, ready: Callable[[], bool]) -> tuple[int, str]:
+    """Python with `args` in a process group of its own, sent SIGINT (a terminal's Ctrl-C reaches
+    the whole group) once ready() is true; its return code and stderr. A hung group is killed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    process = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "never ready to interrupt"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return process.returncode, err
 
 
 def synth_in_fresh_process(args: list[str], cwd: Path) -> None:

@@ -466,31 +466,16 @@ def test_too_small_a_grammar_is_a_stage_error(tmp_path):
 def test_ctrl_c_while_children_speak_is_the_stage_s_one_line(tmp_path):
     # A terminal's Ctrl-C sends SIGINT to the whole process group, the children speaking too:
     # each used to add a KeyboardInterrupt traceback of its own to the stage's one line.
-    import os
     import signal
-    import time
 
-    from conftest import REPO, make_project
+    from conftest import interrupt_when_ready, make_project
 
     params = merge(tiny_params(), {"synth": {"num_workers": 2, "splits": {
         "train": {"utterances": 2000, "speakers": 40, "word_lists": 0}}}})
     root = make_project(tmp_path, params)
-    stage = subprocess.Popen([sys.executable, "-m", "stages.synth", "--params", "params.yaml"], cwd=root,
-                             env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"},
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        # Several files written: both children have started speaking, and the next ones are at it.
-        while len(list((root / "data/corpus/wav").rglob("*.wav"))) < 20:
-            assert stage.poll() is None, stage.stderr.read()
-            assert time.monotonic() < deadline, "synth wrote no audio"
-            time.sleep(0.05)
-        os.killpg(stage.pid, signal.SIGINT)
-        _, err = stage.communicate(timeout=120)
-    finally:
-        if stage.poll() is None:
-            os.killpg(stage.pid, signal.SIGKILL)
-            stage.communicate()
+    # Several files written: both children have started speaking, and the next ones are at it.
+    returncode, err = interrupt_when_ready(["-m", "stages.synth", "--params", "params.yaml"], root,
+                                           lambda: len(list((root / "data/corpus/wav").rglob("*.wav"))) >= 20)
     assert "Traceback" not in err, err
     assert err.endswith("ctcflow synth: interrupted\n"), err
-    assert stage.returncode == -signal.SIGINT
+    assert returncode == -signal.SIGINT

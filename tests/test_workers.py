@@ -3,13 +3,10 @@
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import interrupt_when_ready
 
 from ctcflow.workers import WorkerError, ordered_map
 
@@ -73,21 +70,8 @@ def test_ctrl_c_with_workers_is_the_stage_s_one_line(tmp_path, busy):
     # before the stage could exit. Now only the stage's line, and it still dies of SIGINT.
     (tmp_path / "stage.py").write_text(CTRL_C_STAGE)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"demo": {"busy": busy, "dir": str(tmp_path)}}))
-    stage = subprocess.Popen([sys.executable, str(tmp_path / "stage.py"), str(tmp_path / "params.yaml")],
-                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "ready").exists():
-            assert stage.poll() is None, stage.stderr.read()
-            assert time.monotonic() < deadline, "the workers never started"
-            time.sleep(0.1)
-        os.killpg(stage.pid, signal.SIGINT)
-        _, err = stage.communicate(timeout=120)
-    finally:
-        if stage.poll() is None:  # hung: end it, and its workers with it
-            os.killpg(stage.pid, signal.SIGKILL)
-            stage.communicate()
+    returncode, err = interrupt_when_ready([str(tmp_path / "stage.py"), str(tmp_path / "params.yaml")], tmp_path,
+                                           (tmp_path / "ready").exists)
     assert "Traceback" not in err, err
     assert err == "ctcflow demo: interrupted\n"
-    assert stage.returncode == -signal.SIGINT
+    assert returncode == -signal.SIGINT
