@@ -30,9 +30,12 @@ EVAL_METRICS = Path("metrics/eval.json")
 EVAL_WORDS = Path("reports/eval/words.csv")
 OUT_DIR = Path("plots")
 CALIBRATION_BINS = 10  # of equal width over confidence 0–1
-# The per-epoch series the figures draw (train logs each every epoch).
-SERIES = ("train/loss", "train/ctc_loss", "train/blank_penalty", "valid/loss", "valid/wer", "valid/cer",
-          "train/blank_ratio", "valid/blank_ratio")
+# The per-epoch series each figure draws, with their legend labels (train logs each every epoch).
+LOSS_SERIES = {"train/loss": "train total", "train/ctc_loss": "train CTC",
+               "train/blank_penalty": "train blank penalty", "valid/loss": "validation"}
+ERROR_SERIES = {"valid/wer": "validation WER", "valid/cer": "validation CER"}
+BLANK_SERIES = {"train/blank_ratio": "train", "valid/blank_ratio": "validation"}
+SERIES = (*LOSS_SERIES, *ERROR_SERIES, *BLANK_SERIES)
 
 
 class PlotsParams(Section):
@@ -81,25 +84,21 @@ def run(params: PlotsParams, history_dir: Path = HISTORY_DIR, eval_metrics: Path
         raise StageError(f"{eval_metrics} has no top-level 'wer' and 'cer': not the evaluate stage's metrics")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    fig, ax = figure(history, {"train/loss": "train total", "train/ctc_loss": "train CTC",
-                               "train/blank_penalty": "train blank penalty", "valid/loss": "validation"},
-                     "Loss per epoch", "loss")
+    fig, ax = figure(history, LOSS_SERIES, "Loss per epoch", "loss")
     ax.legend()
     fig.savefig(out_dir / "loss.png", dpi=params.dpi, bbox_inches="tight")
 
-    fig, ax = figure(history, {"valid/wer": "validation WER", "valid/cer": "validation CER"},
-                     "Error rates per epoch", "error rate")
+    fig, ax = figure(history, ERROR_SERIES, "Error rates per epoch", "error rate")
     ax.axhline(test["wer"], color="C0", linestyle="--", label=f"test WER {test['wer']:.1%}")
     ax.axhline(test["cer"], color="C1", linestyle="--", label=f"test CER {test['cer']:.1%}")
     # Up to 1 (all wrong) where every rate is under it, above where one is (insertions): the test
     # lines too, which can lie above every epoch's validation rate.
-    highest = max(history[["valid/wer", "valid/cer"]].to_numpy().max(), test["wer"], test["cer"])
+    highest = max(history[list(ERROR_SERIES)].to_numpy().max(), test["wer"], test["cer"])
     ax.set_ylim(0, highest * 1.05 + 0.01 if highest > 1.0 else min(1.0, highest * 1.05 + 0.01))
     ax.legend()
     fig.savefig(out_dir / "error_rates.png", dpi=params.dpi, bbox_inches="tight")
 
-    fig, ax = figure(history, {"train/blank_ratio": "train", "valid/blank_ratio": "validation"},
-                     "Share of frames whose argmax is blank", "blank ratio")
+    fig, ax = figure(history, BLANK_SERIES, "Share of frames whose argmax is blank", "blank ratio")
     ax.legend()
     fig.savefig(out_dir / "blank_ratio.png", dpi=params.dpi, bbox_inches="tight")
 
