@@ -115,15 +115,18 @@ def test_the_last_word_of_an_utterance_is_kept(tmp_path):
     # always kept, a space frame following it).
     tokenizer = tiny_tokenizer()
     lm_dir = write_word_lm(tmp_path, ["plan b", "plan a", "a plan", "turn on"], tokenizer)
+
+    def spoken(text: str) -> list[dict]:  # each unit's frame, then a blank's
+        return [column for unit in text for column in ({unit: 0.95}, {"blank": 0.95})]
+
     for lm in (lm_dir / "lm.arpa", None):
         decoder = BeamSearchDecoder(tokenizer, 10, 25.0, lm_dir / "lexicon.txt", lm, lm_weight=2.0 if lm else 0.0,
                                     word_score=1.0 if lm else 0.0, blank_penalty=0.0)
         for text in ("plan b", "plan a", "turn on"):
-            frames = [column for unit in text for column in ({unit: 0.95}, {"blank": 0.95})]
+            frames = spoken(text)
             assert decoder(frame_log_probs(tokenizer, *frames), torch.tensor([len(frames)])) == [text]
         # In a padded batch each utterance gets its word end after its own frames.
-        short = [column for unit in "plan a" for column in ({unit: 0.95}, {"blank": 0.95})]
-        long = [column for unit in "turn on" for column in ({unit: 0.95}, {"blank": 0.95})]
+        short, long = spoken("plan a"), spoken("turn on")
         padded = torch.cat([frame_log_probs(tokenizer, *short, *[{"blank": 0.95}] * 2),
                             frame_log_probs(tokenizer, *long)])
         assert decoder(padded, torch.tensor([len(short), len(long)])) == ["plan a", "turn on"]
