@@ -315,7 +315,12 @@ def summary(argv: list[str]) -> None:
     except ParamsError as err:
         sys.exit(f"ctcflow summary: error: {err}")
     evaluate = params.get("evaluate") if isinstance(params, dict) else None
-    split = evaluate.get("split", "test") if isinstance(evaluate, dict) else "test"
+    split = evaluate.get("split") if isinstance(evaluate, dict) else None
+    if not isinstance(split, str) or not split:  # evaluate refuses anything else, so its metrics are test's
+        split = "test"
+    if metrics_file.is_dir():
+        sys.exit(f"ctcflow summary: error: {metrics_file} is a directory; --metrics takes the evaluate stage's "
+                 f"metrics file (metrics/eval.json)")
     if not metrics_file.is_file():
         sys.exit(f"ctcflow summary: error: {metrics_file} not found (run the pipeline first: dvc repro)")
     try:

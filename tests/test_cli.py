@@ -154,6 +154,24 @@ def test_summary_names_the_split_evaluate_scored(tmp_path, capsys, monkeypatch):
         "valid WER  7.40%  CER  1.80%  greedy decoding\nvalid WER  0.68%  CER  0.53%  beam search\n")
 
 
+@pytest.mark.parametrize("evaluate", ["evaluate:\n  split: null\n", "evaluate:\n", "evaluate: null\n"])
+def test_summary_without_a_split_in_the_params_says_test(tmp_path, capsys, monkeypatch, evaluate):
+    # A null split printed "None WER  7.40%".
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "eval.json").write_text(json.dumps(EVAL))
+    (tmp_path / "params.yaml").write_text(evaluate)
+    assert summary(capsys, "--metrics", "eval.json").startswith("test WER  7.40%  CER  1.80%  greedy decoding\n")
+
+
+def test_summary_of_a_directory_says_it_is_one(tmp_path):
+    # It said "metrics not found" of a folder that is there.
+    (tmp_path / "metrics").mkdir()
+    done = ctcflow("summary", "--metrics", "metrics", cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == ("ctcflow summary: error: metrics is a directory; --metrics takes the evaluate stage's "
+                           "metrics file (metrics/eval.json)\n")
+
+
 def test_summary_without_a_beam_block_or_a_time(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics").mkdir()
