@@ -77,7 +77,7 @@ def main() -> None:
             beam = BeamParams(**{**evaluate.beam.model_dump(), "lexicon": True, "lm_weight": lm_weight,
                                  "word_score": word_score})
             decoders[point(lm_weight, word_score)] = beam.decoder(tokenizer, paths["lm"], evaluate.blank_penalty)
-    objective = CTCObjective(tokenizer.blank, zero_infinity=True, penalty_mode="none", penalty_weight=0.0)
+    objective = CTCObjective.plain(tokenizer.blank)
 
     results = {}
     for name, split in splits.items():

@@ -99,7 +99,7 @@ def score(points: list[dict], features: Path, num_threads: int) -> None:
         checkpoint = load_checkpoint(point.pop("checkpoint"))
         model, tokenizer = model_from_checkpoint(checkpoint)
         split = split or FeatureSplit(features, "test", tokenizer)
-        objective = CTCObjective(tokenizer.blank, zero_infinity=True, penalty_mode="none", penalty_weight=0.0)
+        objective = CTCObjective.plain(tokenizer.blank)
         result = decode_split(model, split, tokenizer, objective, batch_frames=40000)
         point.update(epoch=checkpoint["epoch"], valid_wer=round(checkpoint["valid_wer"], 4),
                      test_wer=round(error_rates(split.index["text_normalized"].tolist(), result.hypotheses)["wer"], 4))

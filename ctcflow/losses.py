@@ -66,6 +66,11 @@ class CTCObjective(torch.nn.Module):
         self.penalty_mode = penalty_mode
         self.penalty_weight = penalty_weight
 
+    @classmethod
+    def plain(cls, blank: int) -> CTCObjective:
+        """CTC alone, for scoring a model whatever penalty trained it; an impossible alignment adds 0."""
+        return cls(blank, zero_infinity=True, penalty_mode="none", penalty_weight=0.0)
+
     def forward(
         self,
         log_probs: torch.Tensor,

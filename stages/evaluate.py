@@ -136,7 +136,7 @@ def score(model: torch.nn.Module, split: FeatureSplit, tokenizer: Tokenizer, par
         timed["beam"] = Timed(params.beam.decoder(tokenizer, lm_dir, params.blank_penalty))
     decoders = {**timed, params.decoder: WithWords(timed[params.decoder], tokenizer, params.blank_penalty)}
     # The penalty is left out: evaluation reports the plain CTC loss of the test data.
-    objective = CTCObjective(tokenizer.blank, zero_infinity=True, penalty_mode="none", penalty_weight=0.0)
+    objective = CTCObjective.plain(tokenizer.blank)
     result = decode_split(model, split, tokenizer, objective, params.batch_frames, decoders)
     hypotheses = [text for text, _ in result.decoded[params.decoder]]
     aligned = [words for _, words in result.decoded[params.decoder]]

@@ -29,7 +29,7 @@ def test_output_lengths_match_valid_frames(arch):
 def test_a_few_steps_lower_the_ctc_loss(arch):
     torch.manual_seed(0)
     model = build_model({**SMALL, "arch": arch, "dropout": 0.0}, n_mels=16, num_classes=29)
-    objective = CTCObjective(28, True, "none", 0.0)
+    objective = CTCObjective.plain(28)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     feats, lengths = torch.randn(2, 100, 16), torch.tensor([100, 90])
     targets, target_lengths = torch.tensor([2, 3, 4, 5, 6, 7]), torch.tensor([4, 2])

@@ -266,7 +266,7 @@ def test_average_epochs_writes_the_mean_into_best_pt(tiny_pipeline, tmp_path, ca
     # The summary's averaged_valid_wer is the WER of best.pt's weights on valid, decoded afresh here.
     model, tokenizer = model_from_checkpoint(best)
     valid = FeatureSplit(tiny_pipeline / "data/features", "valid", tokenizer)
-    decoded = decode_split(model, valid, tokenizer, CTCObjective(tokenizer.blank, True, "none", 0.0), 5000)
+    decoded = decode_split(model, valid, tokenizer, CTCObjective.plain(tokenizer.blank), 5000)
     wer = error_rates(valid.index["text_normalized"].tolist(), decoded.hypotheses)["wer"]
     summary = json.loads((tmp_path / "averaged/live/metrics.json").read_text())["best"]
     assert summary["epoch"] == epoch and summary["averaged_valid_wer"] == pytest.approx(wer, abs=1e-9)
