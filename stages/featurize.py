@@ -121,6 +121,9 @@ class FeaturizeParams(Section):
     def window_fits(self):
         if self.win_length > self.n_fft:
             raise ValueError(f"win_length {self.win_length} must not exceed n_fft {self.n_fft}")
+        if self.hop_length > self.win_length:
+            raise ValueError(f"hop_length {self.hop_length} must not exceed win_length {self.win_length}: the samples "
+                             "between two windows would be heard by no frame")
         # A mel band narrower than the FFT's bin spacing gets no bin: its filter is all zeros and its
         # feature a constant log(1e-10), which the training statistics' std floor blows up.
         with warnings.catch_warnings():  # torchaudio's own warning says less than the error below

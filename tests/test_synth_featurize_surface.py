@@ -92,6 +92,16 @@ def test_mel_bands_that_fit_still_load(tmp_path):
     assert load(tmp_path, "featurize", FeaturizeParams, "{n_fft: 1024, win_length: 1024, n_mels: 128}").n_mels == 128
 
 
+@pytest.mark.parametrize(("text", "hop", "win"), [("hop_length: 401", 401, 400),
+                                                ("{win_length: 100, hop_length: 160}", 160, 100)])
+def test_a_hop_longer_than_the_window_is_refused(tmp_path, text, hop, win):
+    # Before: accepted, and the samples between two windows reached no frame.
+    assert error_lines(tmp_path, "featurize", FeaturizeParams, text) == [
+        f"  featurize: hop_length {hop} must not exceed win_length {win}: the samples between two windows "
+        "would be heard by no frame"]
+    assert load(tmp_path, "featurize", FeaturizeParams, "{win_length: 160, hop_length: 160}").hop_length == 160
+
+
 def test_an_eq_centre_above_nyquist_writes_nan():
     """Why the check below: the peaking filter past Nyquist is unstable."""
     tone = torch.sin(torch.arange(8000) * 0.3)
