@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -34,6 +35,20 @@ def parse_overrides(pairs: list[str]) -> list[str]:
             raise FlowError(f"--set {key}: given twice")
         keys.add(key)
     return pairs
+
+
+def strict_json(value) -> str:
+    """What run and sweep print: JSON any parser reads, a diverged run's NaN (or an infinity) as
+    null (Python's json writes a bare NaN, which JSON has not and JavaScript or jq refuse)."""
+    def finite(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(inner) for key, inner in item.items()}
+        if isinstance(item, list | tuple):
+            return [finite(inner) for inner in item]
+        return item
+    return json.dumps(finite(value), indent=2, allow_nan=False)
 
 
 def server_answers(url: str) -> bool:
@@ -191,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except SweepPointsFailed as err:
-        print(json.dumps(err.rows, indent=2))
+        print(strict_json(err.rows))
         sys.exit(f"{prefix} {err}")
 
 
@@ -203,13 +218,13 @@ def run_command(args: argparse.Namespace, overrides: list[str]) -> None:
 
         result = pipeline_flow(project_dir=args.project_dir, overrides=overrides or None,
                                experiment=args.name, dask_address=args.dask_address)
-        print(json.dumps(result, indent=2))
+        print(strict_json(result))
     elif args.command == "sweep":
         from pipeline.flows import sweep_flow
 
         rows = sweep_flow(project_dir=args.project_dir, apply_best=args.apply_best, branch=args.branch,
                           dask_address=args.dask_address)
-        print(json.dumps(rows, indent=2))
+        print(strict_json(rows))
 
 
 if __name__ == "__main__":

@@ -239,3 +239,15 @@ def test_apply_best_does_not_overwrite_an_edit_made_while_the_sweep_ran(tmp_path
     assert str(flows.SweepPointsFailed(rows, [], "--apply-best: best not applied")) == "--apply-best: best not applied"
     failed = {"experiment": "x", "error": "boom"}
     assert str(flows.SweepPointsFailed([*rows, failed], [failed])) == "1 of 2 sweep points failed: x: boom"
+
+
+def test_sweep_rows_print_as_strict_json():
+    # A diverged point's NaN WER was printed as a bare NaN, which JSON has not (JSON.parse, jq refuse it).
+    from pipeline.__main__ import strict_json
+
+    rows = [{"point": 1, "wer": float("nan"), "loss": float("inf"), "params": {"lr": 0.002}, "tags": ("a",)},
+            {"point": 2, "wer": 0.25, "loss": 1.5, "params": {"lr": -float("inf")}, "tags": []}]
+    assert strict_json(rows) == (
+        '[\n  {\n    "point": 1,\n    "wer": null,\n    "loss": null,\n    "params": {\n      "lr": 0.002\n    },\n'
+        '    "tags": [\n      "a"\n    ]\n  },\n  {\n    "point": 2,\n    "wer": 0.25,\n    "loss": 1.5,\n'
+        '    "params": {\n      "lr": null\n    },\n    "tags": []\n  }\n]')
