@@ -55,6 +55,9 @@ class _PunctuationToSpace(dict):
 
 
 _PUNCTUATION_TO_SPACE = _PunctuationToSpace()
+# An apostrophe with a letter or digit on both sides is part of the word ("what's", "o'clock",
+# "90's"); anywhere else it quotes ('hello' → hello) or ends a plural possessive said as the plural.
+_QUOTING_APOSTROPHE = re.compile(r"(?<!\w)'|'(?!\w)")
 
 
 def has_digits(text: str) -> bool:
@@ -79,9 +82,10 @@ def normalize(text: str, lowercase: bool, punctuation: Literal["drop", "keep"], 
               language: str) -> str:
     """NFC, optional lower case, numbers spelled out if asked, punctuation to spaces, single spaces.
 
-    With punctuation "drop" every Unicode punctuation mark becomes a space except the apostrophe
-    (typographic ’ becomes '), which words like "what's" keep, and the symbols people read aloud
-    (SPOKEN_SYMBOLS: % & # @ * §), left for the alphabet check; dashes therefore split words.
+    With punctuation "drop" every Unicode punctuation mark becomes a space except an apostrophe
+    inside a word (typographic ’ becomes '), which words like "what's" keep, and the symbols people
+    read aloud (SPOKEN_SYMBOLS: % & # @ * §), left for the alphabet check; dashes therefore split
+    words, and an apostrophe at a word's edge, a quote mark, goes ("'hello'" → "hello").
     """
     text = unicodedata.normalize("NFC", text)
     if lowercase:
@@ -89,7 +93,7 @@ def normalize(text: str, lowercase: bool, punctuation: Literal["drop", "keep"], 
     if spell_digits:
         text = spell_numbers(text, language)
     if punctuation == "drop":
-        text = text.replace("’", "'").translate(_PUNCTUATION_TO_SPACE)
+        text = _QUOTING_APOSTROPHE.sub(" ", text.replace("’", "'").translate(_PUNCTUATION_TO_SPACE))
     return _SPACES.sub(" ", text).strip()
 
 

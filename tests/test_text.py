@@ -43,6 +43,14 @@ def test_normalize():
     assert clean("...") == ""
 
 
+def test_apostrophes_stay_inside_words_only():
+    # Quote marks were kept: "‘Hello,’ she said" became "hello' she said", "'hello'" a word of its own.
+    assert clean("‘Hello,’ she said, 'it’s ten o'clock'") == "hello she said it's ten o'clock"
+    assert clean("the students' books in the '90s and the 90's") == "the students books in the 90s and the 90's"
+    assert clean("rock 'n' roll ' ''") == "rock n roll"
+    assert clean("'Hello'", punctuation="keep") == "'hello'"  # keep: every mark stays
+
+
 def test_symbols_read_aloud_are_not_dropped_as_punctuation():
     # Unicode calls them punctuation, but speech says them: "50% off & more" became "fifty off
     # more", a transcript of words the speaker did not say alone. Kept, they are outside the
