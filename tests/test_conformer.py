@@ -66,7 +66,7 @@ def test_a_training_step_gives_a_finite_loss_and_a_gradient_to_every_weight():
     feats, lengths = padded(torch.randn(120, N_MELS), torch.randn(75, N_MELS))
     log_probs, out_lengths = model(feats, lengths)
     loss = CTCObjective.plain(28)(log_probs, out_lengths, torch.tensor([2, 3, 4, 5, 6]),
-                                                torch.tensor([3, 2])).total
+                                  torch.tensor([3, 2])).total
     loss.backward()
     assert torch.isfinite(loss)
     assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
